@@ -1,0 +1,147 @@
+"""``imagegw``: pull images, look them up, list them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from imagegw.config import Settings, load_settings
+from imagegw.database import open_index
+from imagegw.errors import ImagegwError
+from imagegw.index import ImageIndex, PullKey, Status, to_response
+from imagegw.job import plan_pull, pull_key
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.command(args)
+    except ImagegwError as exc:
+        print(f"imagegw: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagegw", description="Image gateway for HPC clusters.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Any, help_text: str, *, image: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if image:
+            sub.add_argument("image", metavar="IMAGE", help="e.g. ubuntu:24.04 or myreg:5000/team/app:1")
+        sub.add_argument("--platform", "-p", required=True, help="the platform (system) in the configuration")
+        sub.add_argument("--config", "-c", help="imagemanager.json (default: $IMAGEGW_CONFIG)")
+        sub.set_defaults(command=handler)
+        return sub
+
+    pull = command("pull", pull_command, "Pull an image and publish it as a squashfs; print its record.")
+    pull.add_argument("--verbose", "-v", action="store_true", help="show Prefect's flow and task logs")
+    command("lookup", lookup_command, "Print the READY record of an image, or exit 1.")
+    command("images", images_command, "List the READY images of a platform.", image=False)
+    return parser
+
+
+def pull_command(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    job = plan_pull(settings, pull_key(args.platform, args.image))
+    _prepare_prefect(settings, verbose=args.verbose)
+    from flows.pull import pull_image  # Prefect reads its settings at import, so import it late.
+
+    index = open_index(settings)
+    index.begin_pull(job.key)
+    with _progress_shown(index, job.key, enabled=sys.stderr.isatty()):
+        state = pull_image(args.image, args.platform, str(settings.source), return_state=True)
+    record = index.lookup(job.key) if state.is_completed() else None
+    if record is None:
+        failed = index.pull_record(job.key) or {**job.key.query(), "status": Status.FAILURE.value}
+        _print_json(to_response(failed))
+        print(f"imagegw: pull of {job.key.tag} failed: {failed.get('status_message', state.message)}",
+              file=sys.stderr)
+        return 1
+    _print_json(to_response(record))
+    squashfs = job.platform.image_dir / f"{record['id']}.squashfs"
+    print(f"imagegw: {job.key.tag} is READY: {squashfs}", file=sys.stderr)
+    return 0
+
+
+def lookup_command(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    job = plan_pull(settings, pull_key(args.platform, args.image))
+    record = open_index(settings).lookup(job.key)
+    if record is None:
+        print(f"imagegw: no READY image {job.key.tag} on {job.key.system}", file=sys.stderr)
+        return 1
+    _print_json(to_response(record))
+    return 0
+
+
+def images_command(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    settings.platform(args.platform)
+    records = open_index(settings).list_images(args.platform)
+    rows = [("TAG", "ID", "SIZE", "PULLED", "EXPIRES")]
+    for record in records:
+        for tag in record.get("tag") or ["-"]:
+            rows.append((tag, record["id"][:12], f"{record.get('size', 0) / 1e6:.1f} MB",
+                         _when(record.get("last_pull")), _when(record.get("expiration"))))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _prepare_prefect(settings: Settings, *, verbose: bool) -> None:
+    """Keep Prefect's state under the gateway's state directory unless the operator chose otherwise."""
+    os.environ.setdefault("PREFECT_HOME", str(settings.state_dir / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    # A first ephemeral start runs the database migrations, which can take ~20 s on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+@contextmanager
+def _progress_shown(index: ImageIndex, key: PullKey, *, enabled: bool) -> Iterator[None]:
+    """On a terminal, show the pull record's stage and message while the flow runs."""
+    if not enabled:
+        yield
+        return
+    stop = threading.Event()
+
+    def show() -> None:
+        shown = ""
+        while not stop.wait(0.5):
+            try:
+                record = index.pull_record(key) or {}
+            except ImagegwError:
+                continue
+            line = f"{record.get('status', '')}: {record.get('status_message', '')}"[:120]
+            if line != shown:
+                print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
+                shown = line
+        print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+    watcher = threading.Thread(target=show, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def _print_json(record: dict[str, Any]) -> None:
+    print(json.dumps(record, indent=2, sort_keys=True, default=str))
+
+
+def _when(epoch: Any) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch)) if isinstance(epoch, (int, float)) else "-"

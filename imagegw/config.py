@@ -1,0 +1,298 @@
+"""Read and validate ``imagemanager.json`` (Shifter's format) once.
+
+Every problem is a :class:`ConfigError` that names the key and the file, so an
+operator can fix it without reading code. Full-line ``//`` comments are
+allowed, so the example in ``config/`` can explain itself; anything else is
+plain JSON and Shifter's files load unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from imagegw.errors import ConfigError, UnknownPlatform
+
+CONFIG_ENV = "IMAGEGW_CONFIG"
+STATE_DIR_ENV = "IMAGEGW_STATE_DIR"
+MONGODB_URI_ENV = "IMAGEGW_MONGODB_URI"
+
+DEFAULT_COMPRESSION = "gzip:6"
+DEFAULT_BLOCK_SIZE = 131072
+COMPRESSORS = {"gzip": range(1, 10), "xz": range(0, 10), "zstd": range(1, 23), "lz4": range(0, 1)}
+
+# Keys Shifter's gateway reads (or once read) that we accept and do not use, so
+# an existing imagemanager.json loads unchanged.
+_SHIFTER_KEYS_IGNORED = {
+    "WorkerThreads", "LogLevel", "Metrics", "ImportUsers", "ConverterOptions", "ConvertOptions",
+    "examiner", "Broker", "DefaultLustreReplication", "DefaultOstCount", "Authentication",
+    "usergroupService", "mountCommand",
+}
+_TOP_LEVEL_KEYS = {
+    "DefaultImageLocation", "DefaultImageFormat", "PullUpdateTimeout", "PullUpdateTime",
+    "ImageExpirationTimeout", "MongoDBURI", "MongoDB", "CacheDirectory", "ExpandDirectory",
+    "StateDirectory", "Compression", "BlockSize", "Locations", "Platforms",
+} | _SHIFTER_KEYS_IGNORED
+_LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
+                  "authentication"}
+_PLATFORM_KEYS = {"mungeSocketPath", "accesstype", "admins", "local", "ssh", "host", "use_external",
+                  "policy_file", "arch", "os", "variant", "Compression", "BlockSize", "usergroupService"}
+
+
+@dataclass(frozen=True)
+class Location:
+    """A registry the gateway pulls from, as named in ``Locations``."""
+
+    name: str
+    url: str
+    """Base URL, scheme included, no trailing slash (``https://registry-1.docker.io``)."""
+    auth_method: str = "token"
+    cacert: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def host(self) -> str:
+        """``host[:port]`` of the registry, as it appears in image names."""
+        return urlsplit(self.url).netloc
+
+    @property
+    def is_docker_hub(self) -> bool:
+        return self.host in DOCKER_HUB_HOSTS
+
+
+DOCKER_HUB_HOSTS = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+
+
+@dataclass(frozen=True)
+class Compression:
+    """A squashfs compressor and level, written ``"zstd:3"`` in the configuration."""
+
+    algorithm: str
+    level: int | None
+
+    def __str__(self) -> str:
+        return self.algorithm if self.level is None else f"{self.algorithm}:{self.level}"
+
+
+@dataclass(frozen=True)
+class Platform:
+    """A cluster (Shifter's *system*) whose image directory the gateway fills."""
+
+    name: str
+    image_dir: Path
+    arch: str = "amd64"
+    os: str = "linux"
+    variant: str | None = None
+    admins: tuple[str, ...] = ()
+    munge_socket: str | None = None
+    compression: Compression = Compression("gzip", 6)
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole validated configuration."""
+
+    source: Path
+    platforms: dict[str, Platform]
+    locations: dict[str, Location]
+    default_location: str
+    pull_update_timeout: int
+    expiration_timeout: int
+    """Seconds an image lives after its last pull or lookup."""
+    mongodb_uri: str | None
+    mongodb_database: str
+    state_dir: Path
+    cache_dir: Path
+    expand_dir: Path
+
+    def platform(self, name: str) -> Platform:
+        """The named platform, or an error listing the ones that exist."""
+        try:
+            return self.platforms[name]
+        except KeyError:
+            known = ", ".join(sorted(self.platforms)) or "none"
+            raise UnknownPlatform(
+                f"platform {name!r} is not defined under Platforms in {self.source} (defined: {known})"
+            ) from None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read the configuration from ``path``, else ``$IMAGEGW_CONFIG``."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV)
+        if not path:
+            raise ConfigError(f"no configuration file: pass --config FILE or set {CONFIG_ENV}")
+    source = Path(path).expanduser().resolve()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration {source}: {exc.strerror}") from None
+    body = "\n".join("" if line.lstrip().startswith("//") else line for line in text.splitlines())
+    try:
+        raw = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must hold a JSON object")
+    return _Reader(source).settings(raw)
+
+
+class _Reader:
+    """Validation of one file's content; every message names the file."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{key} in {self.source}: {problem}")
+
+    def settings(self, raw: dict[str, Any]) -> Settings:
+        self._reject_unknown(raw, _TOP_LEVEL_KEYS, "")
+        state_dir = Path(os.environ.get(STATE_DIR_ENV) or raw.get("StateDirectory") or "~/.imagegw").expanduser()
+        compression = self._compression(raw.get("Compression", DEFAULT_COMPRESSION), "Compression")
+        block_size = self._block_size(raw.get("BlockSize", DEFAULT_BLOCK_SIZE), "BlockSize")
+        locations = self._locations(raw.get("Locations", {}))
+        default_location = raw.get("DefaultImageLocation", "index.docker.io")
+        if not isinstance(default_location, str) or not default_location:
+            raise self.fail("DefaultImageLocation", "must be a location name")
+        if default_location not in locations:
+            locations[default_location] = self._location(default_location, {}, "DefaultImageLocation")
+        image_format = raw.get("DefaultImageFormat", "squashfs")
+        if image_format != "squashfs":
+            raise self.fail("DefaultImageFormat", f"{image_format!r} is not supported (only 'squashfs')")
+        return Settings(
+            source=self.source,
+            platforms=self._platforms(raw.get("Platforms"), compression, block_size),
+            locations=locations,
+            default_location=default_location,
+            pull_update_timeout=self._seconds(raw.get("PullUpdateTimeout", 300), "PullUpdateTimeout"),
+            expiration_timeout=self._duration(raw.get("ImageExpirationTimeout", "90:00:00:00")),
+            mongodb_uri=os.environ.get(MONGODB_URI_ENV) or raw.get("MongoDBURI") or None,
+            mongodb_database=self._string(raw.get("MongoDB", "Shifter"), "MongoDB"),
+            state_dir=state_dir,
+            cache_dir=self._directory(raw.get("CacheDirectory"), "CacheDirectory", state_dir / "cache"),
+            expand_dir=self._directory(raw.get("ExpandDirectory"), "ExpandDirectory", state_dir / "expand"),
+        )
+
+    def _reject_unknown(self, raw: dict[str, Any], known: set[str], prefix: str) -> None:
+        for key in raw:
+            if key not in known:
+                raise self.fail(prefix + key, f"unknown key (known: {', '.join(sorted(known))})")
+
+    def _string(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(key, f"must be a non-empty string, not {value!r}")
+        return value
+
+    def _seconds(self, value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self.fail(key, f"must be a whole number of seconds, not {value!r}")
+        return value
+
+    def _duration(self, value: Any) -> int:
+        key = "ImageExpirationTimeout"
+        if not isinstance(value, str) or not re.fullmatch(r"\d+:\d+:\d+:\d+", value):
+            raise self.fail(key, f"must be 'D:H:M:S' (e.g. '90:00:00:00'), not {value!r}")
+        days, hours, minutes, seconds = (int(part) for part in value.split(":"))
+        if hours > 23 or minutes > 59 or seconds > 59:
+            raise self.fail(key, f"{value!r} has hours over 23 or minutes/seconds over 59")
+        return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+    def _directory(self, value: Any, key: str, default: Path) -> Path:
+        if value is None:
+            return default
+        return Path(self._string(value, key)).expanduser()
+
+    def _compression(self, value: Any, key: str) -> Compression:
+        if not isinstance(value, str):
+            raise self.fail(key, f"must be a string like 'zstd:3', not {value!r}")
+        algorithm, _, level_text = value.partition(":")
+        if algorithm not in COMPRESSORS:
+            raise self.fail(key, f"unknown compressor {algorithm!r} (use one of {', '.join(COMPRESSORS)})")
+        if not level_text:
+            return Compression(algorithm, None)
+        levels = COMPRESSORS[algorithm]
+        if not level_text.isdigit() or int(level_text) not in levels or algorithm == "lz4":
+            allowed = "no level" if algorithm == "lz4" else f"a level from {levels.start} to {levels.stop - 1}"
+            raise self.fail(key, f"{value!r}: {algorithm} takes {allowed}")
+        return Compression(algorithm, int(level_text))
+
+    def _block_size(self, value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 4096 or value > 1048576 \
+                or value & (value - 1):
+            raise self.fail(key, f"must be a power of two from 4096 to 1048576, not {value!r}")
+        return value
+
+    def _locations(self, raw: Any) -> dict[str, Location]:
+        if not isinstance(raw, dict):
+            raise self.fail("Locations", "must be an object of location name to settings")
+        return {name: self._location(name, spec, f"Locations.{name}") for name, spec in raw.items()}
+
+    def _location(self, name: str, spec: Any, key: str) -> Location:
+        if not isinstance(spec, dict):
+            raise self.fail(key, "must be an object")
+        self._reject_unknown(spec, _LOCATION_KEYS, key + ".")
+        if spec.get("remotetype", "dockerv2") != "dockerv2":
+            raise self.fail(key + ".remotetype", f"{spec['remotetype']!r} is not supported (only 'dockerv2')")
+        url = spec.get("url") or f"{'http' if spec.get('insecure') else 'https'}://{name}"
+        if name in DOCKER_HUB_HOSTS and "url" not in spec:
+            url = DOCKER_HUB_URL
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/") \
+                or " " in url:
+            raise self.fail(key + ".url", f"{url!r} is not a usable registry URL (want https://host[:port])")
+        try:
+            parts.port
+        except ValueError:
+            raise self.fail(key + ".url", f"{url!r} has a bad port") from None
+        auth_method = spec.get("authMethod", "token")
+        if auth_method not in ("token", "basic"):
+            raise self.fail(key + ".authMethod", f"{auth_method!r} must be 'token' or 'basic'")
+        cacert = spec.get("sslcacert")
+        if cacert is not None and not Path(cacert).is_file():
+            raise self.fail(key + ".sslcacert", f"{cacert!r} is not a readable file")
+        # "insecure" means plain HTTP, whatever scheme the url was written with.
+        scheme = "http" if spec.get("insecure") else parts.scheme
+        return Location(name=name, url=f"{scheme}://{parts.netloc}",
+                        auth_method=auth_method, cacert=cacert,
+                        username=spec.get("username"), password=spec.get("password"))
+
+    def _platforms(self, raw: Any, compression: Compression, block_size: int) -> dict[str, Platform]:
+        if not isinstance(raw, dict) or not raw:
+            raise self.fail("Platforms", "must define at least one platform")
+        return {name: self._platform(name, spec, compression, block_size) for name, spec in raw.items()}
+
+    def _platform(self, name: str, spec: Any, compression: Compression, block_size: int) -> Platform:
+        key = f"Platforms.{name}"
+        if not isinstance(spec, dict):
+            raise self.fail(key, "must be an object")
+        self._reject_unknown(spec, _PLATFORM_KEYS, key + ".")
+        access = spec.get("accesstype", "local")
+        if access != "local":
+            raise self.fail(key + ".accesstype", f"{access!r} is not supported yet (only 'local')")
+        local = spec.get("local")
+        if not isinstance(local, dict) or not local.get("imageDir"):
+            raise self.fail(key + ".local.imageDir", "is missing: the directory the images are published to")
+        admins = spec.get("admins", [])
+        if not isinstance(admins, list) or not all(isinstance(a, str) for a in admins):
+            raise self.fail(key + ".admins", "must be a list of user names")
+        return Platform(
+            name=name,
+            image_dir=Path(self._string(local["imageDir"], key + ".local.imageDir")).expanduser(),
+            arch=self._string(spec.get("arch", "amd64"), key + ".arch"),
+            os=self._string(spec.get("os", "linux"), key + ".os"),
+            variant=spec.get("variant"),
+            admins=tuple(admins),
+            munge_socket=spec.get("mungeSocketPath"),
+            compression=self._compression(spec["Compression"], key + ".Compression")
+            if "Compression" in spec else compression,
+            block_size=self._block_size(spec["BlockSize"], key + ".BlockSize") if "BlockSize" in spec else block_size,
+        )

@@ -1,0 +1,80 @@
+"""The gateway's error vocabulary.
+
+Every failure a user or operator can meet is one of these classes. The message
+is written for the person reading it (it becomes a pull record's
+``status_message`` and the CLI's output), and names what was wrong: the image,
+the layer, the key, the file. The REST API maps these classes to HTTP codes in
+one table; nothing else decides an error's meaning.
+"""
+
+
+class ImagegwError(Exception):
+    """Something the gateway could not do; the message says what and why."""
+
+
+class ConfigError(ImagegwError):
+    """The configuration file is missing, unreadable, or has a bad key."""
+
+
+class UnknownPlatform(ConfigError):
+    """A platform (system) that the configuration does not define."""
+
+
+class BadImageReference(ImagegwError):
+    """An image name that cannot be parsed (e.g. ``ubuntu:``, ``UPPER/case``)."""
+
+
+class RegistryError(ImagegwError):
+    """The registry refused or failed a request."""
+
+
+class RegistryUnreachable(RegistryError):
+    """The registry could not be reached (connection refused, timeout, 5xx)."""
+
+
+class RegistryUnauthorized(RegistryError):
+    """The registry wants credentials we do not have, or rejected ours."""
+
+
+class ManifestUnknown(RegistryError):
+    """The repository, tag or digest does not exist in the registry."""
+
+
+class UnsupportedManifest(RegistryError):
+    """A manifest of a kind the gateway cannot pull (e.g. schema 1)."""
+
+
+class NoMatchingPlatform(RegistryError):
+    """A multi-arch index that has no image for the platform's os/arch."""
+
+
+class DigestMismatch(RegistryError):
+    """Downloaded bytes whose sha256 differs from the digest that named them."""
+
+
+class LayerError(ImagegwError):
+    """A layer that cannot be applied (corrupt tar, invalid whiteout, ...)."""
+
+
+class UnsafeLayerEntry(LayerError):
+    """A layer entry that would break the image root or the host if obeyed."""
+
+
+class SquashError(ImagegwError):
+    """Building or verifying the squashfs failed."""
+
+
+class TransferError(ImagegwError):
+    """Publishing the image into the platform's image directory failed."""
+
+
+class IndexUnavailable(ImagegwError):
+    """The MongoDB image index cannot be reached."""
+
+
+class ImageNotFound(ImagegwError):
+    """No image record matches the request."""
+
+
+TRANSIENT_ERRORS = (RegistryUnreachable, TransferError, IndexUnavailable)
+"""Errors worth retrying: the same request may succeed a moment later."""

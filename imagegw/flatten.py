@@ -1,0 +1,460 @@
+"""Apply OCI image layers to an in-memory model of the image, then write it as one tar stream.
+
+Nothing is extracted. The model holds each path's metadata and, for a regular file, where
+its bytes lie in a layer tar; ``ImageTree.write_tar`` streams the result to tar2sqfs. As no
+entry is ever written to the host's filesystem, no entry can land outside the image root:
+hostile names and links can only move things around inside the model, and the rules below
+say where they land (the same places umoci, containerd and securejoin would put them).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from imagegw.errors import LayerError, UnsafeLayerEntry
+
+_log = logging.getLogger(__name__)
+
+_MAX_LINK_HOPS = 40
+"""Symbolic links followed while resolving one path: Linux's limit, so loops end the same way."""
+
+_WHITEOUT = ".wh."
+_OPAQUE = ".wh..wh..opq"
+_AUFS_META = ".wh..wh."
+
+_BLOCK = 512
+_BUFFER_LIMIT = 1 << 20
+_SMALL_FILE = 64 << 10
+"""Files up to this size are copied through the write buffer: one pread beats a flush plus a sendfile."""
+_SENDFILE_CHUNK = 1 << 30
+
+
+class _Dir:
+    __slots__ = ("mode", "mtime", "children")
+
+    def __init__(self, mode: int, mtime: int) -> None:
+        self.mode = mode
+        self.mtime = mtime
+        self.children: dict[str, _Node] = {}
+
+
+class _File:
+    """A regular file's inode: every hard link to it holds this same object."""
+
+    __slots__ = ("mode", "mtime", "layer", "offset", "size", "sparse")
+
+    def __init__(self, mode: int, mtime: int, layer: int, offset: int, size: int,
+                 sparse: tuple[tuple[int, int], ...] | None) -> None:
+        self.mode = mode
+        self.mtime = mtime
+        self.layer = layer
+        self.offset = offset
+        self.size = size
+        self.sparse = sparse
+
+
+class _Symlink:
+    __slots__ = ("mtime", "target")
+
+    def __init__(self, mtime: int, target: str) -> None:
+        self.mtime = mtime
+        self.target = target
+
+
+class _Fifo:
+    __slots__ = ("mode", "mtime")
+
+    def __init__(self, mode: int, mtime: int) -> None:
+        self.mode = mode
+        self.mtime = mtime
+
+
+_Node = _Dir | _File | _Symlink | _Fifo
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """One layer of an image, as an uncompressed tar in the layer cache."""
+
+    path: Path
+    digest: str
+
+
+def flatten_layers(layers: Sequence[LayerSource], warn: Callable[[str], None] | None = None) -> ImageTree:
+    """Apply ``layers`` (base first) with OCI semantics and return the resulting file tree.
+
+    ``warn`` hears about entries that were changed or dropped (names climbing above the
+    root, devices, ...); by default they are logged. An entry that cannot be obeyed safely
+    raises :class:`UnsafeLayerEntry`, an unreadable tar :class:`LayerError`.
+    """
+    root = _Dir(0o755, 0)
+    for index, layer in enumerate(layers):
+        _LayerApplier(root, index, layer, warn or _log.warning).apply()
+    return ImageTree(root, layers)
+
+
+class ImageTree:
+    """The final filesystem of an image: metadata in memory, file data in the layer tars."""
+
+    def __init__(self, root: _Dir, layers: Sequence[LayerSource]) -> None:
+        self._root = root
+        self._layers = tuple(layers)
+        self.entries = 0
+        """Paths in the tree, the root excluded."""
+        self.file_bytes = 0
+        """Sum of regular-file sizes; data shared by hard links counts once."""
+        seen: set[int] = set()
+        for _, node in _walk(root):
+            self.entries += 1
+            if isinstance(node, _File) and id(node) not in seen:
+                seen.add(id(node))
+                self.file_bytes += node.size
+
+    def paths(self) -> dict[str, tuple[str, int, int | str | None]]:
+        """Every path (root excluded) mapped to ``(kind, mode, detail)``.
+
+        ``kind`` is ``"dir"``, ``"file"``, ``"symlink"`` or ``"fifo"``; ``mode`` the
+        permission bits; ``detail`` a file's size, a symlink's target, else ``None``.
+        """
+        return {path: _describe(node) for path, node in _walk(self._root)}
+
+    def write_tar(self, out: BinaryIO) -> None:
+        """Write the tree to ``out`` (a file or pipe) as one PAX tar, end blocks included.
+
+        Paths come in sorted pre-order, so every directory precedes its children; a hard
+        link group's data is written at its first path, and later paths are links to it.
+        """
+        out.flush()
+        writer = _TarWriter(out.fileno())
+        with ExitStack() as stack:
+            layer_fds = [stack.enter_context(open(layer.path, "rb")).fileno() for layer in self._layers]
+            archives: dict[int, tarfile.TarFile] = {}
+            written_at: dict[int, str] = {}
+            writer.write(_header("./", self._root))
+            for path, node in _walk(self._root):
+                if not isinstance(node, _File):
+                    writer.write(_header(path, node))
+                elif id(node) in written_at:
+                    writer.write(_header(path, node, link_to=written_at[id(node)]))
+                else:
+                    written_at[id(node)] = path
+                    writer.write(_header(path, node))
+                    layer = self._layers[node.layer]
+                    if node.sparse is None:
+                        writer.copy(layer_fds[node.layer], node.offset, node.size, f"layer {layer.digest}: {path}")
+                    else:
+                        if node.layer not in archives:
+                            archives[node.layer] = stack.enter_context(tarfile.open(layer.path, "r:"))
+                        writer.copy_sparse(archives[node.layer], node)
+                    writer.pad(node.size)
+            writer.write(bytes(2 * _BLOCK))
+            writer.flush()
+
+
+def _walk(root: _Dir) -> Iterator[tuple[str, _Node]]:
+    """Every path below ``root`` in sorted pre-order (iterative: images can be deeper than the recursion limit)."""
+    stack: list[tuple[str, _Node]] = sorted(root.children.items(), reverse=True)
+    while stack:
+        path, node = stack.pop()
+        yield path, node
+        if isinstance(node, _Dir):
+            stack.extend((f"{path}/{name}", child) for name, child in sorted(node.children.items(), reverse=True))
+
+
+def _describe(node: _Node) -> tuple[str, int, int | str | None]:
+    if isinstance(node, _Dir):
+        return ("dir", node.mode, None)
+    if isinstance(node, _File):
+        return ("file", node.mode, node.size)
+    if isinstance(node, _Symlink):
+        return ("symlink", 0o777, node.target)
+    return ("fifo", node.mode, None)
+
+
+def _header(path: str, node: _Node, link_to: str | None = None) -> bytes:
+    info = tarfile.TarInfo(path)
+    info.mtime = node.mtime
+    if link_to is not None:
+        info.type, info.linkname, info.mode = tarfile.LNKTYPE, link_to, node.mode
+    elif isinstance(node, _Dir):
+        info.type, info.mode = tarfile.DIRTYPE, node.mode
+    elif isinstance(node, _File):
+        info.type, info.mode, info.size = tarfile.REGTYPE, node.mode, node.size
+    elif isinstance(node, _Symlink):
+        info.type, info.linkname, info.mode = tarfile.SYMTYPE, node.target, 0o777
+    else:
+        info.type, info.mode = tarfile.FIFOTYPE, node.mode
+    # Layer names are not always UTF-8; surrogateescape gives back the original bytes.
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+class _TarWriter:
+    """Buffered writes to a file descriptor, with file data moved by sendfile where it can be."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = bytearray()
+        self._sendfile = True
+
+    def write(self, data: bytes) -> None:
+        self._buffer += data
+        if len(self._buffer) >= _BUFFER_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        view = memoryview(self._buffer)
+        while view:
+            # A pipe may take only part of a write.
+            view = view[os.write(self._fd, view):]
+        view.release()
+        self._buffer.clear()
+
+    def pad(self, size: int) -> None:
+        self.write(bytes(-size % _BLOCK))
+
+    def copy(self, source: int, offset: int, size: int, what: str) -> None:
+        """Copy ``size`` bytes at ``offset`` of the ``source`` descriptor."""
+        if size <= _SMALL_FILE or not self._sendfile:
+            self._copy_by_reading(source, offset, size, what)
+            return
+        self.flush()
+        end = offset + size
+        while offset < end:
+            try:
+                sent = os.sendfile(self._fd, source, offset, min(end - offset, _SENDFILE_CHUNK))
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                # Not every pair of descriptors supports sendfile; plain copying always works.
+                self._sendfile = False
+                self._copy_by_reading(source, offset, end - offset, what)
+                return
+            if sent == 0:
+                raise LayerError(f"{what}: the layer file ends before the file's data does")
+            offset += sent
+
+    def _copy_by_reading(self, source: int, offset: int, size: int, what: str) -> None:
+        end = offset + size
+        while offset < end:
+            data = os.pread(source, min(end - offset, _BUFFER_LIMIT), offset)
+            if not data:
+                raise LayerError(f"{what}: the layer file ends before the file's data does")
+            self.write(data)
+            offset += len(data)
+
+    def copy_sparse(self, archive: tarfile.TarFile, node: _File) -> None:
+        """Copy a sparse member's expanded content; tarfile knows the sparse map formats."""
+        info = tarfile.TarInfo()
+        info.type, info.offset_data, info.size = tarfile.REGTYPE, node.offset, node.size
+        info.sparse = list(node.sparse or ())
+        data = archive.extractfile(info)
+        assert data is not None  # a regular member always has a file object
+        while chunk := data.read(_BUFFER_LIMIT):
+            self.write(chunk)
+
+
+class _LayerApplier:
+    """Applies one layer to the model and remembers what this layer touched.
+
+    ``touched`` holds the (directory, name) pairs this layer created, replaced or walked
+    through (implicit parents included). It is what lets whiteouts and opaque markers act
+    on lower layers only, wherever they come in the layer's tar.
+    """
+
+    def __init__(self, root: _Dir, index: int, source: LayerSource, warn: Callable[[str], None]) -> None:
+        self.root = root
+        self.index = index
+        self.source = source
+        self.warn = warn
+        self.touched: set[tuple[_Dir, str]] = set()
+
+    def apply(self) -> None:
+        try:
+            with tarfile.open(self.source.path, "r:") as archive:
+                while (member := archive.next()) is not None:
+                    # TarFile keeps every member it reads; a layer can hold 200k of them.
+                    archive.members.clear()
+                    self._entry(member)
+                end = archive.offset
+            self._check_end(end)
+        except (tarfile.TarError, OSError) as exc:
+            raise LayerError(f"layer {self.source.digest}: unreadable tar: {exc}") from None
+
+    def _check_end(self, offset: int) -> None:
+        # tarfile stops quietly at the first bad header after the first one; only zeros
+        # (or nothing) may follow the last member, else the layer was cut short or damaged.
+        with open(self.source.path, "rb") as layer:
+            layer.seek(offset)
+            rest = layer.read(_BLOCK)
+        if rest.strip(b"\0"):
+            raise LayerError(f"layer {self.source.digest}: unreadable tar: invalid header at byte {offset}")
+
+    def _entry(self, member: tarfile.TarInfo) -> None:
+        parts = self._clean(member.name, repr(member.name))
+        if not parts:
+            self._root_entry(member)
+        elif any(part.startswith(_AUFS_META) for part in parts[:-1]):
+            return  # inside aufs bookkeeping (.wh..wh.plnk/...), not image content
+        elif parts[-1].startswith(_WHITEOUT):
+            self._whiteout(parts, member.name)
+        else:
+            node = self._node(member)
+            if node is not None:
+                self._place(self._resolve(parts[:-1], member.name, create=True), parts[-1], node)
+
+    def _clean(self, name: str, what: str) -> list[str]:
+        """``name`` as path components below the root; ``..`` cannot climb above it (``what`` names it in the warning)."""
+        parts: list[str] = []
+        clamped = False
+        for part in name.split("/"):
+            if part == "..":
+                if parts:
+                    parts.pop()
+                else:
+                    clamped = True
+            elif part not in ("", "."):
+                parts.append(part)
+        if clamped:
+            self.warn(f"layer {self.source.digest}: {what} climbs above the image root; kept inside it")
+        return parts
+
+    def _root_entry(self, member: tarfile.TarInfo) -> None:
+        if member.isdir():
+            self.root.mode, self.root.mtime = _dir_mode(member.mode), int(member.mtime)
+        else:
+            # CVE-2021-29136: a "." symlink would make the root itself point elsewhere.
+            self.warn(f"layer {self.source.digest}: dropped {member.name!r}: only a directory can be the image root")
+
+    def _node(self, member: tarfile.TarInfo) -> _Node | None:
+        """The model node for an entry, or None (with a warning) if the image must not have it."""
+        mtime = int(member.mtime)
+        if member.isreg():
+            sparse = None if member.sparse is None else tuple((start, length) for start, length in member.sparse)
+            return _File(_file_mode(member.mode), mtime, self.index, member.offset_data, member.size, sparse)
+        if member.isdir():
+            return _Dir(_dir_mode(member.mode), mtime)
+        if member.issym():
+            return _Symlink(mtime, member.linkname)
+        if member.islnk():
+            return self._link_target(member)
+        if member.isfifo():
+            return _Fifo(_file_mode(member.mode), mtime)
+        what = "device" if member.ischr() or member.isblk() else f"entry of tar type {member.type!r}"
+        self.warn(f"layer {self.source.digest}: dropped {what} {member.name!r}")
+        return None
+
+    def _link_target(self, member: tarfile.TarInfo) -> _Node:
+        """What a hard link names: the same inode for a file, a copy for a symlink or FIFO."""
+        parts = self._clean(member.linkname, f"hard link {member.name!r} -> {member.linkname!r}")
+        target: _Node | None = self.root
+        if parts:
+            parent = self._resolve(parts[:-1], member.name, create=False)
+            # The last component is not followed: a link to a symlink links the symlink.
+            target = None if parent is None else parent.children.get(parts[-1])
+        if isinstance(target, _File):
+            return target
+        if isinstance(target, _Symlink):
+            return _Symlink(target.mtime, target.target)
+        if isinstance(target, _Fifo):
+            return _Fifo(target.mode, target.mtime)
+        problem = "does not exist" if target is None else "is a directory"
+        raise UnsafeLayerEntry(
+            f"layer {self.source.digest}: hard link {member.name!r} -> {member.linkname!r}: the target {problem}"
+        )
+
+    def _resolve(self, parts: list[str], entry: str, *, create: bool) -> _Dir | None:
+        """The directory ``parts`` leads to, following symlinks inside the model like securejoin.
+
+        Missing directories are created (0755) if ``create``, else the answer is None.
+        """
+        walked: list[tuple[_Dir, str]] = []  # the directories above the current one, with their names
+        current = self.root
+        pending = parts[::-1]
+        hops = 0
+        while pending:
+            name = pending.pop()
+            if name == "..":
+                if walked:
+                    current = walked.pop()[0]
+                continue
+            if name in ("", "."):
+                continue
+            child = current.children.get(name)
+            if child is None:
+                if not create:
+                    return None
+                child = current.children[name] = _Dir(0o755, 0)
+            if isinstance(child, _Dir):
+                if create:
+                    self.touched.add((current, name))
+                walked.append((current, name))
+                current = child
+            elif isinstance(child, _Symlink):
+                hops += 1
+                if hops > _MAX_LINK_HOPS:
+                    raise UnsafeLayerEntry(f"layer {self.source.digest}: {entry!r}: too many levels of symbolic links")
+                if child.target.startswith("/"):
+                    current, walked = self.root, []
+                pending.extend(reversed(child.target.split("/")))
+            else:
+                where = "/".join([n for _, n in walked] + [name])
+                raise UnsafeLayerEntry(f"layer {self.source.digest}: {entry!r}: parent {where!r} is not a directory")
+        return current
+
+    def _place(self, parent: _Dir, name: str, node: _Node) -> None:
+        existing = parent.children.get(name)
+        if isinstance(node, _Dir) and isinstance(existing, _Dir):
+            existing.mode, existing.mtime = node.mode, node.mtime
+        else:
+            parent.children[name] = node
+        self.touched.add((parent, name))
+
+    def _whiteout(self, parts: list[str], entry: str) -> None:
+        name = parts[-1]
+        if name == _OPAQUE:
+            directory = self._resolve(parts[:-1], entry, create=False)
+            if directory is not None:
+                self._hide_lower(directory)
+            return
+        if name.startswith(_AUFS_META):
+            return  # aufs bookkeeping such as .wh..wh.plnk: carries no image content
+        hidden = name[len(_WHITEOUT):]
+        if hidden in ("", ".", ".."):
+            raise UnsafeLayerEntry(f"layer {self.source.digest}: {entry!r}: invalid whiteout (it names no file)")
+        parent = self._resolve(parts[:-1], entry, create=False)
+        # A whiteout hides lower layers only: what this layer put there stays.
+        if parent is not None and (parent, hidden) not in self.touched:
+            parent.children.pop(hidden, None)
+
+    def _hide_lower(self, directory: _Dir) -> None:
+        """Opaque directory: keep only what this layer put below it, as if the marker came first."""
+        pending = [directory]
+        while pending:
+            current = pending.pop()
+            for name, child in list(current.children.items()):
+                if (current, name) not in self.touched:
+                    del current.children[name]
+                elif isinstance(child, _Dir):
+                    pending.append(child)
+
+
+def _file_mode(mode: int) -> int:
+    """Permission bits of a non-directory: no setuid/setgid, readable by all, executable by all if by any."""
+    mode &= 0o1777
+    mode |= 0o444
+    if mode & 0o111:
+        mode |= 0o111
+    return mode
+
+
+def _dir_mode(mode: int) -> int:
+    """Permission bits of a directory: no setuid/setgid, and everyone may list and enter it."""
+    return (mode & 0o1777) | 0o555

@@ -1,0 +1,110 @@
+"""Publishing an image into a platform's image directory, atomically.
+
+The runtime opens ``<imageDir>/<id>.squashfs`` and ``<id>.meta`` by name, so a
+reader must never see a partial file under either name: each is written under
+a hidden temporary name in the same directory, flushed to disk, and renamed.
+The squashfs goes first, so a ``.meta`` always has its image beside it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagegw.errors import TransferError
+
+# The runtime reads images as root; Shifter publishes 0600 so private images stay private.
+IMAGE_FILE_MODE = 0o600
+
+
+@dataclass(frozen=True)
+class PublishedImage:
+    """An image's files in a platform's image directory."""
+
+    squashfs: Path
+    meta: Path
+    size: int
+
+
+def published_paths(image_dir: Path, image_id: str) -> tuple[Path, Path]:
+    """Where an image's squashfs and ``.meta`` live."""
+    return image_dir / f"{image_id}.squashfs", image_dir / f"{image_id}.meta"
+
+
+def is_published(image_dir: Path, image_id: str) -> bool:
+    """Whether both of an image's files are in place."""
+    return all(path.is_file() for path in published_paths(image_dir, image_id))
+
+
+def publish_local(squashfs: Path, meta_text: str, image_dir: Path, image_id: str) -> PublishedImage:
+    """Move a built squashfs and write its ``.meta`` into ``image_dir`` under their final names."""
+    target, meta_target = published_paths(image_dir, image_id)
+    try:
+        image_dir.mkdir(parents=True, exist_ok=True)
+        _place_file(squashfs, target)
+        _write_file(meta_text.encode(), meta_target)
+        _fsync_directory(image_dir)
+        size = target.stat().st_size
+    except OSError as exc:
+        raise TransferError(f"cannot publish image {image_id} into {image_dir}: {exc}") from None
+    return PublishedImage(squashfs=target, meta=meta_target, size=size)
+
+
+def unpublish_local(image_dir: Path, image_id: str) -> None:
+    """Remove an image's files (the ``.meta`` first, so no reader finds a meta without its image)."""
+    squashfs, meta = published_paths(image_dir, image_id)
+    try:
+        meta.unlink(missing_ok=True)
+        squashfs.unlink(missing_ok=True)
+    except OSError as exc:
+        raise TransferError(f"cannot remove image {image_id} from {image_dir}: {exc}") from None
+
+
+def _place_file(source: Path, target: Path) -> None:
+    temporary = _temporary_name(target)
+    try:
+        try:
+            os.link(source, temporary)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            shutil.copyfile(source, temporary)
+        _finish(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write_file(content: bytes, target: Path) -> None:
+    temporary = _temporary_name(target)
+    try:
+        temporary.write_bytes(content)
+        _finish(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _finish(temporary: Path, target: Path) -> None:
+    os.chmod(temporary, IMAGE_FILE_MODE)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, target)
+
+
+def _temporary_name(target: Path) -> Path:
+    # mkstemp reserves a unique name; we only need the name, the file is recreated.
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(handle)
+    os.unlink(name)
+    return Path(name)
+
+
+def _fsync_directory(directory: Path) -> None:
+    handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)

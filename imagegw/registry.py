@@ -1,0 +1,528 @@
+"""A Docker Registry v2 / OCI distribution client: resolve an image, open its blobs.
+
+``resolve`` turns a tag or digest into the platform's image manifest and its
+config, verifying every digest on the way; ``open_blob`` streams a layer.
+Authentication (anonymous or Basic-credential Bearer tokens, plain Basic) is
+negotiated from the registry's 401 challenges, and every failure becomes one of
+the :mod:`imagegw.errors` classes with a message naming the registry and image.
+Credentials and tokens never appear in messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+from urllib.parse import urljoin, urlsplit
+
+import requests
+
+from imagegw.config import Location
+from imagegw.errors import (
+    DigestMismatch,
+    ManifestUnknown,
+    NoMatchingPlatform,
+    RegistryError,
+    RegistryUnauthorized,
+    RegistryUnreachable,
+    UnsupportedManifest,
+)
+from imagegw.reference import ImageRef
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+_SCHEMA1 = {
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+}
+_IMAGE_MANIFESTS = {OCI_MANIFEST, DOCKER_MANIFEST}
+_INDEXES = {OCI_INDEX, DOCKER_MANIFEST_LIST}
+_IMAGE_CONFIGS = {"application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"}
+_ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
+
+# Digests become cache file names, so anything but sha256 hex is refused up front.
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+# Distribution itself refuses manifests over 4 MiB; configs with long histories
+# are bigger, but anything past this is a broken or hostile registry.
+_MAX_DOCUMENT_BYTES = 32 * 1024 * 1024
+_MAX_REDIRECTS = 5
+_REDIRECT_CODES = {301, 302, 303, 307, 308}
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64"}
+_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
+
+
+@dataclass(frozen=True)
+class PlatformSpec:
+    """The os/architecture[/variant] whose image to pick from a multi-arch index."""
+
+    os: str = "linux"
+    architecture: str = "amd64"
+    variant: str | None = None
+
+    def __str__(self) -> str:
+        return "/".join(part for part in (self.os, self.architecture, self.variant) if part)
+
+
+@dataclass(frozen=True)
+class LayerDescriptor:
+    """One layer blob as the manifest lists it (compressed digest and size)."""
+
+    digest: str
+    size: int
+    media_type: str
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """A platform-specific image: its manifest digest, config and layers."""
+
+    ref: ImageRef
+    manifest_digest: str
+    """Digest of the platform-specific image manifest (not of the index)."""
+    manifest_media_type: str
+    config: dict[str, Any]
+    layers: tuple[LayerDescriptor, ...]
+
+    @property
+    def image_id(self) -> str:
+        """The manifest digest's hex, the image's identity in records and file names."""
+        return self.manifest_digest.split(":", 1)[1]
+
+    @property
+    def diff_ids(self) -> tuple[str, ...]:
+        """Digests of the uncompressed layers, in layer order."""
+        return tuple(self.config.get("rootfs", {}).get("diff_ids", ()))
+
+
+class _Manifest(NamedTuple):
+    media_type: str
+    digest: str
+    document: dict[str, Any]
+
+
+class RegistryClient:
+    """Talks to one registry location; safe to share between download threads."""
+
+    def __init__(self, location: Location, *, timeout: float = 60.0, user_agent: str = "imagegw") -> None:
+        self.location = location
+        self._timeout = timeout
+        self._session = requests.Session()
+        self._session.headers["User-Agent"] = user_agent
+        # Authorization header per token scope; layer threads read and refresh it concurrently.
+        self._auth: dict[str, str] = {}
+        self._auth_lock = threading.Lock()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the pooled connections."""
+        self._session.close()
+
+    def resolve(self, ref: ImageRef, platform: PlatformSpec) -> ResolvedImage:
+        """The image ``ref`` names for ``platform``: manifest, config and layers, all digest-checked."""
+        manifest = self._fetch_manifest(ref, ref.reference)
+        if manifest.media_type in _INDEXES:
+            chosen = _choose_platform(manifest.document, platform, ref)
+            manifest = self._fetch_manifest(ref, chosen)
+            if manifest.media_type in _INDEXES:
+                raise UnsupportedManifest(f"{ref}: the index entry for {platform} is itself an index")
+        config_descriptor = _descriptor(manifest.document.get("config"), "config", ref)
+        if config_descriptor.media_type not in _IMAGE_CONFIGS:
+            raise UnsupportedManifest(
+                f"{ref} is not a container image (its config is {config_descriptor.media_type!r})"
+            )
+        config = self._fetch_config(ref, config_descriptor)
+        raw_layers = manifest.document.get("layers")
+        if not isinstance(raw_layers, list):
+            raise UnsupportedManifest(f"malformed manifest for {ref}: no layer list")
+        layers = tuple(_descriptor(entry, "layer", ref) for entry in raw_layers)
+        image = ResolvedImage(ref, manifest.digest, manifest.media_type, config, layers)
+        if len(image.diff_ids) != len(layers):
+            raise UnsupportedManifest(
+                f"{ref}: the image config lists {len(image.diff_ids)} diff_ids for {len(layers)} layers"
+            )
+        return image
+
+    def open_blob(self, repository: str, digest: str) -> requests.Response:
+        """A streaming response for blob ``digest``, ready for ``iter_content``; the caller closes it."""
+        subject = f"{self.location.host}/{repository}@{digest}"
+        response = self._get(
+            f"{self.location.url}/v2/{repository}/blobs/{digest}", subject, repository,
+            # Blob digests cover the stored bytes, so no transfer encoding may alter them.
+            {"Accept-Encoding": "identity"},
+        )
+        if response.status_code == 404:
+            message = _registry_message(response)
+            response.close()
+            raise RegistryError(f"blob {digest} is missing from {self.location.host}/{repository} ({message})")
+        self._check(response, subject)
+        return response
+
+    # -- manifests and config -------------------------------------------------------------------
+
+    def _fetch_manifest(self, ref: ImageRef, reference: str) -> _Manifest:
+        url = f"{self.location.url}/v2/{ref.repository}/manifests/{reference}"
+        response = self._get(url, str(ref), ref.repository, {"Accept": _ACCEPT})
+        if response.status_code == 404:
+            raise _not_found(response, ref)
+        self._check(response, str(ref))
+        body = _read_document(response, f"manifest of {ref}")
+        digest = _sha256(body)
+        if reference.startswith("sha256:") and digest != reference:
+            raise DigestMismatch(f"manifest of {ref}: registry sent bytes with digest {digest}, asked for {reference}")
+        claimed = response.headers.get("Docker-Content-Digest", "")
+        if claimed.startswith("sha256:") and claimed != digest:
+            raise DigestMismatch(f"manifest of {ref}: registry says its digest is {claimed}, the bytes have {digest}")
+        document = _parse_json(body, f"manifest of {ref}")
+        return _Manifest(_media_type(response, document, ref), digest, document)
+
+    def _fetch_config(self, ref: ImageRef, descriptor: LayerDescriptor) -> dict[str, Any]:
+        response = self.open_blob(ref.repository, descriptor.digest)
+        body = _read_document(response, f"image config of {ref}")
+        if _sha256(body) != descriptor.digest:
+            raise DigestMismatch(
+                f"image config of {ref}: downloaded bytes have digest {_sha256(body)}, expected {descriptor.digest}"
+            )
+        return _parse_json(body, f"image config of {ref}")
+
+    # -- HTTP, authentication and errors --------------------------------------------------------
+
+    def _get(self, url: str, subject: str, repository: str, headers: dict[str, str]) -> requests.Response:
+        """GET with authentication, then follow redirects by hand without it."""
+        response = self._authenticated_get(url, subject, f"repository:{repository}:pull", headers)
+        for _ in range(_MAX_REDIRECTS):
+            if response.status_code not in _REDIRECT_CODES:
+                return response
+            target = response.headers.get("Location")
+            response.close()
+            if not target:
+                raise RegistryError(f"registry {self.location.host} sent a redirect without a target for {subject}")
+            url = urljoin(url, target)
+            # Redirect targets are typically object stores with signed URLs: our credentials or
+            # token mean nothing there and must not leak to them (Shifter #232).
+            response = self._send(url, subject, headers)
+        if response.status_code in _REDIRECT_CODES:
+            response.close()
+            raise RegistryError(f"registry {self.location.host} redirected more than {_MAX_REDIRECTS} times for {subject}")
+        return response
+
+    def _authenticated_get(self, url: str, subject: str, scope: str, headers: dict[str, str]) -> requests.Response:
+        authorization = self._cached_authorization(scope)
+        response = self._send(url, subject, _with_authorization(headers, authorization))
+        if response.status_code == 401:
+            challenge = response.headers.get("WWW-Authenticate", "")
+            response.close()
+            authorization = self._authorize(challenge, scope, subject)
+            response = self._send(url, subject, _with_authorization(headers, authorization))
+        if response.status_code in (401, 403):
+            response.close()
+            raise self._refused(response.status_code, subject)
+        return response
+
+    def _cached_authorization(self, scope: str) -> str | None:
+        with self._auth_lock:
+            cached = self._auth.get(scope)
+        if cached is None and self.location.auth_method == "basic" and self._has_credentials():
+            return self._basic()
+        return cached
+
+    def _authorize(self, challenge: str, scope: str, subject: str) -> str:
+        """The Authorization header the 401 ``challenge`` asks for, remembered for ``scope``."""
+        scheme, params = _parse_challenge(challenge)
+        if scheme == "bearer":
+            authorization = "Bearer " + self._token(params, scope, subject)
+        elif scheme == "basic":
+            if not self._has_credentials():
+                raise RegistryUnauthorized(
+                    f"registry {self.location.host} requires credentials to pull {subject}; "
+                    f"set username and password for location '{self.location.name}'"
+                )
+            authorization = self._basic()
+        else:
+            raise RegistryUnauthorized(
+                f"registry {self.location.host} refused {subject} and asked for "
+                f"{'unsupported authentication ' + repr(scheme) if scheme else 'no known authentication'}"
+            )
+        with self._auth_lock:
+            self._auth[scope] = authorization
+        return authorization
+
+    def _token(self, params: dict[str, str], scope: str, subject: str) -> str:
+        realm = params.get("realm")
+        if not realm:
+            raise RegistryError(f"registry {self.location.host} asked for a token without naming a token service")
+        query = {"scope": params.get("scope") or scope}
+        if params.get("service"):
+            query["service"] = params["service"]
+        auth = (self.location.username, self.location.password) if self._has_credentials() else None
+        try:
+            response = self._session.get(realm, params=query, auth=auth, timeout=self._timeout,
+                                         verify=self._verify(realm), allow_redirects=False)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise RegistryUnreachable(
+                f"token service {urlsplit(realm).netloc} of registry {self.location.host} unreachable: "
+                f"{self._reason(exc)} (while fetching {subject})"
+            ) from None
+        with response:
+            if response.status_code in (401, 403):
+                raise RegistryUnauthorized(
+                    f"token service of registry {self.location.host} refused "
+                    f"{self._whose_credentials()} for {subject}"
+                )
+            self._check(response, subject)
+            try:
+                answer = response.json()
+                token = answer.get("token") or answer.get("access_token")
+            except (ValueError, AttributeError):
+                token = None
+        if not isinstance(token, str) or not token:
+            raise RegistryError(f"token service of registry {self.location.host} returned no token for {subject}")
+        return token
+
+    def _refused(self, status: int, subject: str) -> RegistryUnauthorized:
+        verb = "denied access to" if status == 403 else "refused"
+        return RegistryUnauthorized(
+            f"registry {self.location.host} {verb} {subject} with {self._whose_credentials()} "
+            f"(HTTP {status}; check the image name and that the account may pull it)"
+        )
+
+    def _whose_credentials(self) -> str:
+        if self._has_credentials():
+            return f"the credentials of location '{self.location.name}'"
+        return f"anonymous access (location '{self.location.name}' has no username and password)"
+
+    def _has_credentials(self) -> bool:
+        return bool(self.location.username and self.location.password)
+
+    def _basic(self) -> str:
+        pair = f"{self.location.username}:{self.location.password}".encode()
+        return "Basic " + base64.b64encode(pair).decode("ascii")
+
+    def _send(self, url: str, subject: str, headers: dict[str, str]) -> requests.Response:
+        host = urlsplit(url).netloc
+        try:
+            return self._session.get(url, headers=headers, stream=True, timeout=self._timeout,
+                                     verify=self._verify(url), allow_redirects=False)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            who = f"registry {host}" if host == self.location.host else f"{host} (redirect target of {self.location.host})"
+            raise RegistryUnreachable(f"{who} unreachable: {self._reason(exc)} (while fetching {subject})") from None
+        except requests.RequestException as exc:
+            raise RegistryError(f"cannot fetch {subject} from {host}: {type(exc).__name__}") from None
+
+    def _verify(self, url: str) -> bool | str:
+        # The location's CA file is for the registry itself; token services and blob stores
+        # on other hosts carry ordinary public certificates.
+        if self.location.cacert and urlsplit(url).netloc == self.location.host:
+            return self.location.cacert
+        return True
+
+    def _check(self, response: requests.Response, subject: str) -> None:
+        """Raise the error class for a failed response (401/403 and 404 are handled by callers)."""
+        status = response.status_code
+        if status < 300:
+            return
+        message = _registry_message(response)
+        response.close()
+        host = self.location.host
+        if status == 429:
+            raise RegistryUnreachable(f"registry {host} is rate-limiting pulls (HTTP 429) of {subject}; retry later")
+        if status >= 500:
+            raise RegistryUnreachable(f"registry {host} failed with HTTP {status} for {subject}: {message}")
+        if status in (401, 403):
+            raise RegistryUnauthorized(f"access to {subject} denied (HTTP {status}): {message}")
+        raise RegistryError(f"registry {host} answered HTTP {status} for {subject}: {message}")
+
+    def _reason(self, exc: requests.RequestException) -> str:
+        if isinstance(exc, requests.Timeout):
+            return f"no answer within {self._timeout:g} s"
+        return describe_network_error(exc)
+
+
+def describe_network_error(exc: BaseException) -> str:
+    """A short reason for a network failure (``connection refused``), from the innermost cause."""
+    for cause in _causes(exc):
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return "cannot resolve the host name"
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"TLS certificate not trusted ({cause.verify_message}); set sslcacert for the location"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS error ({cause.reason})"
+        if isinstance(cause, ConnectionResetError):
+            return "connection reset"
+        if isinstance(cause, TimeoutError):
+            return "timed out"
+    return "connection failed"
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and everything it wraps: requests and urllib3 nest the socket error several levels deep."""
+    pending, seen = [exc], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        nested = [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+        pending.extend(item for item in nested if isinstance(item, BaseException))
+
+
+def _with_authorization(headers: dict[str, str], authorization: str | None) -> dict[str, str]:
+    return {**headers, "Authorization": authorization} if authorization else headers
+
+
+def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """``Bearer realm="…",service="…"`` → (``bearer``, {realm, service, …})."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {key.lower(): quoted.replace('\\"', '"') if quoted else bare
+              for key, quoted, bare in _CHALLENGE_PARAM.findall(rest)}
+    return scheme.lower(), params
+
+
+def _not_found(response: requests.Response, ref: ImageRef) -> ManifestUnknown:
+    codes = _error_codes(response)
+    response.close()
+    if "NAME_UNKNOWN" in codes:
+        return ManifestUnknown(f"repository unknown: {ref}")
+    return ManifestUnknown(f"manifest unknown: {ref}")
+
+
+def _errors(response: requests.Response) -> list[dict[str, Any]]:
+    try:
+        errors = response.json().get("errors")
+    except (ValueError, AttributeError, requests.RequestException):
+        return []
+    return [error for error in errors if isinstance(error, dict)] if isinstance(errors, list) else []
+
+
+def _error_codes(response: requests.Response) -> set[str]:
+    return {str(error.get("code")) for error in _errors(response)}
+
+
+def _registry_message(response: requests.Response) -> str:
+    """The registry's own error text (``MANIFEST_UNKNOWN: manifest unknown``), else the HTTP reason."""
+    parts = [f"{error.get('code')}: {error.get('message')}" for error in _errors(response)]
+    return "; ".join(parts) or response.reason or f"HTTP {response.status_code}"
+
+
+def _read_document(response: requests.Response, what: str) -> bytes:
+    chunks, size = [], 0
+    with response:
+        try:
+            for chunk in response.iter_content(65536):
+                size += len(chunk)
+                if size > _MAX_DOCUMENT_BYTES:
+                    raise RegistryError(f"{what} is larger than {_MAX_DOCUMENT_BYTES // 2**20} MiB; refusing it")
+                chunks.append(chunk)
+        except requests.RequestException as exc:
+            raise RegistryUnreachable(f"download of the {what} interrupted: {describe_network_error(exc)}") from None
+    return b"".join(chunks)
+
+
+def _parse_json(body: bytes, what: str) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise UnsupportedManifest(f"{what} is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise UnsupportedManifest(f"{what} is not a JSON object")
+    return document
+
+
+def _media_type(response: requests.Response, document: dict[str, Any], ref: ImageRef) -> str:
+    """The manifest's kind, from Content-Type, else its own ``mediaType``, else its shape."""
+    media_type = response.headers.get("Content-Type", "").split(";")[0].strip()
+    if media_type not in _IMAGE_MANIFESTS | _INDEXES | _SCHEMA1:
+        media_type = str(document.get("mediaType") or "")
+    if not media_type:
+        if document.get("schemaVersion") == 1:
+            media_type = next(iter(_SCHEMA1))
+        elif "manifests" in document:
+            media_type = OCI_INDEX
+        elif "layers" in document:
+            media_type = OCI_MANIFEST
+    if media_type in _SCHEMA1:
+        raise UnsupportedManifest(
+            f"{ref} has a Docker schema 1 manifest, which imagegw cannot pull; "
+            "push the image again with a current docker or buildah to get a schema 2 or OCI manifest"
+        )
+    if media_type not in _IMAGE_MANIFESTS | _INDEXES:
+        raise UnsupportedManifest(f"{ref} has a manifest of unsupported type {media_type or 'unknown'!r}")
+    return media_type
+
+
+def _descriptor(entry: Any, what: str, ref: ImageRef) -> LayerDescriptor:
+    if not isinstance(entry, dict):
+        raise UnsupportedManifest(f"malformed manifest for {ref}: {what} is not a descriptor")
+    digest, size, media_type = entry.get("digest"), entry.get("size"), entry.get("mediaType")
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
+        raise UnsupportedManifest(f"manifest for {ref}: {what} digest {digest!r} is not a sha256 digest")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise UnsupportedManifest(f"malformed manifest for {ref}: {what} {digest} has size {size!r}")
+    if not isinstance(media_type, str):
+        raise UnsupportedManifest(f"malformed manifest for {ref}: {what} {digest} has no media type")
+    return LayerDescriptor(digest, size, media_type)
+
+
+def _choose_platform(index: dict[str, Any], wanted: PlatformSpec, ref: ImageRef) -> str:
+    """The digest of the index entry for ``wanted``; exact variant first, then any variant if none was asked."""
+    entries = [entry for entry in index.get("manifests") or () if _is_image_entry(entry)]
+    target = _normalized(wanted.os, wanted.architecture, wanted.variant)
+    exact = [entry for entry in entries if _entry_platform(entry) == target]
+    loose = [entry for entry in entries if _entry_platform(entry)[:2] == target[:2]] if target[2] is None else []
+    if exact or loose:
+        return _descriptor((exact + loose)[0], f"index entry for {wanted}", ref).digest
+    offered = list(dict.fromkeys(_describe(entry) for entry in entries))
+    raise NoMatchingPlatform(
+        f"no image for {wanted} in {ref} (index offers {', '.join(offered) if offered else 'no images'})"
+    )
+
+
+def _is_image_entry(entry: Any) -> bool:
+    """False for attestations and other non-runnable entries (``unknown/unknown``)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("platform"), dict):
+        return False
+    platform = entry["platform"]
+    annotations = entry.get("annotations") or {}
+    return (
+        platform.get("os") not in (None, "", "unknown")
+        and platform.get("architecture") not in (None, "", "unknown")
+        and annotations.get("vnd.docker.reference.type") != "attestation-manifest"
+    )
+
+
+def _entry_platform(entry: dict[str, Any]) -> tuple[str, str, str | None]:
+    platform = entry["platform"]
+    return _normalized(platform["os"], platform["architecture"], platform.get("variant"))
+
+
+def _normalized(os_name: str, architecture: str, variant: str | None) -> tuple[str, str, str | None]:
+    architecture = _ARCH_ALIASES.get(architecture, architecture)
+    # v8 is the only arm64 variant in use; indexes and platforms write it or leave it out.
+    if architecture == "arm64" and variant == "v8":
+        variant = None
+    return os_name, architecture, variant or None
+
+
+def _describe(entry: dict[str, Any]) -> str:
+    platform = entry["platform"]
+    return "/".join(str(part) for part in (platform["os"], platform["architecture"], platform.get("variant")) if part)
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()

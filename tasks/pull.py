@@ -1,0 +1,48 @@
+"""The pull stage: resolve the manifest, then fetch the layers into the shared cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NONE
+
+from imagegw.index import Status
+from imagegw.job import PullJob
+from imagegw.database import open_index
+from imagegw.layercache import LayerCache, fetch_layers
+from imagegw.progress import DownloadProgress
+from imagegw.registry import RegistryClient, ResolvedImage
+from tasks.retry import transient_failure
+
+
+@task(name="resolve", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=transient_failure,
+      cache_policy=NONE)
+def resolve(job: PullJob) -> ResolvedImage:
+    """Fetch the manifest (choosing the platform's image from an index) and the image config."""
+    open_index(job.settings).set_stage(job.key, Status.PULLING, f"Getting manifest of {job.ref}")
+    client = RegistryClient(job.ref.location)
+    try:
+        image = client.resolve(job.ref, job.wanted_platform)
+    finally:
+        client.close()
+    get_run_logger().info("%s is %s (%d layers)", job.ref, image.manifest_digest, len(image.layers))
+    return image
+
+
+@task(name="pull", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=transient_failure,
+      cache_policy=NONE)
+def pull(job: PullJob, image: ResolvedImage) -> list[Path]:
+    """Download the layers not yet in the cache, verified against their digests."""
+    index = open_index(job.settings)
+    cache = LayerCache(job.settings.cache_dir)
+    cached = sum(1 for layer in image.layers if cache.has(layer.digest))
+    index.set_stage(job.key, Status.PULLING, f"Pulling {len(image.layers)} layers ({cached} cached)")
+    progress = DownloadProgress(image.layers, lambda message: index.set_stage(job.key, Status.PULLING, message))
+    client = RegistryClient(job.ref.location)
+    try:
+        paths = fetch_layers(client, image, cache, progress=progress)
+    finally:
+        client.close()
+    get_run_logger().info("layers ready: %d fetched, %d from the cache", len(image.layers) - cached, cached)
+    return paths

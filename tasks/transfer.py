@@ -1,0 +1,22 @@
+"""The transfer stage: publish the squashfs and its .meta into the platform's image directory."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from imagegw.database import open_index
+from imagegw.index import Status
+from imagegw.job import PullJob, image_meta
+from imagegw.publish import PublishedImage, publish_local
+from imagegw.registry import ResolvedImage
+from imagegw.squash import SquashResult
+from tasks.retry import transient_failure
+
+
+@task(name="transfer", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=transient_failure,
+      cache_policy=NONE)
+def transfer(job: PullJob, image: ResolvedImage, squashfs: SquashResult) -> PublishedImage:
+    """Move the image into place under its final names, atomically."""
+    open_index(job.settings).set_stage(job.key, Status.TRANSFER, f"Publishing into {job.platform.image_dir}")
+    return publish_local(squashfs.path, image_meta(image), job.platform.image_dir, image.image_id)

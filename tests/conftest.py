@@ -1,0 +1,17 @@
+"""Shared fixtures: real registries (testsupport), a real Prefect API, the embedded database."""
+
+import os
+import tempfile
+
+# Prefect reads its settings when first imported: make them hermetic before any test imports it.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="imagegw-test-prefect-")
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("PREFECT_PROFILE", None)
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+os.environ["PREFECT_API_BLOCKS_REGISTER_ON_START"] = "false"
+os.environ.pop("IMAGEGW_MONGODB_URI", None)
+os.environ.pop("IMAGEGW_CONFIG", None)
+os.environ.pop("IMAGEGW_STATE_DIR", None)
+
+pytest_plugins = ["testsupport.fixtures", "tests.gateway_fixtures"]

@@ -1,0 +1,111 @@
+"""imagemanager.json: Shifter's files load, bad keys are errors naming the key and the file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from imagegw.config import load_settings
+from imagegw.errors import ConfigError, UnknownPlatform
+
+SHIFTER_EXAMPLE = {
+    "DefaultImageLocation": "index.docker.io",
+    "DefaultImageFormat": "squashfs",
+    "PullUpdateTimeout": 300,
+    "ImageExpirationTimeout": "90:00:00:00",
+    "MongoDBURI": "mongodb://localhost/",
+    "MongoDB": "Shifter",
+    "CacheDirectory": "/images/cache/",
+    "ExpandDirectory": "/images/expand/",
+    "WorkerThreads": 1,
+    "Metrics": True,
+    "Locations": {"index.docker.io": {"remotetype": "dockerv2", "authentication": "http"}},
+    "Platforms": {"mycluster": {"mungeSocketPath": "/var/run/munge/munge.socket.2", "accesstype": "local",
+                                "admins": ["root"], "local": {"imageDir": "/images"}}},
+}
+
+
+def write(tmp_path: Path, config: dict | str) -> Path:
+    path = tmp_path / "imagemanager.json"
+    path.write_text(config if isinstance(config, str) else json.dumps(config))
+    return path
+
+
+def test_shifter_example_loads(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, SHIFTER_EXAMPLE))
+
+    assert settings.platform("mycluster").image_dir == Path("/images")
+    assert settings.locations["index.docker.io"].url == "https://registry-1.docker.io"
+    assert settings.expiration_timeout == 90 * 86400
+    assert settings.platform("mycluster").compression.algorithm == "gzip"
+
+
+def test_example_config_shipped_in_the_repository_loads() -> None:
+    settings = load_settings(Path(__file__).parent.parent / "config" / "imagemanager.example.json")
+
+    assert str(settings.platform("mycluster").compression) == "zstd:3"
+
+
+def test_environment_overrides_mongodb_uri_and_state_dir(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("IMAGEGW_MONGODB_URI", "mongodb://elsewhere:27017/")
+    monkeypatch.setenv("IMAGEGW_STATE_DIR", str(tmp_path / "state"))
+
+    settings = load_settings(write(tmp_path, SHIFTER_EXAMPLE))
+
+    assert settings.mongodb_uri == "mongodb://elsewhere:27017/"
+    assert settings.state_dir == tmp_path / "state"
+
+
+def test_unknown_platform_names_the_file_and_the_known_ones(tmp_path: Path) -> None:
+    path = write(tmp_path, SHIFTER_EXAMPLE)
+
+    with pytest.raises(UnknownPlatform, match=r"'other'.*" + str(path).replace(".", r"\.") + r".*mycluster"):
+        load_settings(path).platform("other")
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"Platforms": {"c": {"accesstype": "local", "local": {}}}}, "Platforms.c.local.imageDir"),
+    ({"ImageExpirationTimeout": "90 days"}, "ImageExpirationTimeout"),
+    ({"ImageExpirationTimeout": "1:25:00:00"}, "ImageExpirationTimeout"),
+    ({"Locations": {"bad": {"url": "ftp://x"}}}, "Locations.bad.url"),
+    ({"Locations": {"not a host": {}}}, "Locations.not a host.url"),
+    ({"Locations": {"r": {"url": "https://r:99999"}}}, "Locations.r.url"),
+    ({"Compresion": "zstd"}, "Compresion"),
+    ({"Compression": "zstd:99"}, "Compression"),
+    ({"Compression": "brotli"}, "Compression"),
+    ({"BlockSize": 1000}, "BlockSize"),
+    ({"PullUpdateTimeout": "5"}, "PullUpdateTimeout"),
+    ({"Platforms": {}}, "Platforms"),
+    ({"Platforms": {"c": {"accesstype": "remote", "local": {"imageDir": "/x"}}}}, "Platforms.c.accesstype"),
+])
+def test_bad_values_are_errors_naming_key_and_file(tmp_path: Path, change: dict, key: str) -> None:
+    path = write(tmp_path, {**SHIFTER_EXAMPLE, **change})
+
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+
+    assert str(error.value).startswith(f"{key} in {path}")
+
+
+def test_invalid_json_and_missing_file_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid JSON.*line 1"):
+        load_settings(write(tmp_path, "{nope"))
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_settings(tmp_path / "absent.json")
+
+
+def test_no_config_given_says_how_to_give_one(monkeypatch) -> None:
+    monkeypatch.delenv("IMAGEGW_CONFIG", raising=False)
+
+    with pytest.raises(ConfigError, match="--config FILE or set IMAGEGW_CONFIG"):
+        load_settings(None)
+
+
+def test_insecure_location_is_plain_http(tmp_path: Path) -> None:
+    config = {**SHIFTER_EXAMPLE, "Locations": {"reg:5000": {"insecure": True}}}
+
+    settings = load_settings(write(tmp_path, config))
+
+    assert settings.locations["reg:5000"].url == "http://reg:5000"

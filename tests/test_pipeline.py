@@ -1,0 +1,228 @@
+"""The pull pipeline end to end: real registry, real Prefect API, real SecantusDB, real squashfs tools."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+
+import pytest
+
+from flows.pull import pull_image
+from imagegw.index import PullKey
+from tests.gateway_fixtures import Gateway
+from tests.squashfs_reader import read_tree
+from testsupport.images import LayerBuilder, push_image, push_index
+
+
+def pull(gateway: Gateway, image: str, platform: str = "mycluster"):
+    """Run the flow; return (state, pull record)."""
+    state = pull_image(image, platform, str(gateway.config_path), return_state=True)
+    record = gateway.index().pull_record(PullKey(platform, "docker", image if ":" in image.rsplit("/", 1)[-1]
+                                                 else image + ":latest"))
+    return state, record
+
+
+def published_files(gateway: Gateway) -> list[str]:
+    return sorted(path.name for path in gateway.image_dir.iterdir()) if gateway.image_dir.exists() else []
+
+
+def test_single_layer_image_becomes_a_ready_squashfs_with_meta(gateway: Gateway) -> None:
+    layer = LayerBuilder().dir("etc").file("etc/hello.txt", b"hello\n").file("bin/run", b"#!/bin/sh\n", 0o755)
+    built = push_image(gateway.registry, "test/single", "1.0", [layer], env=["PATH=/bin", "A=b c"],
+                       entrypoint=["/bin/run"], cmd=["--now"], workdir="/work")
+
+    state, record = pull(gateway, gateway.image("test/single:1.0"))
+
+    assert state.is_completed(), state.message
+    image_id = built.manifest_digest.removeprefix("sha256:")
+    assert record["status"] == "READY" and record["id"] == image_id
+    ready = gateway.index().lookup(PullKey("mycluster", "docker", gateway.image("test/single:1.0")))
+    assert ready["tag"] == [gateway.image("test/single:1.0")]
+    assert ready["ENV"] == ["PATH=/bin", "A=b c"] and ready["ENTRY"] == ["/bin/run"]
+    assert ready["WORKDIR"] == "/work" and ready["expiration"] > ready["last_pull"]
+    assert published_files(gateway) == [f"{image_id}.meta", f"{image_id}.squashfs"]
+    tree = read_tree(gateway.image_dir / f"{image_id}.squashfs")
+    assert tree["etc/hello.txt"].data == b"hello\n"
+    assert tree["bin/run"].mode == 0o755 and tree["bin"].kind == "dir"
+    assert all(entry.uid == 0 and entry.gid == 0 for entry in tree.values())
+    meta = (gateway.image_dir / f"{image_id}.meta").read_text().splitlines()
+    assert meta[0] == "FORMAT: squashfs"
+    assert "ENTRY: ['/bin/run']" in meta and "CMD: ['--now']" in meta and "WORKDIR: /work" in meta
+    assert "ENV: A=b c" in meta
+    assert stat.S_IMODE((gateway.image_dir / f"{image_id}.squashfs").stat().st_mode) == 0o600
+
+
+def test_layers_apply_whiteouts_opaque_dirs_replacements_and_links(gateway: Gateway) -> None:
+    base = (LayerBuilder()
+            .dir("etc").file("etc/keep", b"keep").file("etc/gone", b"gone")
+            .dir("opt").dir("opt/app").file("opt/app/old1", b"1").dir("opt/app/sub").file("opt/app/sub/old2", b"2")
+            .dir("data").file("data/inside", b"x")
+            .file("conf", b"file first")
+            .file("usr/lib/libfoo.so.1", b"ELF", 0o755)
+            .file("bin/su", b"su", 0o4755))
+    upper = (LayerBuilder()
+             .whiteout("etc/gone")
+             .dir("opt/app").file("opt/app/new", b"new").opaque("opt/app")
+             .file("data", b"data is now a file")
+             .dir("conf").file("conf/inner", b"conf is now a dir")
+             .hardlink("usr/lib/libfoo.so", "usr/lib/libfoo.so.1")
+             .symlink("bin/sh", "/usr/bin/bash").symlink("lib", "usr/lib"))
+    built = push_image(gateway.registry, "test/layers", "1", [base, upper])
+
+    state, record = pull(gateway, gateway.image("test/layers:1"))
+
+    assert state.is_completed(), record["status_message"]
+    tree = read_tree(gateway.image_dir / f"{built.manifest_digest.removeprefix('sha256:')}.squashfs")
+    assert "etc/gone" not in tree and tree["etc/keep"].data == b"keep"
+    assert {name for name in tree if name.startswith("opt/app/")} == {"opt/app/new"}
+    assert tree["data"].kind == "file" and tree["data"].data == b"data is now a file"
+    assert "data/inside" not in tree
+    assert tree["conf"].kind == "dir" and tree["conf/inner"].data == b"conf is now a dir"
+    link_pair = {tree["usr/lib/libfoo.so"].kind, tree["usr/lib/libfoo.so.1"].kind}
+    assert link_pair == {"file", "hardlink"}
+    assert tree["bin/sh"].kind == "symlink" and tree["bin/sh"].target == "/usr/bin/bash"
+    assert tree["lib"].target == "usr/lib"
+    assert tree["bin/su"].mode == 0o755  # setuid stripped
+    assert not any(".wh." in name for name in tree)
+
+
+def test_multi_arch_index_gives_each_platform_its_own_image(gateway: Gateway) -> None:
+    amd = push_image(gateway.registry, "test/multi", None, [LayerBuilder().file("arch", b"amd64")])
+    arm = push_image(gateway.registry, "test/multi", None, [LayerBuilder().file("arch", b"arm64")],
+                     architecture="arm64", variant="v8")
+    push_index(gateway.registry, "test/multi", "1", [amd, arm])
+
+    amd_state, amd_record = pull(gateway, gateway.image("test/multi:1"), "mycluster")
+    arm_state, arm_record = pull(gateway, gateway.image("test/multi:1"), "armcluster")
+
+    assert amd_state.is_completed() and arm_state.is_completed()
+    assert amd_record["id"] == amd.manifest_digest.removeprefix("sha256:")
+    assert arm_record["id"] == arm.manifest_digest.removeprefix("sha256:")
+    arm_tree = read_tree(gateway.root / "arm-images" / f"{arm_record['id']}.squashfs")
+    assert arm_tree["arch"].data == b"arm64"
+
+
+def test_index_without_the_platform_fails_listing_what_it_offers(gateway: Gateway) -> None:
+    amd = push_image(gateway.registry, "test/amdonly", None, [LayerBuilder().file("a", b"a")])
+    push_index(gateway.registry, "test/amdonly", "1", [amd])
+
+    state, record = pull(gateway, gateway.image("test/amdonly:1"), "armcluster")
+
+    assert state.is_failed()
+    assert record["status"] == "FAILURE"
+    assert "arm64" in record["status_message"] and "linux/amd64" in record["status_message"]
+
+
+@pytest.mark.parametrize("media, compression", [("oci", "zstd"), ("docker", "gzip"), ("oci", "none")])
+def test_layer_formats(gateway: Gateway, media: str, compression: str) -> None:
+    layers = [LayerBuilder().file("a.txt", b"A" * 10000), LayerBuilder().file("b.txt", b"B")]
+    built = push_image(gateway.registry, f"test/{media}-{compression}", "1", layers,
+                       media=media, compression=compression)
+
+    state, record = pull(gateway, gateway.image(f"test/{media}-{compression}:1"))
+
+    assert state.is_completed(), record["status_message"]
+    tree = read_tree(gateway.image_dir / f"{built.manifest_digest.removeprefix('sha256:')}.squashfs")
+    assert tree["a.txt"].data == b"A" * 10000 and tree["b.txt"].data == b"B"
+
+
+def test_pull_by_digest(gateway: Gateway) -> None:
+    built = push_image(gateway.registry, "test/bydigest", "1", [LayerBuilder().file("x", b"x")])
+
+    state, record = pull(gateway, gateway.image(f"test/bydigest@{built.manifest_digest}"))
+
+    assert state.is_completed(), record["status_message"]
+    assert record["id"] == built.manifest_digest.removeprefix("sha256:")
+
+
+def test_second_tag_of_the_same_digest_joins_the_record(gateway: Gateway) -> None:
+    layers = [LayerBuilder().file("same", b"same")]
+    built = push_image(gateway.registry, "test/tags", "1", layers)
+    push_image(gateway.registry, "test/tags", "stable", layers)
+
+    pull(gateway, gateway.image("test/tags:1"))
+    pull(gateway, gateway.image("test/tags:stable"))
+
+    records = gateway.index().list_images("mycluster")
+    assert len(records) == 1
+    assert records[0]["id"] == built.manifest_digest.removeprefix("sha256:")
+    assert sorted(records[0]["tag"]) == [gateway.image("test/tags:1"), gateway.image("test/tags:stable")]
+
+
+def test_repull_of_an_unchanged_digest_downloads_and_converts_nothing(gateway: Gateway) -> None:
+    push_image(gateway.registry, "test/again", "1", [LayerBuilder().file("f", b"f" * 5000)])
+    pull(gateway, gateway.image("test/again:1"))
+    shutil.rmtree(gateway.cache_dir)
+    squashfs = next(gateway.image_dir.glob("*.squashfs"))
+    before = squashfs.stat().st_mtime_ns
+
+    state, record = pull(gateway, gateway.image("test/again:1"))
+
+    assert state.is_completed() and record["status"] == "READY"
+    assert not gateway.cache_dir.exists() or not any(gateway.cache_dir.rglob("*.tar"))
+    assert squashfs.stat().st_mtime_ns == before
+
+
+def test_tag_moved_to_a_new_digest_leaves_the_old_image(gateway: Gateway) -> None:
+    old = push_image(gateway.registry, "test/moving", "1", [LayerBuilder().file("v", b"1")])
+    pull(gateway, gateway.image("test/moving:1"))
+    new = push_image(gateway.registry, "test/moving", "1", [LayerBuilder().file("v", b"2")])
+
+    pull(gateway, gateway.image("test/moving:1"))
+
+    found = gateway.index().lookup(PullKey("mycluster", "docker", gateway.image("test/moving:1")))
+    assert found["id"] == new.manifest_digest.removeprefix("sha256:")
+    old_record = gateway.index().ready_image("mycluster", old.manifest_digest.removeprefix("sha256:"))
+    assert old_record["tag"] == []
+
+
+@pytest.mark.parametrize("name, message", [
+    ("test/single-missing:nope", "repository unknown"),
+])
+def test_unknown_repository_fails_with_a_clear_message(gateway: Gateway, name: str, message: str) -> None:
+    state, record = pull(gateway, gateway.image(name))
+
+    assert state.is_failed()
+    assert record["status"] == "FAILURE" and message in record["status_message"]
+    assert gateway.image("test/single-missing") in record["status_message"]
+    assert published_files(gateway) == []
+
+
+def test_unknown_tag_fails_with_a_clear_message(gateway: Gateway) -> None:
+    push_image(gateway.registry, "test/hastag", "1", [LayerBuilder().file("x", b"x")])
+
+    state, record = pull(gateway, gateway.image("test/hastag:2"))
+
+    assert state.is_failed()
+    assert record["status_message"].startswith("manifest unknown")
+    assert gateway.image("test/hastag:2") in record["status_message"]
+    assert published_files(gateway) == []
+
+
+def test_corrupted_blob_fails_and_leaves_no_bad_layer_in_the_cache(gateway: Gateway) -> None:
+    built = push_image(gateway.registry, "test/corrupt", "1", [LayerBuilder().file("x", b"x" * 4096)])
+    blob = gateway.registry.blob_path(built.layer_digests[0])
+    blob.write_bytes(blob.read_bytes()[:-8] + b"garbage!")
+
+    state, record = pull(gateway, gateway.image("test/corrupt:1"))
+
+    assert state.is_failed()
+    assert "digest" in record["status_message"] and built.layer_digests[0] in record["status_message"]
+    assert published_files(gateway) == []
+    assert not any(path.is_file() and path.suffix == ".tar" for path in gateway.cache_dir.rglob("*"))
+    assert not any(".partial" in path.name for path in gateway.cache_dir.rglob("*"))
+
+
+def test_registry_down_fails_after_retries_with_a_clear_message(gateway: Gateway, tmp_path) -> None:
+    from testsupport.registry import RunningRegistry
+
+    down = RunningRegistry.start(tmp_path / "down-registry")
+    host = down.host
+    down.stop()
+    gateway.write_config(Locations={host: {"url": f"http://{host}"}})
+
+    state, record = pull(gateway, f"{host}/test/x:1")
+
+    assert state.is_failed()
+    assert "unreachable" in record["status_message"] and host in record["status_message"]
+    assert published_files(gateway) == []

@@ -1,0 +1,63 @@
+"""pytest plugin: session-scoped local registries.
+
+Load it from ``tests/conftest.py`` with ``pytest_plugins = ["testsupport.fixtures"]``.
+
+Fixtures:
+    registry:        anonymous plain-HTTP registry.
+    basic_registry:  htpasswd Basic auth, user alice / s3cr3t (``.credentials``).
+    token_registry:  token auth through a :class:`TokenServer` with alice / s3cr3t;
+                     anonymous pull allowed (``.token_server`` for assertions).
+
+Nothing is skipped: a missing ``docker-registry`` fails the tests with the install hint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from testsupport.registry import RegistryStartError, RunningRegistry
+from testsupport.tokenserver import TokenServer
+
+TEST_USER = "alice"
+TEST_PASSWORD = "s3cr3t"
+TEST_USERS = {TEST_USER: TEST_PASSWORD}
+
+
+def _start(workdir: Path, **kwargs: object) -> RunningRegistry:
+    """Start a registry, turning start failures into a test failure with the reason."""
+    try:
+        return RunningRegistry.start(workdir, **kwargs)  # type: ignore[arg-type]
+    except RegistryStartError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
+    """An anonymous plain-HTTP registry for the whole session."""
+    running = _start(tmp_path_factory.mktemp("registry"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
+    """A registry requiring HTTP Basic auth (alice / s3cr3t)."""
+    running = _start(tmp_path_factory.mktemp("basic-registry"), htpasswd_users=TEST_USERS)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
+    """A registry using Docker token auth; alice / s3cr3t may push, anyone may pull."""
+    workdir = tmp_path_factory.mktemp("token-registry")
+    server = TokenServer.start(workdir / "token-server", TEST_USERS)
+    try:
+        running = _start(workdir / "registry", token_server=server)
+        yield running
+        running.stop()
+    finally:
+        server.stop()
