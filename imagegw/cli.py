@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from imagegw.config import Settings, load_settings
@@ -103,6 +104,7 @@ def images_command(args: argparse.Namespace) -> int:
 def _prepare_prefect(settings: Settings, *, verbose: bool) -> None:
     """Keep Prefect's state under the gateway's state directory unless the operator chose otherwise."""
     os.environ.setdefault("PREFECT_HOME", str(settings.state_dir / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     # A first ephemeral start runs the database migrations, which can take ~20 s on 2 cores.

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, Literal, cast, overload
 
 from imagegw.errors import LayerError, UnsafeLayerEntry
 
@@ -126,37 +126,25 @@ class ImageTree:
         """
         return {path: _describe(node) for path, node in _walk(self._root)}
 
-    def write_tar(self, out: BinaryIO) -> None:
+    def write_tar(self, out: IO[bytes]) -> None:
         """Write the tree to ``out`` (a file or pipe) as one PAX tar, end blocks included.
 
         Paths come in sorted pre-order, so every directory precedes its children; a hard
         link group's data is written at its first path, and later paths are links to it.
         """
         out.flush()
-        writer = _TarWriter(out.fileno())
-        with ExitStack() as stack:
-            layer_fds = [stack.enter_context(open(layer.path, "rb")).fileno() for layer in self._layers]
-            archives: dict[int, tarfile.TarFile] = {}
-            written_at: dict[int, str] = {}
+        first_paths: dict[int, str] = {}
+        with _TarWriter(out.fileno(), self._layers) as writer:
             writer.write(_header("./", self._root))
             for path, node in _walk(self._root):
-                if not isinstance(node, _File):
-                    writer.write(_header(path, node))
-                elif id(node) in written_at:
-                    writer.write(_header(path, node, link_to=written_at[id(node)]))
-                else:
-                    written_at[id(node)] = path
-                    writer.write(_header(path, node))
-                    layer = self._layers[node.layer]
-                    if node.sparse is None:
-                        writer.copy(layer_fds[node.layer], node.offset, node.size, f"layer {layer.digest}: {path}")
-                    else:
-                        if node.layer not in archives:
-                            archives[node.layer] = stack.enter_context(tarfile.open(layer.path, "r:"))
-                        writer.copy_sparse(archives[node.layer], node)
-                    writer.pad(node.size)
+                if isinstance(node, _File) and id(node) in first_paths:
+                    writer.write(_link_header(path, node, first_paths[id(node)]))
+                    continue
+                writer.write(_header(path, node))
+                if isinstance(node, _File):
+                    first_paths[id(node)] = path
+                    writer.file_data(node, path)
             writer.write(bytes(2 * _BLOCK))
-            writer.flush()
 
 
 def _walk(root: _Dir) -> Iterator[tuple[str, _Node]]:
@@ -179,12 +167,10 @@ def _describe(node: _Node) -> tuple[str, int, int | str | None]:
     return ("fifo", node.mode, None)
 
 
-def _header(path: str, node: _Node, link_to: str | None = None) -> bytes:
+def _header(path: str, node: _Node) -> bytes:
     info = tarfile.TarInfo(path)
     info.mtime = node.mtime
-    if link_to is not None:
-        info.type, info.linkname, info.mode = tarfile.LNKTYPE, link_to, node.mode
-    elif isinstance(node, _Dir):
+    if isinstance(node, _Dir):
         info.type, info.mode = tarfile.DIRTYPE, node.mode
     elif isinstance(node, _File):
         info.type, info.mode, info.size = tarfile.REGTYPE, node.mode, node.size
@@ -192,17 +178,47 @@ def _header(path: str, node: _Node, link_to: str | None = None) -> bytes:
         info.type, info.linkname, info.mode = tarfile.SYMTYPE, node.target, 0o777
     else:
         info.type, info.mode = tarfile.FIFOTYPE, node.mode
+    return _encode(info)
+
+
+def _link_header(path: str, node: _File, first_path: str) -> bytes:
+    info = tarfile.TarInfo(path)
+    info.type, info.linkname, info.mode, info.mtime = tarfile.LNKTYPE, first_path, node.mode, node.mtime
+    return _encode(info)
+
+
+def _encode(info: tarfile.TarInfo) -> bytes:
     # Layer names are not always UTF-8; surrogateescape gives back the original bytes.
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
 class _TarWriter:
-    """Buffered writes to a file descriptor, with file data moved by sendfile where it can be."""
+    """Buffered writes to a file descriptor, with file data moved by sendfile where it can be.
 
-    def __init__(self, fd: int) -> None:
+    Each layer file is opened once, on entering; leaving flushes and closes them.
+    """
+
+    def __init__(self, fd: int, layers: tuple[LayerSource, ...]) -> None:
         self._fd = fd
+        self._layers = layers
         self._buffer = bytearray()
         self._sendfile = True
+        self._files = ExitStack()
+        self._layer_fds: list[int] = []
+        self._archives: dict[int, tarfile.TarFile] = {}
+
+    def __enter__(self) -> _TarWriter:
+        try:
+            self._layer_fds = [self._files.enter_context(open(layer.path, "rb")).fileno() for layer in self._layers]
+        except BaseException:
+            self._files.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._files:
+            if exc_info[0] is None:
+                self.flush()
 
     def write(self, data: bytes) -> None:
         self._buffer += data
@@ -210,55 +226,63 @@ class _TarWriter:
             self.flush()
 
     def flush(self) -> None:
-        view = memoryview(self._buffer)
-        while view:
-            # A pipe may take only part of a write.
-            view = view[os.write(self._fd, view):]
-        view.release()
+        written = 0
+        with memoryview(self._buffer) as view:
+            while written < len(view):
+                # A pipe may take only part of a write.
+                written += os.write(self._fd, view[written:])
         self._buffer.clear()
 
-    def pad(self, size: int) -> None:
-        self.write(bytes(-size % _BLOCK))
+    def file_data(self, node: _File, path: str) -> None:
+        """Write a regular file's content, padded to a whole block."""
+        if node.sparse is not None:
+            self._copy_sparse(node)
+        else:
+            source, offset, end = self._layer_fds[node.layer], node.offset, node.offset + node.size
+            if node.size > _SMALL_FILE and self._sendfile:
+                self.flush()
+                offset = self._send(source, offset, end, node, path)
+            self._copy_by_reading(source, offset, end, node, path)
+        self.write(bytes(-node.size % _BLOCK))
 
-    def copy(self, source: int, offset: int, size: int, what: str) -> None:
-        """Copy ``size`` bytes at ``offset`` of the ``source`` descriptor."""
-        if size <= _SMALL_FILE or not self._sendfile:
-            self._copy_by_reading(source, offset, size, what)
-            return
-        self.flush()
-        end = offset + size
+    def _send(self, source: int, offset: int, end: int, node: _File, path: str) -> int:
+        """Send ``source`` bytes from ``offset`` to ``end``; where it had to stop if sendfile cannot."""
         while offset < end:
             try:
                 sent = os.sendfile(self._fd, source, offset, min(end - offset, _SENDFILE_CHUNK))
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                     raise
-                # Not every pair of descriptors supports sendfile; plain copying always works.
+                # Not every pair of descriptors supports sendfile; reading and writing always works.
                 self._sendfile = False
-                self._copy_by_reading(source, offset, end - offset, what)
-                return
+                return offset
             if sent == 0:
-                raise LayerError(f"{what}: the layer file ends before the file's data does")
+                raise self._truncated(node, path)
             offset += sent
+        return offset
 
-    def _copy_by_reading(self, source: int, offset: int, size: int, what: str) -> None:
-        end = offset + size
+    def _copy_by_reading(self, source: int, offset: int, end: int, node: _File, path: str) -> None:
         while offset < end:
             data = os.pread(source, min(end - offset, _BUFFER_LIMIT), offset)
             if not data:
-                raise LayerError(f"{what}: the layer file ends before the file's data does")
+                raise self._truncated(node, path)
             self.write(data)
             offset += len(data)
 
-    def copy_sparse(self, archive: tarfile.TarFile, node: _File) -> None:
+    def _copy_sparse(self, node: _File) -> None:
         """Copy a sparse member's expanded content; tarfile knows the sparse map formats."""
+        if node.layer not in self._archives:
+            self._archives[node.layer] = self._files.enter_context(tarfile.open(self._layers[node.layer].path, "r:"))
         info = tarfile.TarInfo()
         info.type, info.offset_data, info.size = tarfile.REGTYPE, node.offset, node.size
-        info.sparse = list(node.sparse or ())
-        data = archive.extractfile(info)
+        info.sparse = list(node.sparse or ())  # type: ignore[assignment]  # typeshed says bytes: it is extents
+        data = self._archives[node.layer].extractfile(info)
         assert data is not None  # a regular member always has a file object
         while chunk := data.read(_BUFFER_LIMIT):
             self.write(chunk)
+
+    def _truncated(self, node: _File, path: str) -> LayerError:
+        return LayerError(f"layer {self._layers[node.layer].digest}: {path!r}: the layer file ends inside its data")
 
 
 class _LayerApplier:
@@ -281,7 +305,7 @@ class _LayerApplier:
             with tarfile.open(self.source.path, "r:") as archive:
                 while (member := archive.next()) is not None:
                     # TarFile keeps every member it reads; a layer can hold 200k of them.
-                    archive.members.clear()
+                    archive.members.clear()  # type: ignore[attr-defined]
                     self._entry(member)
                 end = archive.offset
             self._check_end(end)
@@ -311,7 +335,7 @@ class _LayerApplier:
                 self._place(self._resolve(parts[:-1], member.name, create=True), parts[-1], node)
 
     def _clean(self, name: str, what: str) -> list[str]:
-        """``name`` as path components below the root; ``..`` cannot climb above it (``what`` names it in the warning)."""
+        """``name`` as path components below the root: ``..`` cannot climb above it (``what`` says so)."""
         parts: list[str] = []
         clamped = False
         for part in name.split("/"):
@@ -337,7 +361,9 @@ class _LayerApplier:
         """The model node for an entry, or None (with a warning) if the image must not have it."""
         mtime = int(member.mtime)
         if member.isreg():
-            sparse = None if member.sparse is None else tuple((start, length) for start, length in member.sparse)
+            # typeshed says bytes; tarfile stores (offset, size) extents
+            extents = cast("list[tuple[int, int]] | None", member.sparse)
+            sparse = None if extents is None else tuple((start, length) for start, length in extents)
             return _File(_file_mode(member.mode), mtime, self.index, member.offset_data, member.size, sparse)
         if member.isdir():
             return _Dir(_dir_mode(member.mode), mtime)
@@ -369,6 +395,12 @@ class _LayerApplier:
         raise UnsafeLayerEntry(
             f"layer {self.source.digest}: hard link {member.name!r} -> {member.linkname!r}: the target {problem}"
         )
+
+    @overload
+    def _resolve(self, parts: list[str], entry: str, *, create: Literal[True]) -> _Dir: ...
+
+    @overload
+    def _resolve(self, parts: list[str], entry: str, *, create: Literal[False]) -> _Dir | None: ...
 
     def _resolve(self, parts: list[str], entry: str, *, create: bool) -> _Dir | None:
         """The directory ``parts`` leads to, following symlinks inside the model like securejoin.

@@ -79,8 +79,8 @@ RESPONSE_FIELDS = ("id", "system", "itype", "tag", "status", "userACL", "groupAC
 
 
 def to_response(record: dict[str, Any]) -> dict[str, Any]:
-    """A record in the shape Shifter's clients read; absent fields are ``"MISSING"``."""
-    response = {name: record.get(name, "MISSING") for name in RESPONSE_FIELDS}
+    """A record in the shape Shifter's clients read; absent or empty fields are ``"MISSING"``."""
+    response = {name: "MISSING" if record.get(name) is None else record[name] for name in RESPONSE_FIELDS}
     if isinstance(response["tag"], str):
         response["tag"] = [response["tag"]]
     return response

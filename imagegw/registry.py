@@ -100,7 +100,7 @@ class ResolvedImage:
     @property
     def diff_ids(self) -> tuple[str, ...]:
         """Digests of the uncompressed layers, in layer order."""
-        return tuple(self.config.get("rootfs", {}).get("diff_ids", ()))
+        return tuple((self.config.get("rootfs") or {}).get("diff_ids") or ())
 
 
 class _Manifest(NamedTuple):
@@ -177,7 +177,11 @@ class RegistryClient:
         url = f"{self.location.url}/v2/{ref.repository}/manifests/{reference}"
         response = self._get(url, str(ref), ref.repository, {"Accept": _ACCEPT})
         if response.status_code == 404:
-            raise _not_found(response, ref)
+            codes = _error_codes(response)
+            response.close()
+            if "NAME_UNKNOWN" in codes or not self._repository_exists(ref):
+                raise ManifestUnknown(f"repository unknown: {ref}")
+            raise ManifestUnknown(f"manifest unknown: {ref}")
         self._check(response, str(ref))
         body = _read_document(response, f"manifest of {ref}")
         digest = _sha256(body)
@@ -188,6 +192,15 @@ class RegistryClient:
             raise DigestMismatch(f"manifest of {ref}: registry says its digest is {claimed}, the bytes have {digest}")
         document = _parse_json(body, f"manifest of {ref}")
         return _Manifest(_media_type(response, document, ref), digest, document)
+
+    def _repository_exists(self, ref: ImageRef) -> bool:
+        """False only when the registry says so: distribution answers MANIFEST_UNKNOWN for unknown repositories too."""
+        try:
+            response = self._get(f"{self.location.url}/v2/{ref.repository}/tags/list", str(ref), ref.repository, {})
+        except RegistryError:
+            return True
+        with response:
+            return response.status_code != 404 or "NAME_UNKNOWN" not in _error_codes(response)
 
     def _fetch_config(self, ref: ImageRef, descriptor: LayerDescriptor) -> dict[str, Any]:
         response = self.open_blob(ref.repository, descriptor.digest)
@@ -216,7 +229,9 @@ class RegistryClient:
             response = self._send(url, subject, headers)
         if response.status_code in _REDIRECT_CODES:
             response.close()
-            raise RegistryError(f"registry {self.location.host} redirected more than {_MAX_REDIRECTS} times for {subject}")
+            raise RegistryError(
+                f"registry {self.location.host} redirected more than {_MAX_REDIRECTS} times for {subject}"
+            )
         return response
 
     def _authenticated_get(self, url: str, subject: str, scope: str, headers: dict[str, str]) -> requests.Response:
@@ -268,15 +283,7 @@ class RegistryClient:
         if params.get("service"):
             query["service"] = params["service"]
         auth = (self.location.username, self.location.password) if self._has_credentials() else None
-        try:
-            response = self._session.get(realm, params=query, auth=auth, timeout=self._timeout,
-                                         verify=self._verify(realm), allow_redirects=False)
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise RegistryUnreachable(
-                f"token service {urlsplit(realm).netloc} of registry {self.location.host} unreachable: "
-                f"{self._reason(exc)} (while fetching {subject})"
-            ) from None
-        with response:
+        with self._send(realm, subject, {}, params=query, auth=auth) as response:
             if response.status_code in (401, 403):
                 raise RegistryUnauthorized(
                     f"token service of registry {self.location.host} refused "
@@ -296,13 +303,13 @@ class RegistryClient:
         verb = "denied access to" if status == 403 else "refused"
         return RegistryUnauthorized(
             f"registry {self.location.host} {verb} {subject} with {self._whose_credentials()} "
-            f"(HTTP {status}; check the image name and that the account may pull it)"
+            f"(HTTP {status}); check the image name and that the account may pull it"
         )
 
     def _whose_credentials(self) -> str:
         if self._has_credentials():
             return f"the credentials of location '{self.location.name}'"
-        return f"anonymous access (location '{self.location.name}' has no username and password)"
+        return f"anonymous access, as location '{self.location.name}' has no username and password"
 
     def _has_credentials(self) -> bool:
         return bool(self.location.username and self.location.password)
@@ -311,14 +318,18 @@ class RegistryClient:
         pair = f"{self.location.username}:{self.location.password}".encode()
         return "Basic " + base64.b64encode(pair).decode("ascii")
 
-    def _send(self, url: str, subject: str, headers: dict[str, str]) -> requests.Response:
+    def _send(self, url: str, subject: str, headers: dict[str, str], *, params: dict[str, str] | None = None,
+              auth: tuple[str | None, str | None] | None = None) -> requests.Response:
         host = urlsplit(url).netloc
         try:
-            return self._session.get(url, headers=headers, stream=True, timeout=self._timeout,
-                                     verify=self._verify(url), allow_redirects=False)
+            return self._session.get(url, headers=headers, params=params, auth=auth, stream=True,
+                                     timeout=self._timeout, verify=self._verify(url), allow_redirects=False)
         except (requests.ConnectionError, requests.Timeout) as exc:
-            who = f"registry {host}" if host == self.location.host else f"{host} (redirect target of {self.location.host})"
-            raise RegistryUnreachable(f"{who} unreachable: {self._reason(exc)} (while fetching {subject})") from None
+            who = f"registry {host}" if host == self.location.host else f"{host} (used by {self.location.host})"
+            # An untrusted certificate stays untrusted: retrying the pull cannot help.
+            untrusted = any(isinstance(cause, ssl.SSLCertVerificationError) for cause in _causes(exc))
+            error = RegistryError if untrusted else RegistryUnreachable
+            raise error(f"{who} unreachable: {self._reason(exc)} (while fetching {subject})") from None
         except requests.RequestException as exc:
             raise RegistryError(f"cannot fetch {subject} from {host}: {type(exc).__name__}") from None
 
@@ -366,6 +377,8 @@ def describe_network_error(exc: BaseException) -> str:
             return "connection reset"
         if isinstance(cause, TimeoutError):
             return "timed out"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "connection broken mid-transfer"
     return "connection failed"
 
 
@@ -392,14 +405,6 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     params = {key.lower(): quoted.replace('\\"', '"') if quoted else bare
               for key, quoted, bare in _CHALLENGE_PARAM.findall(rest)}
     return scheme.lower(), params
-
-
-def _not_found(response: requests.Response, ref: ImageRef) -> ManifestUnknown:
-    codes = _error_codes(response)
-    response.close()
-    if "NAME_UNKNOWN" in codes:
-        return ManifestUnknown(f"repository unknown: {ref}")
-    return ManifestUnknown(f"manifest unknown: {ref}")
 
 
 def _errors(response: requests.Response) -> list[dict[str, Any]]:

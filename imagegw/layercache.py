@@ -1,0 +1,332 @@
+"""The layer cache: uncompressed layer tars keyed by their blob digest.
+
+Layers are shared by all images and platforms, so a layer is downloaded once
+however many pulls want it, even at the same moment in other threads or
+processes (an ``flock`` per layer serialises them). A layer reaches its final
+name only after its compressed digest, its size and, when known, its diff_id
+have been checked; the cache never holds a partial or unverified layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import tempfile
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import requests
+import zstandard
+
+from imagegw.errors import DigestMismatch, LayerError, RegistryUnreachable
+from imagegw.registry import LayerDescriptor, RegistryClient, ResolvedImage, describe_network_error
+
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_CHUNK = 1024 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# zlib's automatic header detection (32) over the largest window (15): accepts gzip and zlib streams.
+_GZIP_WBITS = 32 + 15
+# Decompression output per call is bounded so a hostile layer (a few KiB that inflate to
+# gigabytes) cannot exhaust memory. zlib takes a limit; zstd does not, but its 128 KiB blocks
+# cap its ratio near 32768:1, so 512-byte slices of input yield at most 16 MiB (and cost ~10%
+# of throughput against 4 KiB slices).
+_MAX_OUTPUT = 4 * 1024 * 1024
+_ZSTD_SLICE = 512
+
+
+class LayerCache:
+    """Uncompressed layer tars under ``<root>/layers/sha256/<hex>.tar``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def path(self, digest: str) -> Path:
+        """Where the uncompressed tar of the layer with blob ``digest`` lives (or will)."""
+        return self.root / "layers" / "sha256" / f"{_hex(digest)}.tar"
+
+    def has(self, digest: str) -> bool:
+        """Whether the layer is cached (complete and verified: nothing else gets its name)."""
+        return self.path(digest).is_file()
+
+    def fetch(self, client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None = None,
+              progress: Callable[[int], None] | None = None) -> Path:
+        """The cached tar of ``layer``, downloaded and verified first if needed.
+
+        ``progress`` gets the number of newly downloaded (compressed) bytes after each chunk.
+        """
+        final = self.path(layer.digest)
+        if final.is_file():
+            return final
+        subject = f"{client.location.host}/{repository}"
+        try:
+            with self._locked(layer.digest):
+                # Whoever held the lock before us may have just finished this very layer.
+                if final.is_file():
+                    return final
+                self._remove_stale_partials(final)
+                self._download(client, repository, layer, diff_id, progress, final)
+        except OSError as exc:
+            raise LayerError(
+                f"cannot store layer {layer.digest} of {subject} in {self.root}: {exc.strerror or exc}"
+            ) from None
+        return final
+
+    @contextlib.contextmanager
+    def _locked(self, digest: str) -> Iterator[None]:
+        # flock (unlike lockf) binds to the open file, so it excludes other threads of this
+        # process as well as other processes. Lock files stay: deleting one would let a
+        # newcomer lock a fresh file while a waiter still holds the old one.
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        fd = os.open(locks / f"{_hex(digest)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _remove_stale_partials(final: Path) -> None:
+        # We hold the layer's lock, so any partial file of it belongs to a process that died.
+        for stale in final.parent.glob(f".{final.stem}.*.partial"):
+            stale.unlink(missing_ok=True)
+
+    @staticmethod
+    def _download(client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None,
+                  progress: Callable[[int], None] | None, final: Path) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".partial", dir=final.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                _transfer(client, repository, layer, diff_id, progress, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(partial, final)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+        _fsync_directory(final.parent)
+
+
+def fetch_layers(client: RegistryClient, image: ResolvedImage, cache: LayerCache, *, parallel: int = 3,
+                 progress: Callable[[str, int], None] | None = None) -> list[Path]:
+    """The cached tars of all of ``image``'s layers, in layer order; missing ones fetched in parallel.
+
+    ``progress(digest, new_bytes)`` is called from the download threads. On the first failure
+    the other downloads are abandoned and that failure is raised.
+    """
+    wanted = dict(zip((layer.digest for layer in image.layers), zip(image.layers, image.diff_ids, strict=True)))
+    if not wanted:
+        return []
+    failed = threading.Event()
+
+    def fetch_one(layer: LayerDescriptor, diff_id: str) -> Path:
+        def report(new_bytes: int) -> None:
+            # Raising here aborts this download (its partial file is removed) once another failed.
+            if failed.is_set():
+                raise _Abandoned()
+            if progress:
+                progress(layer.digest, new_bytes)
+        return cache.fetch(client, image.ref.repository, layer, diff_id, report)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(wanted))), thread_name_prefix="layer") as pool:
+        futures = {digest: pool.submit(fetch_one, *job) for digest, job in wanted.items()}
+        wait(futures.values(), return_when=FIRST_EXCEPTION)
+        error = _first_error(futures.values())
+        if error is not None:
+            failed.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise error
+    return [futures[layer.digest].result() for layer in image.layers]
+
+
+class _Abandoned(Exception):
+    """A download stopped because another layer of the same pull failed."""
+
+
+def _first_error(futures: Iterable[Future[Path]]) -> BaseException | None:
+    for future in futures:
+        if future.done() and not future.cancelled() and future.exception() is not None:
+            return future.exception()
+    return None
+
+
+def _transfer(client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None,
+              progress: Callable[[int], None] | None, out: BinaryIO) -> None:
+    """Stream the blob into ``out`` decompressed, then check size, digest and diff_id."""
+    subject = f"layer {layer.digest} of {client.location.host}/{repository}"
+    compressed = hashlib.sha256()
+    received = 0
+    decoder = _LayerDecoder(out)
+    with contextlib.closing(client.open_blob(repository, layer.digest)) as response:
+        try:
+            for chunk in response.iter_content(_CHUNK):
+                received += len(chunk)
+                if received > layer.size:
+                    raise DigestMismatch(
+                        f"{subject}: registry sent more than the {layer.size} bytes the manifest declares"
+                    )
+                compressed.update(chunk)
+                decoder.feed(chunk)
+                if progress:
+                    progress(len(chunk))
+        except requests.RequestException as exc:
+            raise RegistryUnreachable(f"download of {subject} interrupted: {describe_network_error(exc)}") from None
+    decoder.finish()
+    if received != layer.size:
+        raise DigestMismatch(f"{subject}: registry sent {received} bytes, the manifest declares {layer.size}")
+    if "sha256:" + compressed.hexdigest() != layer.digest:
+        raise DigestMismatch(
+            f"{subject}: downloaded bytes have digest sha256:{compressed.hexdigest()}, expected {layer.digest}"
+        )
+    # Only now: a decoding failure of bytes that are not the layer is a download problem, reported above.
+    if decoder.error is not None:
+        raise LayerError(f"{subject} is corrupt: {decoder.error}")
+    if diff_id is not None and decoder.digest != diff_id:
+        raise DigestMismatch(f"{subject}: uncompressed content has digest {decoder.digest}, expected diff_id {diff_id}")
+
+
+class _Codec(Protocol):
+    def feed(self, data: bytes, emit: Callable[[bytes], None]) -> None: ...
+
+    def finish(self, emit: Callable[[bytes], None]) -> None: ...
+
+
+class _LayerDecoder:
+    """Writes a layer's tar bytes to ``out`` and hashes them, whatever the blob's compression.
+
+    The compression is told by magic bytes, not the media type, which registries and
+    pushers get wrong. A decoding error is recorded, not raised, so the caller can first
+    tell whether the downloaded bytes are the layer at all.
+    """
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._hash = hashlib.sha256()
+        self._head = b""
+        self._codec: _Codec | None = None
+        self.error: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the uncompressed bytes: the layer's diff_id."""
+        return "sha256:" + self._hash.hexdigest()
+
+    def feed(self, data: bytes) -> None:
+        if self._codec is None:
+            self._head += data
+            if len(self._head) < len(_ZSTD_MAGIC):
+                return
+            data = self._choose_codec()
+        self._decode(data)
+
+    def finish(self) -> None:
+        if self._codec is None:  # the whole blob is shorter than the zstd magic
+            self._decode(self._choose_codec())
+        self._decode(None)
+
+    def _choose_codec(self) -> bytes:
+        """Pick the codec from the bytes held back so far, and hand those bytes over."""
+        self._codec = _codec_for(self._head)
+        head, self._head = self._head, b""
+        return head
+
+    def _decode(self, data: bytes | None) -> None:
+        """Feed ``data`` to the codec (None: the stream ended); remember the first decoding error."""
+        if self.error is not None or self._codec is None:
+            return
+        try:
+            if data is None:
+                self._codec.finish(self._emit)
+            else:
+                self._codec.feed(data, self._emit)
+        except (zlib.error, zstandard.ZstdError, _Truncated) as exc:
+            self.error = str(exc)
+
+    def _emit(self, data: bytes) -> None:
+        self._hash.update(data)
+        self._out.write(data)
+
+
+class _Truncated(Exception):
+    """The compressed stream stopped inside a gzip member or zstd frame."""
+
+
+def _codec_for(head: bytes) -> _Codec:
+    if head.startswith(_GZIP_MAGIC):
+        return _Gzip()
+    if head.startswith(_ZSTD_MAGIC):
+        return _Zstd()
+    return _Plain()
+
+
+class _Plain:
+    def feed(self, data: bytes, emit: Callable[[bytes], None]) -> None:
+        emit(data)
+
+    def finish(self, emit: Callable[[bytes], None]) -> None:
+        pass
+
+
+class _Gzip:
+    """gzip, including concatenated members (pigz and some pushers write several)."""
+
+    def __init__(self) -> None:
+        self._inflater = zlib.decompressobj(_GZIP_WBITS)
+
+    def feed(self, data: bytes, emit: Callable[[bytes], None]) -> None:
+        while data:
+            if self._inflater.eof:
+                self._inflater = zlib.decompressobj(_GZIP_WBITS)
+            emit(self._inflater.decompress(data, _MAX_OUTPUT))
+            data = self._inflater.unused_data if self._inflater.eof else self._inflater.unconsumed_tail
+
+    def finish(self, emit: Callable[[bytes], None]) -> None:
+        emit(self._inflater.flush())
+        if not self._inflater.eof:
+            raise _Truncated("gzip data ends in the middle of a member")
+
+
+class _Zstd:
+    """zstd, including several frames one after another."""
+
+    def __init__(self) -> None:
+        self._decompressor = zstandard.ZstdDecompressor()
+        self._frame = self._decompressor.decompressobj()
+
+    def feed(self, data: bytes, emit: Callable[[bytes], None]) -> None:
+        for start in range(0, len(data), _ZSTD_SLICE):
+            piece = data[start:start + _ZSTD_SLICE]
+            while piece:
+                if self._frame.eof:
+                    self._frame = self._decompressor.decompressobj()
+                emit(self._frame.decompress(piece))
+                piece = self._frame.unused_data if self._frame.eof else b""
+
+    def finish(self, emit: Callable[[bytes], None]) -> None:
+        if not self._frame.eof:
+            raise _Truncated("zstd data ends in the middle of a frame")
+
+
+def _hex(digest: str) -> str:
+    match = _DIGEST.fullmatch(digest)
+    if not match:
+        raise LayerError(f"layer digest {digest!r} is not a sha256 digest")
+    return match.group(1)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable, so a crash cannot leave a name pointing at nothing.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,267 @@
+"""Build an image's squashfs with tar2sqfs (squashfs-tools-ng), and list one back.
+
+The flattened tree is streamed into tar2sqfs through a pipe, so the image is never
+unpacked on disk; the result is listed again before anyone may use it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import tarfile
+import tempfile
+import threading
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, NamedTuple
+
+from imagegw.config import Compression
+from imagegw.errors import ImagegwError, SquashError
+from imagegw.flatten import ImageTree
+
+_STDERR_TAIL = 2000
+_MAGIC = b"hsqs"
+_SUPERBLOCK_HEAD = 22
+"""Bytes of the superblock up to and including the compressor id (a u16 at offset 20)."""
+_LZ4 = 5
+_TAR_KINDS = {tarfile.DIRTYPE: "d", tarfile.FIFOTYPE: "p", tarfile.CHRTYPE: "c", tarfile.BLKTYPE: "b"}
+
+# One line of `unsquashfs -lln -UTC`: type and permissions, uid/gid, size (or a device's
+# "major, minor"), date and time, then the path. A name may hold newlines, so a line
+# that does not look like this continues the previous path.
+_LISTING_LINE = re.compile(
+    rb"([-dlpcbs])([-rwxsStT]{9}) (\d+)/(\d+) +(\d+|\d+, *\d+) \d+-\d+-\d+ \d+:\d+ squashfs-root(/.*)?"
+)
+
+
+@dataclass(frozen=True)
+class SquashResult:
+    """A squashfs file that was built and listed back successfully."""
+
+    path: Path
+    size: int
+    """Bytes."""
+    entries: int
+    """Paths in the image, the root excluded."""
+
+
+class SquashEntry(NamedTuple):
+    """One path of a squashfs image, as ``unsquashfs -lln`` lists it."""
+
+    kind: str
+    """The ``ls`` type character: ``-`` file, ``d``, ``l``, ``p``, ``c``, ``b``, ``s``."""
+    mode: int
+    """Permission bits, setuid/setgid/sticky included."""
+    uid: int
+    gid: int
+    size: int
+    """A file's bytes, a symlink's target length in bytes; 0 for anything else."""
+    target: str | None
+    """A symlink's target."""
+
+
+def build_squashfs(tree: ImageTree, output: Path, compression: Compression, block_size: int = 131072,
+                   jobs: int | None = None, timeout: float = 3600) -> SquashResult:
+    """Write ``tree`` to the squashfs file ``output`` and check it lists back completely.
+
+    Raises :class:`SquashError` (and leaves no file at ``output``) if tar2sqfs fails, runs
+    longer than ``timeout`` seconds, or produces an image that does not list ``tree``.
+    """
+    command = _tar2sqfs_command(output, compression, block_size, jobs or os.cpu_count() or 1)
+    try:
+        _run_tar2sqfs(command, tree, timeout)
+        listed = len(list_squashfs(output, timeout))
+        if listed != tree.entries:
+            raise SquashError(f"{output} lists {listed} paths, but the image has {tree.entries}")
+        return SquashResult(output, output.stat().st_size, listed)
+    except BaseException:
+        output.unlink(missing_ok=True)
+        raise
+
+
+def list_squashfs(path: Path, timeout: float = 3600) -> dict[str, SquashEntry]:
+    """Every path of the squashfs image at ``path`` (root excluded, no leading slash)."""
+    if _compressor_id(path) == _LZ4:
+        # unsquashfs 4.5.1 refuses a metadata block whose compressed form is larger than its
+        # content, and tar2sqfs 1.2 compresses the 4-byte id table with lz4 into 5 bytes. The
+        # kernel mounts such images; squashfs-tools-ng's own reader lists them.
+        return _list_with_sqfs2tar(path, timeout)
+    return _list_with_unsquashfs(path, timeout)
+
+
+def _compressor_id(path: Path) -> int:
+    try:
+        with path.open("rb") as image:
+            superblock = image.read(_SUPERBLOCK_HEAD)
+    except OSError as exc:
+        raise SquashError(f"cannot list {path}: {exc.strerror}") from None
+    if len(superblock) < _SUPERBLOCK_HEAD or superblock[:4] != _MAGIC:
+        raise SquashError(f"cannot list {path}: not a squashfs image")
+    return int.from_bytes(superblock[20:22], "little")
+
+
+def _list_with_unsquashfs(path: Path, timeout: float) -> dict[str, SquashEntry]:
+    try:
+        listing = subprocess.run(["unsquashfs", "-lln", "-UTC", str(path)], capture_output=True,
+                                 timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SquashError(f"cannot list {path}: {exc}") from None
+    if listing.returncode != 0:
+        raise SquashError(f"cannot list {path}: unsquashfs says: {_tail(listing.stderr)}")
+    return _parse_listing(path, listing.stdout)
+
+
+def _list_with_sqfs2tar(path: Path, timeout: float) -> dict[str, SquashEntry]:
+    with tempfile.TemporaryFile() as stderr:
+        try:
+            reader = subprocess.Popen(["sqfs2tar", "--no-skip", "--no-xattr", str(path)],
+                                      stdout=subprocess.PIPE, stderr=stderr)
+        except OSError as exc:
+            raise SquashError(f"cannot list {path}: {exc}") from None
+        watchdog = threading.Timer(timeout, reader.kill)
+        watchdog.start()
+        problem = ""
+        # Leaving closes the pipe, which stops sqfs2tar if the stream was not read to its end.
+        with reader:
+            try:
+                entries = _tar_listing(reader.stdout)
+            except tarfile.TarError as exc:
+                entries, problem = {}, f"unreadable tar stream ({exc})"
+            finally:
+                watchdog.cancel()
+        stderr.seek(0)
+        if reader.returncode == -signal.SIGKILL:
+            raise SquashError(f"cannot list {path}: sqfs2tar did not finish within {timeout:g} s")
+        if reader.returncode != 0 or problem:
+            raise SquashError(f"cannot list {path}: sqfs2tar says: {_tail(stderr.read()) or problem}")
+    return entries
+
+
+def _tar_listing(stream: IO[bytes] | None) -> dict[str, SquashEntry]:
+    entries: dict[str, SquashEntry] = {}
+    with tarfile.open(fileobj=stream, mode="r|") as archive:
+        while (info := archive.next()) is not None:
+            archive.members.clear()  # type: ignore[attr-defined]  # TarFile keeps every member; images have 200k
+            # sqfs2tar writes a hard-linked file once, then links to that first name.
+            entries[info.name] = entries[info.linkname] if info.islnk() else _tar_entry(info)
+    return entries
+
+
+def _tar_entry(info: tarfile.TarInfo) -> SquashEntry:
+    if info.issym():
+        return SquashEntry("l", info.mode, info.uid, info.gid, len(os.fsencode(info.linkname)), info.linkname)
+    kind = "-" if info.isreg() else _TAR_KINDS[info.type]
+    return SquashEntry(kind, info.mode, info.uid, info.gid, info.size if kind == "-" else 0, None)
+
+
+def _tar2sqfs_command(output: Path, compression: Compression, block_size: int, jobs: int) -> list[str]:
+    command = ["tar2sqfs", "--compressor", compression.algorithm]
+    if compression.level is not None:
+        command += ["--comp-extra", f"level={compression.level}"]
+    return command + [
+        "--block-size", str(block_size), "--num-jobs", str(jobs),
+        # Owners are root and xattrs dropped already; these keep tar2sqfs's own choices the same.
+        "--defaults", "uid=0,gid=0,mode=0755", "--no-xattr",
+        # A record tar2sqfs cannot read must fail the build, not vanish from the image.
+        "--no-skip", "--force", "--quiet", str(output),
+    ]
+
+
+def _run_tar2sqfs(command: list[str], tree: ImageTree, timeout: float) -> None:
+    with tempfile.TemporaryFile() as stderr:
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                       stderr=stderr, bufsize=0)
+        except OSError as exc:
+            raise SquashError(f"cannot run tar2sqfs: {exc}") from None
+        assert process.stdin is not None  # asked for with stdin=PIPE
+        failures: list[BaseException] = []
+        # A thread feeds the pipe so that tar reading and compressing run on different cores.
+        feeder = threading.Thread(target=_feed, args=(tree, process.stdin, failures), daemon=True)
+        feeder.start()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise SquashError(f"tar2sqfs did not finish within {timeout:g} s and was stopped") from None
+        finally:
+            # Killing also unblocks the feeder: its next write to the pipe fails.
+            if process.returncode is None:
+                process.kill()
+                process.wait()
+            feeder.join()
+        stderr.seek(0)
+        _check_outcome(process.returncode, failures, _tail(stderr.read()))
+
+
+def _feed(tree: ImageTree, pipe: IO[bytes], failures: list[BaseException]) -> None:
+    try:
+        tree.write_tar(pipe)
+    except BaseException as exc:  # handed over to the thread that waits for tar2sqfs
+        failures.append(exc)
+    finally:
+        with suppress(OSError):
+            pipe.close()
+
+
+def _check_outcome(returncode: int, failures: list[BaseException], stderr: str) -> None:
+    # A broken pipe only echoes tar2sqfs stopping; any other feeder failure is the cause,
+    # even if tar2sqfs made an image from the part of the stream it got.
+    for failure in failures:
+        if isinstance(failure, ImagegwError):
+            raise failure
+        if not isinstance(failure, BrokenPipeError):
+            raise SquashError(f"feeding the image to tar2sqfs failed: {failure}") from failure
+    if returncode != 0:
+        raise SquashError(f"tar2sqfs failed (exit status {returncode}): {stderr or 'no message'}")
+    if failures:
+        raise SquashError("tar2sqfs stopped reading the image before its end")
+
+
+def _tail(stderr: bytes) -> str:
+    return stderr[-_STDERR_TAIL:].decode("utf-8", "replace").strip()
+
+
+def _parse_listing(path: Path, listing: bytes) -> dict[str, SquashEntry]:
+    records: list[list[bytes]] = []  # [type, permissions, uid, gid, size, path]
+    for line in listing.removesuffix(b"\n").split(b"\n"):
+        match = _LISTING_LINE.fullmatch(line)
+        if match:
+            records.append(list(match.groups(b"")))
+        elif records:
+            records[-1][5] += b"\n" + line
+        else:
+            raise SquashError(f"cannot list {path}: unexpected unsquashfs output {line[:200]!r}")
+    if not records or records[0][5]:
+        raise SquashError(f"cannot list {path}: unsquashfs did not list the root directory")
+    return dict(_entry(path, record) for record in records[1:])
+
+
+def _entry(path: Path, record: list[bytes]) -> tuple[str, SquashEntry]:
+    kind, permissions, uid, gid, size_field, name = record
+    size = int(size_field) if kind in b"-l" else 0
+    target = None
+    if kind == b"l":
+        # The listed size of a symlink is its target's length: that splits "name -> target"
+        # even when the name or the target contains " -> ".
+        split = len(name) - size
+        name, arrow, target_bytes = name[:split - 4], name[split - 4:split], name[split:]
+        if arrow != b" -> ":
+            raise SquashError(f"cannot list {path}: unexpected symlink line for {name!r}")
+        target = target_bytes.decode("utf-8", "surrogateescape")
+    entry = SquashEntry(kind.decode(), _mode(permissions.decode()), int(uid), int(gid), size, target)
+    return name[1:].decode("utf-8", "surrogateescape"), entry
+
+
+def _mode(permissions: str) -> int:
+    """Mode bits from an ``ls`` permission string such as ``rwsr-xr-t``."""
+    mode = 0
+    for index, special in enumerate((0o4000, 0o2000, 0o1000)):
+        read, write, execute = permissions[3 * index], permissions[3 * index + 1], permissions[3 * index + 2]
+        shift = 6 - 3 * index
+        mode |= (read == "r") << (shift + 2) | (write == "w") << (shift + 1) | (execute in "xst") << shift
+        if execute in "sStT":
+            mode |= special
+    return mode

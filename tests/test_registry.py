@@ -1,0 +1,673 @@
+"""The registry client, first against a scriptable local HTTP server, then against Debian's docker-registry."""
+
+from __future__ import annotations
+
+pytest_plugins = ["testsupport.fixtures"]
+
+import gzip
+import hashlib
+import json
+import ssl
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from imagegw.config import Location
+from imagegw.errors import (
+    DigestMismatch,
+    ManifestUnknown,
+    NoMatchingPlatform,
+    RegistryError,
+    RegistryUnauthorized,
+    RegistryUnreachable,
+    UnsupportedManifest,
+)
+from imagegw.reference import ImageRef
+from imagegw.registry import (
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    PlatformSpec,
+    RegistryClient,
+)
+from testsupport.images import LayerBuilder, push_image, push_index
+from testsupport.registry import RunningRegistry, free_port
+
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+# --------------------------------------------------------------------------- a scriptable registry
+
+
+@dataclass
+class Seen:
+    """One request the fake server received."""
+
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]  # lower-case names
+
+
+Reply = tuple[int, dict[str, str], bytes]
+
+
+def _json(status: int, document: Any, headers: dict[str, str] | None = None) -> Reply:
+    return status, {"Content-Type": "application/json", **(headers or {})}, json.dumps(document).encode()
+
+
+def registry_error(status: int, code: str, message: str) -> Reply:
+    return _json(status, {"errors": [{"code": code, "message": message}]})
+
+
+@dataclass
+class FakeRegistry:
+    """A loopback HTTP server answering GETs from ``routes`` (path → reply function) and recording them."""
+
+    routes: dict[str, Callable[[Seen], Reply]] = field(default_factory=dict)
+    seen: list[Seen] = field(default_factory=list)
+    tls: ssl.SSLContext | None = None
+
+    def __post_init__(self) -> None:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server naming
+                fake._answer(self)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        if self.tls:
+            self._server.socket = self.tls.wrap_socket(self._server.socket, server_side=True)
+        self.host = f"127.0.0.1:{self._server.server_address[1]}"
+        self.url = f"{'https' if self.tls else 'http'}://{self.host}"
+        threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True).start()
+
+    def _answer(self, handler: BaseHTTPRequestHandler) -> None:
+        parts = urlsplit(handler.path)
+        seen = Seen(parts.path, parse_qs(parts.query), {k.lower(): v for k, v in handler.headers.items()})
+        with self._lock:
+            self.seen.append(seen)
+        route = self.routes.get(parts.path)
+        status, headers, body = route(seen) if route else registry_error(404, "NOT_FOUND", "no such route")
+        headers = {"Content-Length": str(len(body)), **headers}
+        try:
+            handler.send_response(status)
+            for name, value in headers.items():
+                handler.send_header(name, value)
+            handler.end_headers()
+            handler.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the client gave up, as the timeout test wants it to
+        # A reply shorter than its Content-Length simulates a connection dropped mid-transfer.
+        if len(body) < int(headers["Content-Length"]):
+            handler.close_connection = True
+
+    def paths(self, prefix: str = "") -> list[str]:
+        with self._lock:
+            return [seen.path for seen in self.seen if seen.path.startswith(prefix)]
+
+    def serve(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.routes[path] = lambda seen: (200, dict(headers or {}), body)
+
+    def blob(self, repository: str, data: bytes) -> str:
+        digest = sha256(data)
+        self.serve(f"/v2/{repository}/blobs/{digest}", data, {"Content-Type": "application/octet-stream"})
+        return digest
+
+    def manifest(self, repository: str, tags: list[str], document: dict[str, Any] | bytes, media_type: str) -> str:
+        body = document if isinstance(document, bytes) else json.dumps(document).encode()
+        digest = sha256(body)
+        for reference in [*tags, digest]:
+            self.serve(f"/v2/{repository}/manifests/{reference}", body,
+                       {"Content-Type": media_type, "Docker-Content-Digest": digest})
+        return digest
+
+    def image(self, repository: str, tag: str | None, tars: list[bytes], *, architecture: str = "amd64",
+              variant: str | None = None, media_type: str = OCI_MANIFEST) -> FakeImage:
+        """Serve an image of gzip layers; returns what a client should resolve it to."""
+        blobs = [gzip.compress(tar, mtime=0) for tar in tars]
+        diff_ids = [sha256(tar) for tar in tars]
+        config = {"architecture": architecture, "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                  "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]}}
+        if variant:
+            config["variant"] = variant
+        config_bytes = json.dumps(config).encode()
+        layers = [{"mediaType": GZIP_LAYER, "digest": self.blob(repository, blob), "size": len(blob)}
+                  for blob in blobs]
+        manifest = {"schemaVersion": 2, "mediaType": media_type, "layers": layers,
+                    "config": {"mediaType": OCI_CONFIG, "digest": self.blob(repository, config_bytes),
+                               "size": len(config_bytes)}}
+        digest = self.manifest(repository, [tag] if tag else [], manifest, media_type)
+        return FakeImage(digest, media_type, config, blobs, diff_ids, manifest)
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@dataclass
+class FakeImage:
+    digest: str
+    media_type: str
+    config: dict[str, Any]
+    blobs: list[bytes]
+    diff_ids: list[str]
+    manifest: dict[str, Any]
+
+    def index_entry(self, os_name: str = "linux", architecture: str = "amd64", variant: str | None = None,
+                    **extra: Any) -> dict[str, Any]:
+        platform = {"os": os_name, "architecture": architecture, **({"variant": variant} if variant else {})}
+        return {"mediaType": self.media_type, "digest": self.digest,
+                "size": len(json.dumps(self.manifest)), "platform": platform, **extra}
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def tar_of(name: str, data: bytes) -> bytes:
+    return LayerBuilder().file(name, data).tar()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeRegistry]:
+    server = FakeRegistry()
+    yield server
+    server.stop()
+
+
+def location_of(server: FakeRegistry | RunningRegistry, **kwargs: Any) -> Location:
+    return Location(name="test", url=server.url, **kwargs)
+
+
+def client_for(server: FakeRegistry | RunningRegistry, **kwargs: Any) -> RegistryClient:
+    return RegistryClient(location_of(server, **kwargs), timeout=5)
+
+
+def ref_to(server: FakeRegistry | RunningRegistry, repository: str, tag: str | None = "1.0",
+           digest: str | None = None, **kwargs: Any) -> ImageRef:
+    return ImageRef(location_of(server, **kwargs), repository, tag, digest)
+
+
+# --------------------------------------------------------------------------- manifests (fake server)
+
+
+@pytest.mark.parametrize("media_type", [OCI_MANIFEST, DOCKER_MANIFEST])
+def test_resolves_a_single_manifest(fake: FakeRegistry, media_type: str) -> None:
+    built = fake.image("team/app", "1.0", [tar_of("a", b"1"), tar_of("b", b"2")], media_type=media_type)
+    with client_for(fake) as client:
+        image = client.resolve(ref_to(fake, "team/app"), PlatformSpec())
+    assert image.manifest_digest == built.digest
+    assert image.manifest_media_type == media_type
+    assert image.image_id == built.digest.removeprefix("sha256:")
+    assert image.config == built.config
+    assert image.diff_ids == tuple(built.diff_ids)
+    assert [layer.digest for layer in image.layers] == [sha256(blob) for blob in built.blobs]
+    assert [layer.size for layer in image.layers] == [len(blob) for blob in built.blobs]
+    accept = fake.seen[0].headers["accept"]
+    assert all(kind in accept for kind in (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST))
+
+
+def test_single_manifest_of_another_architecture_is_resolved(fake: FakeRegistry) -> None:
+    fake.image("x", "1.0", [tar_of("a", b"1")], architecture="ppc64le")
+    with client_for(fake) as client:
+        image = client.resolve(ref_to(fake, "x"), PlatformSpec(architecture="arm64"))
+    assert image.config["architecture"] == "ppc64le"
+
+
+def test_pull_by_digest_checks_the_bytes(fake: FakeRegistry) -> None:
+    built = fake.image("x", None, [tar_of("a", b"1")])
+    with client_for(fake) as client:
+        assert client.resolve(ref_to(fake, "x", None, built.digest), PlatformSpec()).manifest_digest == built.digest
+        other = "sha256:" + "0" * 64
+        fake.serve(f"/v2/x/manifests/{other}", json.dumps(built.manifest).encode(), {"Content-Type": OCI_MANIFEST})
+        with pytest.raises(DigestMismatch, match=f"asked for {other}"):
+            client.resolve(ref_to(fake, "x", None, other), PlatformSpec())
+
+
+def test_docker_content_digest_is_verified(fake: FakeRegistry) -> None:
+    built = fake.image("x", None, [tar_of("a", b"1")])
+    fake.serve("/v2/x/manifests/1.0", json.dumps(built.manifest).encode(),
+               {"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": "sha256:" + "1" * 64})
+    with client_for(fake) as client, pytest.raises(DigestMismatch, match=r"manifest of .*/x:1\.0"):
+        client.resolve(ref_to(fake, "x"), PlatformSpec())
+
+
+def test_config_digest_is_verified(fake: FakeRegistry) -> None:
+    built = fake.image("x", "1.0", [tar_of("a", b"1")])
+    fake.serve(f"/v2/x/blobs/{built.manifest['config']['digest']}", b'{"rootfs": {"diff_ids": []}}')
+    with client_for(fake) as client, pytest.raises(DigestMismatch, match="image config of"):
+        client.resolve(ref_to(fake, "x"), PlatformSpec())
+
+
+@pytest.mark.parametrize("media_type", ["application/vnd.docker.distribution.manifest.v1+prettyjws",
+                                        "application/vnd.docker.distribution.manifest.v1+json"])
+def test_schema1_is_refused_clearly(fake: FakeRegistry, media_type: str) -> None:
+    fake.manifest("old", ["1.0"], {"schemaVersion": 1, "name": "old", "fsLayers": []}, media_type)
+    with client_for(fake) as client, pytest.raises(UnsupportedManifest, match="schema 1"):
+        client.resolve(ref_to(fake, "old"), PlatformSpec())
+
+
+def test_non_image_artifact_is_refused(fake: FakeRegistry) -> None:
+    config = fake.blob("chart", b"{}")
+    fake.manifest("chart", ["1.0"], {"schemaVersion": 2, "layers": [], "config": {
+        "mediaType": "application/vnd.cncf.helm.config.v1+json", "digest": config, "size": 2}}, OCI_MANIFEST)
+    with client_for(fake) as client, pytest.raises(UnsupportedManifest, match="not a container image"):
+        client.resolve(ref_to(fake, "chart"), PlatformSpec())
+
+
+def test_layer_digest_that_is_not_sha256_is_refused(fake: FakeRegistry) -> None:
+    built = fake.image("x", "1.0", [tar_of("a", b"1")])
+    built.manifest["layers"][0]["digest"] = "sha256:../../../etc/passwd"
+    fake.manifest("x", ["1.0"], built.manifest, OCI_MANIFEST)
+    with client_for(fake) as client, pytest.raises(UnsupportedManifest, match="not a sha256 digest"):
+        client.resolve(ref_to(fake, "x"), PlatformSpec())
+
+
+# --------------------------------------------------------------------------- index (fake server)
+
+
+@pytest.fixture
+def multiarch(fake: FakeRegistry) -> dict[str, FakeImage]:
+    """An index of amd64, arm64/v8, arm/v7, arm/v6, ppc64le plus an attestation; tag ``multi``."""
+    images = {name: fake.image("multi", None, [tar_of("arch", name.encode())])
+              for name in ("amd64", "arm64", "armv7", "armv6", "ppc64le", "attestation")}
+    entries = [
+        images["attestation"].index_entry("unknown", "unknown", annotations={
+            "vnd.docker.reference.type": "attestation-manifest"}),
+        images["amd64"].index_entry(),
+        images["arm64"].index_entry(architecture="arm64", variant="v8"),
+        images["armv6"].index_entry(architecture="arm", variant="v6"),
+        images["armv7"].index_entry(architecture="arm", variant="v7"),
+        images["ppc64le"].index_entry(architecture="ppc64le"),
+    ]
+    fake.manifest("multi", ["multi"], {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}, OCI_INDEX)
+    return images
+
+
+@pytest.mark.parametrize(("platform", "expected"), [
+    (PlatformSpec(), "amd64"),
+    (PlatformSpec(architecture="x86_64"), "amd64"),
+    (PlatformSpec(architecture="arm64"), "arm64"),
+    (PlatformSpec(architecture="arm64", variant="v8"), "arm64"),
+    (PlatformSpec(architecture="arm", variant="v7"), "armv7"),
+    (PlatformSpec(architecture="arm"), "armv6"),  # no variant asked: the first arm entry
+    (PlatformSpec(architecture="ppc64le"), "ppc64le"),
+])
+def test_index_entry_for_the_platform(fake: FakeRegistry, multiarch: dict[str, FakeImage], platform: PlatformSpec,
+                                      expected: str) -> None:
+    with client_for(fake) as client:
+        image = client.resolve(ref_to(fake, "multi", "multi"), platform)
+    assert image.manifest_digest == multiarch[expected].digest
+    assert image.manifest_media_type == OCI_MANIFEST
+
+
+def test_index_prefers_the_entry_without_variant(fake: FakeRegistry) -> None:
+    with_variant = fake.image("arm", None, [tar_of("v", b"5")], architecture="arm", variant="v5")
+    plain = fake.image("arm", None, [tar_of("v", b"none")], architecture="arm")
+    entries = [with_variant.index_entry(architecture="arm", variant="v5"), plain.index_entry(architecture="arm")]
+    fake.manifest("arm", ["1.0"], {"schemaVersion": 2, "manifests": entries}, DOCKER_MANIFEST_LIST)
+    with client_for(fake) as client:
+        assert client.resolve(ref_to(fake, "arm"), PlatformSpec(architecture="arm")).manifest_digest == plain.digest
+
+
+def test_index_without_the_platform_lists_what_it_offers(fake: FakeRegistry, multiarch: dict[str, FakeImage]) -> None:
+    with client_for(fake) as client, pytest.raises(NoMatchingPlatform) as caught:
+        client.resolve(ref_to(fake, "multi", "multi"), PlatformSpec(architecture="riscv64"))
+    assert str(caught.value) == (
+        f"no image for linux/riscv64 in {fake.host}/multi:multi "
+        "(index offers linux/amd64, linux/arm64/v8, linux/arm/v6, linux/arm/v7, linux/ppc64le)"
+    )
+    with client_for(fake) as client, pytest.raises(NoMatchingPlatform, match="no image for linux/arm/v5 in"):
+        client.resolve(ref_to(fake, "multi", "multi"), PlatformSpec(architecture="arm", variant="v5"))
+
+
+def test_index_entry_is_fetched_by_digest_and_verified(fake: FakeRegistry) -> None:
+    built = fake.image("x", None, [tar_of("a", b"1")])
+    fake.manifest("x", ["1.0"], {"schemaVersion": 2, "manifests": [built.index_entry()]}, OCI_INDEX)
+    fake.serve(f"/v2/x/manifests/{built.digest}", b'{"schemaVersion": 2, "layers": []}', {"Content-Type": OCI_MANIFEST})
+    with client_for(fake) as client, pytest.raises(DigestMismatch):
+        client.resolve(ref_to(fake, "x"), PlatformSpec())
+
+
+# --------------------------------------------------------------------------- HTTP errors (fake server)
+
+
+@pytest.mark.parametrize(("reply", "error", "message"), [
+    (registry_error(404, "MANIFEST_UNKNOWN", "manifest unknown"), ManifestUnknown, "manifest unknown: {host}/x/y:1.0"),
+    (registry_error(404, "NAME_UNKNOWN", "repository name not known"), ManifestUnknown,
+     "repository unknown: {host}/x/y:1.0"),
+    ((404, {}, b"<html>not here</html>"), ManifestUnknown, "manifest unknown: {host}/x/y:1.0"),
+    (registry_error(503, "UNAVAILABLE", "maintenance"), RegistryUnreachable,
+     "registry {host} failed with HTTP 503 for {host}/x/y:1.0: UNAVAILABLE: maintenance"),
+    (registry_error(429, "TOOMANYREQUESTS", "slow down"), RegistryUnreachable,
+     "registry {host} is rate-limiting pulls (HTTP 429) of {host}/x/y:1.0; retry later"),
+    (registry_error(400, "NAME_INVALID", "invalid repository name"), RegistryError,
+     "registry {host} answered HTTP 400 for {host}/x/y:1.0: NAME_INVALID: invalid repository name"),
+    ((403, {}, b""), RegistryUnauthorized, "registry {host} denied access to {host}/x/y:1.0 with anonymous access"),
+])
+def test_error_replies(fake: FakeRegistry, reply: Reply, error: type[Exception], message: str) -> None:
+    fake.routes["/v2/x/y/manifests/1.0"] = lambda seen: reply
+    with client_for(fake) as client, pytest.raises(error) as caught:
+        client.resolve(ref_to(fake, "x/y"), PlatformSpec())
+    assert type(caught.value) is error
+    assert str(caught.value).startswith(message.format(host=fake.host))
+
+
+def test_nothing_listening_is_unreachable() -> None:
+    host = f"127.0.0.1:{free_port()}"
+    location = Location(name="gone", url=f"http://{host}")
+    with RegistryClient(location) as client, pytest.raises(RegistryUnreachable) as caught:
+        client.resolve(ImageRef(location, "x", "1"), PlatformSpec())
+    assert str(caught.value).startswith(f"registry {host} unreachable: connection refused")
+    assert f"{host}/x:1" in str(caught.value)
+
+
+def test_tls_registry_is_trusted_through_its_ca_file(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = FakeRegistry(tls=context)
+    try:
+        built = server.image("x", "1.0", [tar_of("a", b"1")])
+        with client_for(server) as client, pytest.raises(RegistryError) as caught:
+            client.resolve(ref_to(server, "x"), PlatformSpec())
+        assert type(caught.value) is RegistryError, "not transient: retrying cannot help"
+        assert str(caught.value).startswith(f"registry {server.host} unreachable: TLS certificate not trusted")
+        with client_for(server, cacert=str(cert)) as client:
+            assert client.resolve(ref_to(server, "x", cacert=str(cert)), PlatformSpec()).manifest_digest == built.digest
+    finally:
+        server.stop()
+
+
+def test_slow_registry_times_out(fake: FakeRegistry) -> None:
+    def slow(seen: Seen) -> Reply:
+        time.sleep(1)
+        return registry_error(404, "MANIFEST_UNKNOWN", "late")
+    fake.routes["/v2/x/manifests/1.0"] = slow
+    with RegistryClient(location_of(fake), timeout=0.2) as client, pytest.raises(RegistryUnreachable,
+                                                                                  match="no answer within 0.2 s"):
+        client.resolve(ref_to(fake, "x"), PlatformSpec())
+
+
+# --------------------------------------------------------------------------- authentication (fake server)
+
+
+def bearer_protected(fake: FakeRegistry, scope_in_challenge: bool) -> list[str]:
+    """Guard every /v2/ route by a token from /token; returns the tokens issued so far."""
+    issued: list[str] = []
+
+    def token(seen: Seen) -> Reply:
+        issued.append(f"tok{len(issued)}")
+        return _json(200, {"access_token": issued[-1], "expires_in": 60})
+    for path, route in list(fake.routes.items()):
+        def guarded(seen: Seen, route: Callable[[Seen], Reply] = route, path: str = path) -> Reply:
+            if issued and seen.headers.get("authorization") == f"Bearer {issued[-1]}":
+                return route(seen)
+            repository = path.split("/")[2]
+            challenge = f'Bearer realm="{fake.url}/token",service="fake"'
+            if scope_in_challenge:
+                challenge += f',scope="repository:{repository}:pull"'
+            return 401, {"WWW-Authenticate": challenge}, b""
+        fake.routes[path] = guarded
+    fake.routes["/token"] = token
+    return issued
+
+
+@pytest.mark.parametrize("scope_in_challenge", [True, False])
+def test_anonymous_token_flow(fake: FakeRegistry, scope_in_challenge: bool) -> None:
+    built = fake.image("x", "1.0", [tar_of("a", b"1")])
+    bearer_protected(fake, scope_in_challenge)
+    with client_for(fake) as client:
+        assert client.resolve(ref_to(fake, "x"), PlatformSpec()).manifest_digest == built.digest
+        with client.open_blob("x", sha256(built.blobs[0])) as response:
+            assert response.content == built.blobs[0]
+    token_requests = [seen for seen in fake.seen if seen.path == "/token"]
+    assert len(token_requests) == 1, "the token is cached for the repository scope"
+    assert token_requests[0].query == {"scope": ["repository:x:pull"], "service": ["fake"]}
+    assert "authorization" not in token_requests[0].headers
+
+
+def test_token_flow_with_credentials_and_refresh(fake: FakeRegistry) -> None:
+    built = fake.image("x", "1.0", [tar_of("a", b"1")])
+    issued = bearer_protected(fake, True)
+    with client_for(fake, username="alice", password="s3cr3t") as client:
+        client.resolve(ref_to(fake, "x"), PlatformSpec())
+        issued.append("rotated")  # the cached token stops working, as when it expires
+        assert client.resolve(ref_to(fake, "x"), PlatformSpec()).manifest_digest == built.digest
+    token_requests = [seen for seen in fake.seen if seen.path == "/token"]
+    assert len(token_requests) == 2
+    assert token_requests[0].headers["authorization"] == "Basic YWxpY2U6czNjcjN0"  # alice:s3cr3t
+
+
+def test_token_service_refusing_credentials(fake: FakeRegistry) -> None:
+    fake.image("x", "1.0", [tar_of("a", b"1")])
+    bearer_protected(fake, True)
+    fake.routes["/token"] = lambda seen: registry_error(401, "UNAUTHORIZED", "bad password")
+    with client_for(fake, username="alice", password="wrong-pw") as client, \
+            pytest.raises(RegistryUnauthorized) as caught:
+        client.resolve(ref_to(fake, "x"), PlatformSpec())
+    assert str(caught.value) == (f"token service of registry {fake.host} refused the credentials of "
+                                 f"location 'test' for {fake.host}/x:1.0")
+
+
+def basic_protected(fake: FakeRegistry) -> None:
+    for path, route in list(fake.routes.items()):
+        def guarded(seen: Seen, route: Callable[[Seen], Reply] = route) -> Reply:
+            if seen.headers.get("authorization") == "Basic YWxpY2U6czNjcjN0":
+                return route(seen)
+            return 401, {"WWW-Authenticate": 'Basic realm="fake"'}, b""
+        fake.routes[path] = guarded
+
+
+def test_basic_challenge(fake: FakeRegistry) -> None:
+    built = fake.image("x", "1.0", [tar_of("a", b"1")])
+    basic_protected(fake)
+    with client_for(fake, username="alice", password="s3cr3t") as client:
+        assert client.resolve(ref_to(fake, "x"), PlatformSpec()).manifest_digest == built.digest
+    assert len(fake.seen) == 3, "one 401, then the manifest and the config with the remembered credentials"
+
+
+def test_basic_challenge_without_credentials(fake: FakeRegistry) -> None:
+    fake.image("x", "1.0", [tar_of("a", b"1")])
+    basic_protected(fake)
+    with client_for(fake) as client, pytest.raises(RegistryUnauthorized) as caught:
+        client.resolve(ref_to(fake, "x"), PlatformSpec())
+    assert str(caught.value) == (f"registry {fake.host} requires credentials to pull {fake.host}/x:1.0; "
+                                 "set username and password for location 'test'")
+
+
+def test_basic_with_wrong_password_never_shows_it(fake: FakeRegistry) -> None:
+    fake.image("x", "1.0", [tar_of("a", b"1")])
+    basic_protected(fake)
+    with client_for(fake, username="alice", password="hunter2") as client, \
+            pytest.raises(RegistryUnauthorized) as caught:
+        client.resolve(ref_to(fake, "x"), PlatformSpec())
+    assert "the credentials of location 'test'" in str(caught.value)
+    assert "hunter2" not in str(caught.value) and "alice" not in str(caught.value)
+
+
+def test_basic_location_sends_credentials_first(fake: FakeRegistry) -> None:
+    fake.image("x", "1.0", [tar_of("a", b"1")])
+    basic_protected(fake)
+    with client_for(fake, auth_method="basic", username="alice", password="s3cr3t") as client:
+        client.resolve(ref_to(fake, "x"), PlatformSpec())
+    assert len(fake.seen) == 2, "no 401 round trip"
+
+
+# --------------------------------------------------------------------------- redirects (fake servers)
+
+
+def test_blob_redirect_drops_authorization(fake: FakeRegistry) -> None:
+    store = FakeRegistry()
+    try:
+        data = b"layer bytes"
+        digest = store.blob("x", data)
+        fake.routes[f"/v2/x/blobs/{digest}"] = lambda seen: (307, {"Location": f"{store.url}/v2/x/blobs/{digest}"}, b"")
+        fake.routes["/v2/x/manifests/1.0"] = lambda seen: registry_error(404, "MANIFEST_UNKNOWN", "")
+        basic_protected(fake)
+        with client_for(fake, auth_method="basic", username="alice", password="s3cr3t") as client:
+            with client.open_blob("x", digest) as response:
+                assert response.content == data
+    finally:
+        store.stop()
+    assert fake.seen[0].headers["authorization"].startswith("Basic ")
+    assert [seen.path for seen in store.seen] == [f"/v2/x/blobs/{digest}"]
+    assert "authorization" not in store.seen[0].headers
+
+
+def test_relative_redirects_are_followed_up_to_five_times(fake: FakeRegistry) -> None:
+    data = b"bytes"
+    digest = sha256(data)
+    for hop in range(5):
+        fake.routes[f"/hop{hop}"] = lambda seen, hop=hop: (302, {"Location": f"/hop{hop + 1}"}, b"")
+    fake.serve("/hop5", data)
+    fake.routes[f"/v2/x/blobs/{digest}"] = lambda seen: (302, {"Location": "/hop1"}, b"")
+    with client_for(fake) as client, client.open_blob("x", digest) as response:
+        assert response.content == data
+    fake.routes[f"/v2/x/blobs/{digest}"] = lambda seen: (302, {"Location": "/hop0"}, b"")
+    with client_for(fake) as client, pytest.raises(RegistryError, match="redirected more than 5 times"):
+        client.open_blob("x", digest)
+
+
+def test_missing_blob(fake: FakeRegistry) -> None:
+    digest = "sha256:" + "2" * 64
+    fake.routes[f"/v2/x/blobs/{digest}"] = lambda seen: registry_error(404, "BLOB_UNKNOWN", "blob unknown to registry")
+    with client_for(fake) as client, pytest.raises(RegistryError) as caught:
+        client.open_blob("x", digest)
+    assert str(caught.value) == f"blob {digest} is missing from {fake.host}/x (BLOB_UNKNOWN: blob unknown to registry)"
+
+
+# --------------------------------------------------------------------------- the real registry
+
+
+def unique(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.parametrize("media", ["oci", "docker"])
+def test_real_registry_manifest(registry: RunningRegistry, media: str) -> None:
+    repository = unique("test/app")
+    built = push_image(registry, repository, "1.0", [LayerBuilder().file("etc/hello", b"hi\n")], media=media,
+                       env=["A=1"], entrypoint=["/bin/sh"], cmd=["-c", "true"], workdir="/srv", labels={"k": "v"})
+    with client_for(registry) as client:
+        image = client.resolve(ref_to(registry, repository), PlatformSpec())
+    assert image.manifest_digest == built.manifest_digest
+    assert image.manifest_media_type == built.manifest_media_type
+    assert image.config == built.config
+    assert image.config["config"]["WorkingDir"] == "/srv"
+    assert list(image.diff_ids) == built.diff_ids
+    assert [layer.digest for layer in image.layers] == built.layer_digests
+
+
+@pytest.mark.parametrize("media", ["oci", "docker"])
+def test_real_registry_index(registry: RunningRegistry, media: str) -> None:
+    repository = unique("test/multi")
+    amd64 = push_image(registry, repository, None, [LayerBuilder().file("arch", b"amd64")], media=media)
+    arm64 = push_image(registry, repository, None, [LayerBuilder().file("arch", b"arm64")], media=media,
+                       architecture="arm64", variant="v8")
+    index_digest = push_index(registry, repository, "1.0", [amd64, arm64], media=media)
+    with client_for(registry) as client:
+        assert client.resolve(ref_to(registry, repository), PlatformSpec()).manifest_digest == amd64.manifest_digest
+        for platform in (PlatformSpec(architecture="arm64"), PlatformSpec(architecture="arm64", variant="v8")):
+            assert client.resolve(ref_to(registry, repository), platform).manifest_digest == arm64.manifest_digest
+        by_digest = client.resolve(ref_to(registry, repository, None, index_digest), PlatformSpec())
+        assert by_digest.manifest_digest == amd64.manifest_digest
+        with pytest.raises(NoMatchingPlatform) as caught:
+            client.resolve(ref_to(registry, repository), PlatformSpec(architecture="ppc64le"))
+    assert str(caught.value) == (f"no image for linux/ppc64le in {registry.host}/{repository}:1.0 "
+                                 "(index offers linux/amd64, linux/arm64/v8)")
+
+
+def test_real_registry_pull_by_digest(registry: RunningRegistry) -> None:
+    repository = unique("test/digest")
+    built = push_image(registry, repository, None, [LayerBuilder().file("f", b"by digest")])
+    with client_for(registry) as client:
+        image = client.resolve(ref_to(registry, repository, None, built.manifest_digest), PlatformSpec())
+    assert image.manifest_digest == built.manifest_digest
+    assert str(image.ref) == f"{registry.host}/{repository}@{built.manifest_digest}"
+
+
+def test_real_registry_unknown_tag_and_repository(registry: RunningRegistry) -> None:
+    repository = unique("test/known")
+    push_image(registry, repository, "1.0", [LayerBuilder().file("f", b"known")])
+    with client_for(registry) as client:
+        with pytest.raises(ManifestUnknown) as unknown_tag:
+            client.resolve(ref_to(registry, repository, "2.0"), PlatformSpec())
+        with pytest.raises(ManifestUnknown) as unknown_repository:
+            client.resolve(ref_to(registry, "test/never-pushed"), PlatformSpec())
+    assert str(unknown_tag.value) == f"manifest unknown: {registry.host}/{repository}:2.0"
+    assert str(unknown_repository.value) == f"repository unknown: {registry.host}/test/never-pushed:1.0"
+
+
+def test_real_registry_stopped(tmp_path_factory: pytest.TempPathFactory) -> None:
+    own = RunningRegistry.start(tmp_path_factory.mktemp("stopped-registry"))
+    try:
+        push_image(own, "test/app", "1.0", [LayerBuilder().file("f", b"x")])
+        with client_for(own) as client:
+            client.resolve(ref_to(own, "test/app"), PlatformSpec())
+            own.stop()
+            with pytest.raises(RegistryUnreachable) as caught:
+                client.resolve(ref_to(own, "test/app"), PlatformSpec())
+    finally:
+        own.stop()
+    assert str(caught.value).startswith(f"registry {own.host} unreachable: connection refused")
+
+
+def test_real_basic_registry(basic_registry: RunningRegistry) -> None:
+    repository = unique("test/private")
+    built = push_image(basic_registry, repository, "1.0", [LayerBuilder().file("f", b"private")])
+    user, password = basic_registry.credentials or ("", "")
+    with client_for(basic_registry, username=user, password=password) as client:
+        image = client.resolve(ref_to(basic_registry, repository), PlatformSpec())
+        with client.open_blob(repository, image.layers[0].digest) as response:
+            assert sha256(response.content) == built.layer_digests[0]
+    assert image.manifest_digest == built.manifest_digest
+    with client_for(basic_registry) as client, pytest.raises(RegistryUnauthorized, match="requires credentials"):
+        client.resolve(ref_to(basic_registry, repository), PlatformSpec())
+    with client_for(basic_registry, username=user, password="not-" + password) as client, \
+            pytest.raises(RegistryUnauthorized) as caught:
+        client.resolve(ref_to(basic_registry, repository), PlatformSpec())
+    assert password not in str(caught.value)
+
+
+def test_real_token_registry(token_registry: RunningRegistry) -> None:
+    assert token_registry.token_server is not None
+    repository = unique("test/tokens")
+    built = push_image(token_registry, repository, "1.0", [LayerBuilder().file("f", b"token")])
+    issued_before = len(token_registry.token_server.requests)
+    with client_for(token_registry) as client:
+        image = client.resolve(ref_to(token_registry, repository), PlatformSpec())
+        with client.open_blob(repository, image.layers[0].digest) as response:
+            assert sha256(response.content) == built.layer_digests[0]
+    assert image.manifest_digest == built.manifest_digest
+    assert token_registry.token_server.requests[issued_before:] == [(None, f"repository:{repository}:pull")]
+    user, password = token_registry.credentials or ("", "")
+    with client_for(token_registry, username=user, password=password) as client:
+        image = client.resolve(ref_to(token_registry, repository), PlatformSpec())
+    assert image.manifest_digest == built.manifest_digest
+    assert token_registry.token_server.requests[-1] == (user, f"repository:{repository}:pull")
+    with client_for(token_registry, username=user, password="not-" + password) as client, \
+            pytest.raises(RegistryUnauthorized) as caught:
+        client.resolve(ref_to(token_registry, repository), PlatformSpec())
+    assert str(caught.value) == (f"token service of registry {token_registry.host} refused the credentials of "
+                                 f"location 'test' for {token_registry.host}/{repository}:1.0")
