@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["testsupport.fixtures"]
-
 import gzip
 import re
 import subprocess
@@ -25,7 +23,7 @@ from imagegw.reference import ImageRef
 from imagegw.registry import LayerDescriptor, PlatformSpec, RegistryClient, ResolvedImage
 from testsupport.images import LayerBuilder, push_image
 from testsupport.registry import RunningRegistry
-from tests.test_registry import FakeRegistry, Reply, Seen, registry_error, sha256
+from tests.fake_registry import FakeRegistry, Reply, Seen, registry_error, sha256
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
