@@ -105,7 +105,9 @@ def _prepare_prefect(settings: Settings, *, verbose: bool) -> None:
     """Keep Prefect's state under the gateway's state directory unless the operator chose otherwise."""
     os.environ.setdefault("PREFECT_HOME", str(settings.state_dir / "prefect"))
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    # A gateway host is usually offline; telemetry would only time out (and print a notice).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     # A first ephemeral start runs the database migrations, which can take ~20 s on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -8,6 +8,7 @@ os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="imagegw-test-prefect-")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_PROFILE", None)
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
 os.environ["PREFECT_API_BLOCKS_REGISTER_ON_START"] = "false"
 os.environ.pop("IMAGEGW_MONGODB_URI", None)

@@ -226,3 +226,53 @@ def test_registry_down_fails_after_retries_with_a_clear_message(gateway: Gateway
     assert state.is_failed()
     assert "unreachable" in record["status_message"] and host in record["status_message"]
     assert published_files(gateway) == []
+
+
+def test_hostile_entries_stay_inside_the_image(gateway: Gateway) -> None:
+    import tarfile
+
+    escape = tarfile.TarInfo("../../escaped-by-name")
+    escape.size = 3
+    layers = [
+        LayerBuilder().symlink("etc", "/host").raw(escape, b"bad").file("etc/passwd", b"root:x:0:0\n")
+        .chardev("dev/mem").file("secret", b"s", 0o600).dir("private", 0o700),
+        LayerBuilder().symlink("up", "../..").file("up/escaped-by-link", b"bad"),
+    ]
+    built = push_image(gateway.registry, "test/hostile", "1", layers)
+
+    state, record = pull(gateway, gateway.image("test/hostile:1"))
+
+    assert state.is_completed(), record["status_message"]
+    tree = read_tree(gateway.image_dir / f"{built.manifest_digest.removeprefix('sha256:')}.squashfs")
+    assert tree["host/passwd"].data == b"root:x:0:0\n" and tree["etc"].target == "/host"
+    assert tree["escaped-by-name"].data == b"bad" and tree["escaped-by-link"].data == b"bad"
+    assert "dev/mem" not in tree
+    assert tree["secret"].mode == 0o644 and tree["private"].mode == 0o755
+    outside = [path for path in gateway.root.parent.rglob("escaped-*")]
+    assert outside == []
+
+
+def test_credentials_from_the_configuration_open_a_basic_auth_registry(gateway: Gateway, basic_registry) -> None:
+    user, password = basic_registry.credentials
+    push_image(basic_registry, "private/app", "1", [LayerBuilder().file("p", b"p")])
+    host = basic_registry.host
+
+    gateway.write_config(Locations={host: {"url": basic_registry.url, "username": "nobody", "password": "x"}})
+    refused_state, refused = pull(gateway, f"{host}/private/app:1")
+    gateway.write_config(Locations={host: {"url": basic_registry.url, "username": user, "password": password}})
+    state, record = pull(gateway, f"{host}/private/app:1")
+
+    assert refused_state.is_failed() and refused["status"] == "FAILURE"
+    assert host in refused["status_message"] and password not in refused["status_message"]
+    assert state.is_completed() and record["status"] == "READY"
+
+
+def test_token_registry_is_pulled_through_the_anonymous_bearer_flow(gateway: Gateway, token_registry) -> None:
+    push_image(token_registry, "public/app", "1", [LayerBuilder().file("t", b"t")])
+    host = token_registry.host
+    gateway.write_config(Locations={host: {"url": token_registry.url}})
+
+    state, record = pull(gateway, f"{host}/public/app:1")
+
+    assert state.is_completed(), record["status_message"]
+    assert any(user is None for user, _ in token_registry.token_server.requests)
