@@ -68,12 +68,28 @@ class TransferError(ImagegwError):
     """Publishing the image into the platform's image directory failed."""
 
 
-class IndexUnavailable(ImagegwError):
+class ServiceUnavailable(ImagegwError):
+    """A service the gateway needs (munged, MongoDB, Prefect) is down."""
+
+
+class IndexUnavailable(ServiceUnavailable):
     """The MongoDB image index cannot be reached."""
 
 
 class ImageNotFound(ImagegwError):
-    """No image record matches the request."""
+    """No image record matches the request (or the caller may not see it)."""
+
+
+class AuthenticationFailed(ImagegwError):
+    """A bad, expired, replayed or missing credential."""
+
+
+class Forbidden(ImagegwError):
+    """The caller is authenticated but may not do this (e.g. an admin-only call)."""
+
+
+class BadRequest(ImagegwError):
+    """A request body or parameter the gateway cannot use."""
 
 
 TRANSIENT_ERRORS = (RegistryUnreachable, TransferError, IndexUnavailable)
