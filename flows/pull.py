@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,9 +13,10 @@ from prefect import flow
 
 from imagegw.config import Settings, load_settings
 from imagegw.database import open_index
-from imagegw.index import PullKey
-from imagegw.job import plan_pull, pull_key
-from tasks.index import find_published, index
+from imagegw.errors import ImagegwError
+from imagegw.index import HEARTBEAT_INTERVAL, PullKey
+from imagegw.job import pull_key
+from tasks.index import index, is_ready, plan, settle_access
 from tasks.pull import pull, resolve
 from tasks.squash import squash
 from tasks.transfer import transfer
@@ -25,16 +27,19 @@ from tasks.unpack import unpack
 def pull_image(image: str, platform: str, config: str | None = None) -> dict[str, Any]:
     """Pull an image from its registry and publish it as a squashfs on one platform."""
     settings = load_settings(config)
-    job = plan_pull(settings, pull_key(platform, image))
-    with failure_recorded(settings, job.key), scratch_directory(settings) as scratch:
+    settings.platform(platform)
+    key = pull_key(platform, image)
+    with failure_recorded(settings, key), heartbeat(settings, key), scratch_directory(settings) as scratch:
+        job = plan(settings, key)
         manifest = resolve(job)
-        published = find_published(job, manifest)
-        if published is None:  # an unchanged digest skips straight to the index
+        access = settle_access(job, manifest)
+        squashfs = None
+        if not is_ready(job, manifest):  # an unchanged digest is neither downloaded nor converted again
             layers = pull(job, manifest)
             tree = unpack(job, manifest, layers)
             squashfs = squash(job, tree, scratch)
-            published = transfer(job, manifest, squashfs)
-        return index(job, manifest, published)
+        published = transfer(job, manifest, access, squashfs)
+        return index(job, manifest, published, access)
 
 
 @contextmanager
@@ -45,6 +50,27 @@ def failure_recorded(settings: Settings, key: PullKey) -> Iterator[None]:
     except Exception as exc:
         open_index(settings).fail_pull(key, str(exc) or type(exc).__name__)
         raise
+
+
+@contextmanager
+def heartbeat(settings: Settings, key: PullKey) -> Iterator[None]:
+    """Beat the pull record while the flow runs, so a pull whose run died is seen as stale."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_INTERVAL):
+            try:
+                open_index(settings).beat(key)
+            except ImagegwError:
+                continue
+
+    beater = threading.Thread(target=beat, name=f"heartbeat {key.tag}", daemon=True)
+    beater.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beater.join()
 
 
 @contextmanager

@@ -13,6 +13,8 @@ Two collections keep what the runtime reads apart from work in progress:
 from __future__ import annotations
 
 import time
+import uuid
+from datetime import UTC, datetime
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -22,8 +24,9 @@ from typing import Any
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from imagegw.credentials import RegistryLogin
 from imagegw.errors import IndexUnavailable
 
 
@@ -86,12 +89,48 @@ def to_response(record: dict[str, Any]) -> dict[str, Any]:
     return response
 
 
+@dataclass(frozen=True)
+class Access:
+    """Who may read an image: everyone, or (private) the listed uids and gids."""
+
+    private: bool = False
+    user_acl: tuple[int, ...] = ()
+    group_acl: tuple[int, ...] = ()
+
+    def allows(self, uid: int, gids: frozenset[int]) -> bool:
+        return not self.private or uid in self.user_acl or not gids.isdisjoint(self.group_acl)
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> Access:
+        return cls(bool(record.get("private")), tuple(record.get("userACL") or ()),
+                   tuple(record.get("groupACL") or ()))
+
+    def fields(self) -> dict[str, Any]:
+        return {"private": self.private, "userACL": list(self.user_acl), "groupACL": list(self.group_acl)}
+
+
+PUBLIC = Access()
+
+ACTIVE_STATES = (Status.INIT, Status.PENDING, Status.PULLING, Status.EXAMINATION, Status.CONVERSION,
+                 Status.TRANSFER)
+QUEUED_STATES = (Status.INIT, Status.PENDING)
+# A running flow beats its pull record's heartbeat every HEARTBEAT_INTERVAL s; a record silent for
+# STALE_RUNNING s belongs to a run that died. A queued pull waits for a worker, which may take long.
+HEARTBEAT_INTERVAL = 30
+STALE_RUNNING = 180
+STALE_QUEUED = 3600
+# Registry logins wait here for the flow run that needs them, and no longer than this.
+LOGIN_LIFETIME = 3600
+
+
 class ImageIndex:
     """Reads and writes image and pull records; every call may raise IndexUnavailable."""
 
     def __init__(self, database: Database, expiration_timeout: int) -> None:
         self._images: Collection = database["images"]
         self._pulls: Collection = database["pulls"]
+        self._logins: Collection = database["pull_logins"]
+        self._metrics: Collection = database["metrics"]
         self._expiration_timeout = expiration_timeout
 
     def ensure_indexes(self) -> None:
@@ -102,18 +141,46 @@ class ImageIndex:
             self._images.create_index([("status", ASCENDING), ("expiration", ASCENDING)])
             self._pulls.create_index(
                 [("system", ASCENDING), ("itype", ASCENDING), ("tag", ASCENDING)], unique=True)
+            self._logins.create_index(
+                [("system", ASCENDING), ("itype", ASCENDING), ("tag", ASCENDING)], unique=True)
+            self._logins.create_index("created", expireAfterSeconds=LOGIN_LIFETIME)
+            self._metrics.create_index([("system", ASCENDING), ("time", ASCENDING)])
 
-    def begin_pull(self, key: PullKey) -> dict[str, Any]:
-        """File a pull as INIT, then PENDING: queued for a flow run."""
+    # -- pulls ------------------------------------------------------------------------------------
+
+    def claim_pull(self, key: PullKey, access: Access = PUBLIC) -> tuple[dict[str, Any], bool]:
+        """File a new pull as INIT unless one is already running; (record, whether this call claimed it).
+
+        Any number of concurrent callers: exactly one claims. A pull whose run died (its record
+        silent past the stale limits) can be claimed again.
+        """
         now = time.time()
+        claimable = {**key.query(), "$or": [
+            {"status": {"$nin": [state.value for state in ACTIVE_STATES]}},
+            {"status": {"$in": [state.value for state in QUEUED_STATES]}, "heartbeat": {"$lt": now - STALE_QUEUED}},
+            {"status": {"$nin": [state.value for state in QUEUED_STATES]}, "heartbeat": {"$lt": now - STALE_RUNNING}},
+        ]}
+        claim = {"$set": {"status": Status.INIT.value, "status_message": "Pull requested", "id": "MISSING",
+                          "last_pull": now, "heartbeat": now, "pull_id": uuid.uuid4().hex, **access.fields()},
+                 "$unset": {"flow_run_id": ""}}
+        try:
+            with _index_errors(duplicates_allowed=True):
+                record = self._pulls.find_one_and_update(claimable, claim, upsert=True,
+                                                         return_document=ReturnDocument.AFTER)
+            return record, True
+        except DuplicateKeyError:
+            # The record exists and is not claimable: somebody's pull is running.
+            return self.pull_record(key) or {**key.query(), "status": Status.PENDING.value}, False
+
+    def mark_queued(self, key: PullKey, flow_run_id: str) -> dict[str, Any]:
+        """A flow run was created for the pull: PENDING until a worker starts it."""
         with _index_errors():
-            self._pulls.update_one(
-                key.query(),
-                {"$set": {"status": Status.INIT.value, "status_message": "Pull requested",
-                          "id": "MISSING", "last_pull": now, "heartbeat": now}},
-                upsert=True,
-            )
-        return self.set_stage(key, Status.PENDING, "Waiting for a flow run")
+            return self._pulls.find_one_and_update(
+                {**key.query(), "status": Status.INIT.value},
+                {"$set": {"status": Status.PENDING.value, "status_message": "Waiting for a worker",
+                          "flow_run_id": flow_run_id, "heartbeat": time.time()}},
+                return_document=ReturnDocument.AFTER,
+            ) or self.pull_record(key) or {}
 
     def set_stage(self, key: PullKey, status: Status, message: str) -> dict[str, Any]:
         """Record the stage a pull has reached (creating the pull record if a flow started it)."""
@@ -127,20 +194,79 @@ class ImageIndex:
             )
         return record
 
+    def beat(self, key: PullKey) -> None:
+        """Show that the pull's run is alive."""
+        with _index_errors():
+            self._pulls.update_one(key.query(), {"$set": {"heartbeat": time.time()}})
+
     def fail_pull(self, key: PullKey, message: str) -> dict[str, Any]:
         """Mark a pull FAILURE with a message the user can act on."""
         return self.set_stage(key, Status.FAILURE, message)
 
-    def publish(self, key: PullKey, facts: ImageFacts) -> dict[str, Any]:
+    def requested_access(self, key: PullKey) -> Access:
+        """The access the pull's requester asked for (public when the pull was not requested privately)."""
+        record = self.pull_record(key)
+        return Access.of(record) if record else PUBLIC
+
+    def pull_record(self, key: PullKey) -> dict[str, Any] | None:
+        """The latest pull record of a tag, if it was ever pulled."""
+        return self._first(self._pulls, key.query())
+
+    def pulls_in_progress(self, system: str) -> list[dict[str, Any]]:
+        """Pulls of a system that are queued, running or failed."""
+        with _index_errors():
+            return list(self._pulls.find({"system": system, "status": {"$nin": [Status.READY.value,
+                                                                                  Status.EXPIRED.value]}}))
+
+    def clear_failures(self, system: str, older_than: float) -> int:
+        """Forget FAILURE pulls whose last attempt is older than ``older_than`` (epoch)."""
+        with _index_errors():
+            return self._pulls.delete_many({"system": system, "status": Status.FAILURE.value,
+                                            "heartbeat": {"$lt": older_than}}).deleted_count
+
+    # -- registry logins for private pulls -------------------------------------------------------
+
+    def store_login(self, key: PullKey, login: RegistryLogin) -> None:
+        """Keep a requester's registry login until the pull's run takes it (at most LOGIN_LIFETIME s)."""
+        with _index_errors():
+            self._logins.replace_one(key.query(), {**key.query(), "username": login.username,
+                                                   "password": login.password, "created": datetime.now(UTC)},
+                                     upsert=True)
+
+    def take_login(self, key: PullKey) -> RegistryLogin | None:
+        """The stored login for a pull, removed from the database as it is read."""
+        with _index_errors():
+            document = self._logins.find_one_and_delete(key.query())
+        return RegistryLogin(document["username"], document["password"]) if document else None
+
+    # -- images -----------------------------------------------------------------------------------
+
+    def settle_access(self, system: str, image_id: str, requested: Access) -> Access:
+        """Who may read an image once this pull publishes it.
+
+        Bytes anyone could pull stay public: a public request, or an image already public,
+        is public. Two private pulls of one image share it: their ACLs are joined.
+        """
+        existing = self._first(self._images, {"system": system, "id": image_id,
+                                              "status": Status.READY.value})
+        if not requested.private:
+            return PUBLIC
+        if existing is None:
+            return requested
+        held = Access.of(existing)
+        if not held.private:
+            return PUBLIC
+        return Access(True, tuple(sorted({*held.user_acl, *requested.user_acl})),
+                      tuple(sorted({*held.group_acl, *requested.group_acl})))
+
+    def publish(self, key: PullKey, facts: ImageFacts, access: Access = PUBLIC) -> dict[str, Any]:
         """Record a finished image as READY under the pull's tag and close the pull."""
         now = time.time()
         fields = {
             "itype": key.itype,
             "status": Status.READY.value,
             "status_message": "Image ready",
-            "userACL": [],
-            "groupACL": [],
-            "private": False,
+            **access.fields(),
             "format": "squashfs",
             "ENV": facts.env,
             "ENTRY": facts.entry,
@@ -180,14 +306,42 @@ class ImageIndex:
         """The READY image a tag names on a system, if any."""
         return self._first(self._images, {**key.query(), "status": Status.READY.value})
 
-    def pull_record(self, key: PullKey) -> dict[str, Any] | None:
-        """The latest pull record of a tag, if it was ever pulled."""
-        return self._first(self._pulls, key.query())
+    def renew(self, system: str, image_id: str) -> None:
+        """Push an image's expiration out again: somebody still uses it."""
+        with _index_errors():
+            self._images.update_one({"system": system, "id": image_id},
+                                    {"$set": {"expiration": time.time() + self._expiration_timeout}})
 
     def list_images(self, system: str) -> list[dict[str, Any]]:
         """All READY images of a system."""
         with _index_errors():
             return list(self._images.find({"system": system, "status": Status.READY.value}).sort("last_pull", -1))
+
+    def due_for_expiry(self, system: str, now: float) -> list[dict[str, Any]]:
+        """READY images of a system whose expiration has passed."""
+        with _index_errors():
+            return list(self._images.find({"system": system, "status": Status.READY.value,
+                                           "expiration": {"$lt": now}}))
+
+    def set_image_status(self, system: str, image_id: str, status: Status, message: str) -> None:
+        """Move a finished image to EXPIRING or EXPIRED (lookups then no longer find it)."""
+        with _index_errors():
+            self._images.update_one({"system": system, "id": image_id},
+                                    {"$set": {"status": status.value, "status_message": message}})
+
+    # -- metrics ----------------------------------------------------------------------------------
+
+    def record_lookup(self, system: str, itype: str, tag: str, image_id: str, uid: int, user: str | None) -> None:
+        """One metrics row per lookup, as Shifter's ``/api/metrics`` reports them."""
+        with _index_errors():
+            self._metrics.insert_one({"user": user, "uid": uid, "system": system, "type": itype, "tag": tag,
+                                      "id": image_id, "time": time.time()})
+
+    def recent_lookups(self, system: str, limit: int) -> list[dict[str, Any]]:
+        """The latest ``limit`` metrics rows of a system, newest first."""
+        with _index_errors():
+            rows = self._metrics.find({"system": system}, {"_id": False}).sort("time", -1).limit(limit)
+            return list(rows)
 
     @staticmethod
     def _first(collection: Collection, query: dict[str, Any]) -> dict[str, Any] | None:
@@ -197,9 +351,13 @@ class ImageIndex:
 
 
 @contextmanager
-def _index_errors() -> Iterator[None]:
+def _index_errors(duplicates_allowed: bool = False) -> Iterator[None]:
     """Translate pymongo's failures into the gateway's vocabulary."""
     try:
         yield
+    except DuplicateKeyError:
+        if duplicates_allowed:
+            raise
+        raise IndexUnavailable("the image index (MongoDB) refused a duplicate record") from None
     except PyMongoError as exc:
         raise IndexUnavailable(f"the image index (MongoDB) is unavailable: {exc}") from None

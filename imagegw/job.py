@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from imagegw.config import Platform, Settings
+from imagegw.credentials import RegistryLogin
 from imagegw.errors import BadImageReference
-from imagegw.index import ImageFacts, PullKey
+from imagegw.index import PUBLIC, Access, ImageFacts, PullKey
 from imagegw.meta import render_meta
 from imagegw.reference import ImageRef, normalize_tag, parse_image_reference
 from imagegw.registry import PlatformSpec, ResolvedImage
@@ -23,6 +24,9 @@ class PullJob:
     platform: Platform
     key: PullKey
     ref: ImageRef
+    """The image, its location carrying the requester's registry login when one was given."""
+    access: Access = PUBLIC
+    """Who the requester asked to be able to read the image."""
 
     @property
     def wanted_platform(self) -> PlatformSpec:
@@ -36,11 +40,17 @@ def pull_key(platform: str, image: str, itype: str = "docker") -> PullKey:
     return PullKey(system=platform, itype=itype, tag=normalize_tag(image))
 
 
-def plan_pull(settings: Settings, key: PullKey) -> PullJob:
-    """Resolve the platform and the image name against the configuration."""
+def plan_pull(settings: Settings, key: PullKey, login: RegistryLogin | None = None,
+              access: Access = PUBLIC) -> PullJob:
+    """Resolve the platform and the image name against the configuration.
+
+    A requester's registry login replaces the configured one for the image's location.
+    """
     platform = settings.platform(key.system)
     ref = parse_image_reference(key.tag, settings.locations, settings.default_location)
-    return PullJob(settings=settings, platform=platform, key=key, ref=ref)
+    if login is not None:
+        ref = replace(ref, location=replace(ref.location, username=login.username, password=login.password))
+    return PullJob(settings=settings, platform=platform, key=key, ref=ref, access=access)
 
 
 def image_facts(image: ResolvedImage, size: int) -> ImageFacts:
@@ -63,11 +73,11 @@ def image_facts(image: ResolvedImage, size: int) -> ImageFacts:
     )
 
 
-def image_meta(image: ResolvedImage) -> str:
-    """The ``.meta`` text the runtime reads beside the image."""
+def image_meta(image: ResolvedImage, access: Access) -> str:
+    """The ``.meta`` text the runtime reads beside the image (with the ACL of a private image)."""
     config = _runtime_config(image)
     return render_meta(env=config.get("Env") or [], entry=config.get("Entrypoint"), cmd=config.get("Cmd"),
-                       workdir=config.get("WorkingDir"))
+                       workdir=config.get("WorkingDir"), user_acl=access.user_acl, group_acl=access.group_acl)
 
 
 def _runtime_config(image: ResolvedImage) -> dict[str, Any]:

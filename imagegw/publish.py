@@ -40,12 +40,17 @@ def is_published(image_dir: Path, image_id: str) -> bool:
     return all(path.is_file() for path in published_paths(image_dir, image_id))
 
 
-def publish_local(squashfs: Path, meta_text: str, image_dir: Path, image_id: str) -> PublishedImage:
-    """Move a built squashfs and write its ``.meta`` into ``image_dir`` under their final names."""
+def publish_local(squashfs: Path | None, meta_text: str, image_dir: Path, image_id: str) -> PublishedImage:
+    """Move a built squashfs and write its ``.meta`` into ``image_dir`` under their final names.
+
+    Without a squashfs, only the ``.meta`` is rewritten (an image already in place whose
+    access changed).
+    """
     target, meta_target = published_paths(image_dir, image_id)
     try:
         image_dir.mkdir(parents=True, exist_ok=True)
-        _place_file(squashfs, target)
+        if squashfs is not None:
+            _place_file(squashfs, target)
         _write_file(meta_text.encode(), meta_target)
         _fsync_directory(image_dir)
         size = target.stat().st_size

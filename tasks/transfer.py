@@ -6,7 +6,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from imagegw.database import open_index
-from imagegw.index import Status
+from imagegw.index import Access, Status
 from imagegw.job import PullJob, image_meta
 from imagegw.publish import PublishedImage, publish_local
 from imagegw.registry import ResolvedImage
@@ -16,7 +16,8 @@ from tasks.retry import transient_failure
 
 @task(name="transfer", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=transient_failure,
       cache_policy=NONE)
-def transfer(job: PullJob, image: ResolvedImage, squashfs: SquashResult) -> PublishedImage:
-    """Move the image into place under its final names, atomically."""
+def transfer(job: PullJob, image: ResolvedImage, access: Access, squashfs: SquashResult | None) -> PublishedImage:
+    """Move the image into place under its final names, atomically; without a new squashfs, refresh the .meta."""
     open_index(job.settings).set_stage(job.key, Status.TRANSFER, f"Publishing into {job.platform.image_dir}")
-    return publish_local(squashfs.path, image_meta(image), job.platform.image_dir, image.image_id)
+    return publish_local(squashfs.path if squashfs else None, image_meta(image, access), job.platform.image_dir,
+                         image.image_id)

@@ -1,20 +1,28 @@
-"""The image index on the gateway's embedded SecantusDB: stages, READY records, tags."""
+"""The image index on the gateway's embedded SecantusDB: claims, stages, READY records, access."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 
 import pymongo
 import pytest
 
-from imagegw.index import ImageFacts, ImageIndex, PullKey, Status, to_response
+from imagegw.credentials import RegistryLogin
+from imagegw.index import PUBLIC, STALE_RUNNING, Access, ImageFacts, ImageIndex, PullKey, Status, to_response
 
 KEY = PullKey("mycluster", "docker", "team/app:1")
 
 
 @pytest.fixture
-def index(mongo_uri: str) -> ImageIndex:
-    index = ImageIndex(pymongo.MongoClient(mongo_uri)[f"t_{uuid.uuid4().hex[:10]}"], expiration_timeout=3600)
+def database(mongo_uri: str):
+    return pymongo.MongoClient(mongo_uri)[f"t_{uuid.uuid4().hex[:10]}"]
+
+
+@pytest.fixture
+def index(database) -> ImageIndex:
+    index = ImageIndex(database, expiration_timeout=3600)
     index.ensure_indexes()
     return index
 
@@ -26,7 +34,9 @@ def facts(image_id: str) -> ImageFacts:
 
 
 def test_a_pull_moves_through_its_stages_and_lookups_see_only_ready_images(index: ImageIndex) -> None:
-    assert index.begin_pull(KEY)["status"] == "PENDING"
+    record, claimed = index.claim_pull(KEY)
+    assert claimed and record["status"] == "INIT"
+    assert index.mark_queued(KEY, "run-1")["status"] == "PENDING"
     index.set_stage(KEY, Status.CONVERSION, "Building squashfs")
 
     assert index.pull_record(KEY)["status"] == "CONVERSION"
@@ -38,8 +48,42 @@ def test_a_pull_moves_through_its_stages_and_lookups_see_only_ready_images(index
     assert index.pull_record(KEY)["status"] == "READY"
 
 
+def test_concurrent_claims_of_one_tag_give_exactly_one_winner(index: ImageIndex) -> None:
+    results: list[bool] = []
+    barrier = threading.Barrier(12)
+
+    def claim() -> None:
+        barrier.wait()
+        results.append(index.claim_pull(KEY)[1])
+
+    threads = [threading.Thread(target=claim) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert sorted(results) == [False] * 11 + [True]
+
+
+def test_a_finished_or_failed_pull_can_be_claimed_again(index: ImageIndex) -> None:
+    index.claim_pull(KEY)
+    assert index.claim_pull(KEY)[1] is False
+
+    index.fail_pull(KEY, "manifest unknown: r:5000/team/app:1")
+
+    assert index.claim_pull(KEY)[1] is True
+
+
+def test_a_pull_whose_run_went_silent_is_stale_and_can_be_claimed(index: ImageIndex, database) -> None:
+    index.claim_pull(KEY)
+    index.set_stage(KEY, Status.PULLING, "Pulling layers")
+    database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - STALE_RUNNING - 1}})
+
+    assert index.claim_pull(KEY)[1] is True
+
+
 def test_failure_keeps_the_message(index: ImageIndex) -> None:
-    index.begin_pull(KEY)
+    index.claim_pull(KEY)
 
     index.fail_pull(KEY, "manifest unknown: r:5000/team/app:1")
 
@@ -47,16 +91,50 @@ def test_failure_keeps_the_message(index: ImageIndex) -> None:
 
 
 def test_response_has_shifter_fields_and_missing_ones_say_missing(index: ImageIndex) -> None:
-    index.begin_pull(KEY)
+    index.claim_pull(KEY)
 
     response = to_response(index.pull_record(KEY))
 
-    assert response["id"] == "MISSING" and response["status"] == "PENDING"
+    assert response["id"] == "MISSING" and response["status"] == "INIT"
     assert response["tag"] == ["team/app:1"] and response["ENV"] == "MISSING"
-    assert "_id" not in response
+    assert "_id" not in response and "pull_id" not in response
 
 
-def test_expiration_is_set_on_publish(index: ImageIndex) -> None:
+def test_expiration_is_set_on_publish_and_renewed(index: ImageIndex) -> None:
     record = index.publish(KEY, facts("2" * 64))
-
     assert record["expiration"] == pytest.approx(record["last_pull"] + 3600)
+
+    index.renew("mycluster", "2" * 64)
+
+    assert index.lookup(KEY)["expiration"] >= record["expiration"]
+
+
+def test_a_stored_login_is_handed_out_once(index: ImageIndex) -> None:
+    index.store_login(KEY, RegistryLogin("alice", "s3:cr:et"))
+
+    assert index.take_login(KEY) == RegistryLogin("alice", "s3:cr:et")
+    assert index.take_login(KEY) is None
+
+
+def test_public_images_stay_public_and_private_pulls_share_acls(index: ImageIndex) -> None:
+    alice = Access(True, (1000,), (100,))
+    bob = Access(True, (2000,), (200,))
+    image = "3" * 64
+
+    assert index.settle_access("mycluster", image, alice) == alice
+    index.publish(KEY, facts(image), alice)
+    assert index.settle_access("mycluster", image, bob) == Access(True, (1000, 2000), (100, 200))
+    assert index.settle_access("mycluster", image, PUBLIC) == PUBLIC
+
+    index.publish(KEY, facts(image), PUBLIC)
+
+    assert index.settle_access("mycluster", image, bob) == PUBLIC
+
+
+def test_access_rules() -> None:
+    private = Access(True, (1000,), (50,))
+
+    assert private.allows(1000, frozenset())
+    assert private.allows(7, frozenset({50, 60}))
+    assert not private.allows(7, frozenset({60}))
+    assert PUBLIC.allows(7, frozenset())

@@ -1,0 +1,49 @@
+"""Registry logins that users hand the gateway inside their MUNGE credential.
+
+Shifter's client sends ``{"authorized_locations": {"default": "user:pass",
+"<location>": "user:pass"}}`` as the credential's payload. A login is used for
+the location it names, else ``default``. Only the first colon separates user
+from password: passwords may hold colons (Shifter dropped them). Logins are
+never logged and never shown in messages or reprs.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from imagegw.config import Location
+from imagegw.errors import AuthenticationFailed
+
+
+@dataclass(frozen=True)
+class RegistryLogin:
+    """A username and password for one registry."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+def parse_authorized_locations(payload: bytes) -> dict[str, RegistryLogin]:
+    """The logins in a credential payload, by location name (``default`` included); empty payload: none."""
+    if not payload.strip():
+        return {}
+    try:
+        document = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise AuthenticationFailed("credential payload is not JSON (expected authorized_locations)") from None
+    locations = document.get("authorized_locations", {}) if isinstance(document, dict) else None
+    if not isinstance(locations, dict):
+        raise AuthenticationFailed("credential payload: authorized_locations must be an object")
+    logins = {}
+    for name, pair in locations.items():
+        if not isinstance(pair, str) or ":" not in pair:
+            raise AuthenticationFailed(f"credential payload: the login for location {name!r} is not 'user:password'")
+        username, password = pair.split(":", 1)
+        logins[name] = RegistryLogin(username, password)
+    return logins
+
+
+def login_for(logins: dict[str, RegistryLogin], location: Location) -> RegistryLogin | None:
+    """The login a user gave for ``location`` (by name or host), else their ``default`` one."""
+    return logins.get(location.name) or logins.get(location.host) or logins.get("default")
