@@ -29,14 +29,14 @@ COMPRESSORS = {"gzip": range(1, 10), "xz": range(0, 10), "zstd": range(1, 23), "
 # Keys Shifter's gateway reads (or once read) that we accept and do not use, so
 # an existing imagemanager.json loads unchanged.
 _SHIFTER_KEYS_IGNORED = {
-    "WorkerThreads", "LogLevel", "Metrics", "ImportUsers", "ConverterOptions", "ConvertOptions",
+    "WorkerThreads", "LogLevel", "ConverterOptions", "ConvertOptions",
     "examiner", "Broker", "DefaultLustreReplication", "DefaultOstCount", "Authentication",
     "usergroupService", "mountCommand",
 }
 _TOP_LEVEL_KEYS = {
     "DefaultImageLocation", "DefaultImageFormat", "PullUpdateTimeout", "PullUpdateTime",
     "ImageExpirationTimeout", "MongoDBURI", "MongoDB", "CacheDirectory", "ExpandDirectory",
-    "StateDirectory", "Compression", "BlockSize", "Locations", "Platforms",
+    "StateDirectory", "Compression", "BlockSize", "Locations", "Platforms", "Metrics", "ImportUsers",
 } | _SHIFTER_KEYS_IGNORED
 _LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
                   "authentication"}
@@ -112,6 +112,14 @@ class Settings:
     state_dir: Path
     cache_dir: Path
     expand_dir: Path
+    metrics: bool = False
+    """Record every lookup for ``/api/metrics`` (Shifter's ``Metrics``)."""
+    import_users: frozenset[str] = frozenset()
+    """Users who may import squashfs files (``ImportUsers``); see ``import_all_users``."""
+    import_all_users: bool = False
+
+    def may_import(self, user: str | None) -> bool:
+        return self.import_all_users or (user is not None and user in self.import_users)
 
     def platform(self, name: str) -> Platform:
         """The named platform, or an error listing the ones that exist."""
@@ -180,6 +188,9 @@ class _Reader:
             state_dir=state_dir,
             cache_dir=self._directory(raw.get("CacheDirectory"), "CacheDirectory", state_dir / "cache"),
             expand_dir=self._directory(raw.get("ExpandDirectory"), "ExpandDirectory", state_dir / "expand"),
+            metrics=self._flag(raw.get("Metrics", False), "Metrics"),
+            import_users=self._import_users(raw.get("ImportUsers", "none")),
+            import_all_users=raw.get("ImportUsers") == "all",
         )
 
     def _reject_unknown(self, raw: dict[str, Any], known: set[str], prefix: str) -> None:
@@ -191,6 +202,18 @@ class _Reader:
         if not isinstance(value, str) or not value:
             raise self.fail(key, f"must be a non-empty string, not {value!r}")
         return value
+
+    def _flag(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(key, f"must be true or false, not {value!r}")
+        return value
+
+    def _import_users(self, value: Any) -> frozenset[str]:
+        if value in ("all", "none"):
+            return frozenset()
+        if not isinstance(value, list) or not all(isinstance(user, str) for user in value):
+            raise self.fail("ImportUsers", f"must be 'all', 'none' or a list of user names, not {value!r}")
+        return frozenset(value)
 
     def _seconds(self, value: Any, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:

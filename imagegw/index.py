@@ -148,17 +148,21 @@ class ImageIndex:
 
     # -- pulls ------------------------------------------------------------------------------------
 
-    def claim_pull(self, key: PullKey, access: Access = PUBLIC) -> tuple[dict[str, Any], bool]:
+    def claim_pull(self, key: PullKey, access: Access = PUBLIC,
+                   retry_failures_after: float = 0) -> tuple[dict[str, Any], bool]:
         """File a new pull as INIT unless one is already running; (record, whether this call claimed it).
 
         Any number of concurrent callers: exactly one claims. A pull whose run died (its record
-        silent past the stale limits) can be claimed again.
+        silent past the stale limits) can be claimed again; a FAILURE only after
+        ``retry_failures_after`` seconds, so that clients polling a failed pull see the failure.
         """
         now = time.time()
+        running = [state.value for state in ACTIVE_STATES if state not in QUEUED_STATES]
         claimable = {**key.query(), "$or": [
-            {"status": {"$nin": [state.value for state in ACTIVE_STATES]}},
+            {"status": {"$nin": [state.value for state in ACTIVE_STATES] + [Status.FAILURE.value]}},
+            {"status": Status.FAILURE.value, "heartbeat": {"$lt": now - retry_failures_after}},
             {"status": {"$in": [state.value for state in QUEUED_STATES]}, "heartbeat": {"$lt": now - STALE_QUEUED}},
-            {"status": {"$nin": [state.value for state in QUEUED_STATES]}, "heartbeat": {"$lt": now - STALE_RUNNING}},
+            {"status": {"$in": running}, "heartbeat": {"$lt": now - STALE_RUNNING}},
         ]}
         claim = {"$set": {"status": Status.INIT.value, "status_message": "Pull requested", "id": "MISSING",
                           "last_pull": now, "heartbeat": now, "pull_id": uuid.uuid4().hex, **access.fields()},

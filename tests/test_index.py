@@ -138,3 +138,14 @@ def test_access_rules() -> None:
     assert private.allows(7, frozenset({50, 60}))
     assert not private.allows(7, frozenset({60}))
     assert PUBLIC.allows(7, frozenset())
+
+
+def test_a_recent_failure_is_held_so_pollers_see_it(index: ImageIndex, database) -> None:
+    index.claim_pull(KEY)
+    index.fail_pull(KEY, "manifest unknown")
+
+    record, claimed = index.claim_pull(KEY, retry_failures_after=300)
+    assert not claimed and record["status"] == "FAILURE"
+
+    database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - 301}})
+    assert index.claim_pull(KEY, retry_failures_after=300)[1] is True

@@ -61,3 +61,17 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
         running.stop()
     finally:
         server.stop()
+
+
+from testsupport.munge import MungedStartError, RunningMunged
+
+
+@pytest.fixture(scope="session")
+def munged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMunged]:
+    """A private munged for the whole session; ``.mint()`` credentials, decode on ``.socket_path``."""
+    try:
+        running = RunningMunged.start(tmp_path_factory.mktemp("munged"))
+    except MungedStartError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield running
+    running.stop()

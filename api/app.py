@@ -1,0 +1,135 @@
+"""The REST API: Shifter's image gateway endpoints, thin over :mod:`imagegw.gateway`.
+
+Every ``/api`` call but the root carries a MUNGE credential in the
+``authentication`` header. Errors come back as ``{"error": ...}`` with the
+status that ``api/errors.py`` assigns; responses are ``application/json`` with
+a Content-Length, as Shifter's C client requires.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import requests
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from api.errors import gateway_error, invalid_request
+from api.launcher import DeploymentLauncher
+from imagegw.config import Settings
+from imagegw.database import check_reachable, open_database
+from imagegw.errors import AuthenticationFailed, BadRequest, ImagegwError
+from imagegw.gateway import Gateway, PullLauncher, parse_acl
+from imagegw.identity import Caller, identify
+from imagegw.munge import decode_credential, encode_credential
+
+TAG = "{system}/{itype}/{tag:path}"
+
+
+def create_app(settings: Settings, launcher: PullLauncher | None = None) -> FastAPI:
+    """The gateway's API for one configuration; pulls start flow runs through ``launcher``."""
+    gateway = Gateway(settings, launcher or DeploymentLauncher(str(settings.source)))
+    app = FastAPI(title="imagegw", summary="Image gateway for HPC clusters (Shifter-compatible API)",
+                  default_response_class=JSONResponse, redirect_slashes=False)
+    app.add_exception_handler(ImagegwError, gateway_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+
+    def caller(system: str, authentication: str | None = Header(default=None)) -> Caller:
+        """The user the request's MUNGE credential vouches for, decoded by the system's munged."""
+        platform = settings.platform(system)
+        if not authentication:
+            raise AuthenticationFailed("missing credential: send a MUNGE credential in the 'authentication' header")
+        return identify(decode_credential(authentication, platform.munge_socket))
+
+    def route(method: str, path: str, **options: Any):
+        """Register ``path`` with and without its trailing slash: Shifter's clients send both forms."""
+        def register(endpoint):
+            app.api_route(path + "/", methods=[method], **options)(endpoint)
+            app.api_route(path, methods=[method], include_in_schema=False)(endpoint)
+            return endpoint
+        return register
+
+    @app.get("/")
+    def root() -> dict[str, Any]:
+        return {"service": "imagegw", "api": ["lookup", "pull", "expire", "list", "queue", "metrics"]}
+
+    @app.get("/healthz")
+    def healthz() -> JSONResponse:
+        """Which of the services the gateway needs are up."""
+        checks = {"mongodb": _check(lambda: check_reachable(open_database(settings))),
+                  "prefect": _check(_prefect_health),
+                  **{f"munge:{name}": _check(lambda socket=platform.munge_socket: encode_credential(b"", socket))
+                     for name, platform in settings.platforms.items()}}
+        healthy = all(state == "up" for state in checks.values())
+        return JSONResponse({"healthy": healthy, "checks": checks}, status_code=200 if healthy else 503)
+
+    @route("GET", "/api/list/{system}")
+    def list_images(system: str, who: Caller = Depends(caller)) -> dict[str, Any]:
+        return {"list": gateway.list_images(who, system)}
+
+    @route("GET", f"/api/lookup/{TAG}")
+    def lookup(system: str, itype: str, tag: str, who: Caller = Depends(caller)) -> dict[str, Any]:
+        return gateway.lookup(who, system, itype, tag)
+
+    @route("POST", f"/api/pull/{TAG}")
+    def pull(system: str, itype: str, tag: str, who: Caller = Depends(caller),
+             body: dict[str, Any] = Depends(_json_body)) -> dict[str, Any]:
+        return gateway.pull(who, system, itype, tag, parse_acl(body))
+
+    @route("POST", f"/api/doimport/{TAG}")
+    def doimport(system: str, itype: str, tag: str, who: Caller = Depends(caller),
+                 body: dict[str, Any] = Depends(_json_body)) -> dict[str, Any]:
+        return gateway.import_image(who, system, itype, tag, body)
+
+    @route("GET", f"/api/expire/{TAG}")
+    def expire(system: str, itype: str, tag: str, who: Caller = Depends(caller)) -> dict[str, Any]:
+        gateway.expire(who, system, itype, tag)
+        return {"status": True}
+
+    @route("GET", "/api/autoexpire/{system}")
+    def autoexpire(system: str, who: Caller = Depends(caller)) -> dict[str, Any]:
+        return {"status": gateway.autoexpire(who, system)}
+
+    @route("GET", "/api/queue/{system}")
+    def queue(system: str, who: Caller = Depends(caller)) -> dict[str, Any]:
+        return {"list": gateway.queue(who, system)}
+
+    @route("GET", "/api/metrics/{system}")
+    def metrics(system: str, limit: int = 10, who: Caller = Depends(caller)) -> list[dict[str, Any]]:
+        return gateway.metrics(who, system, limit)
+
+    return app
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object; an empty body (shifterimg's pull without ACLs) is ``{}``."""
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise BadRequest(f"request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    return body
+
+
+def _check(probe) -> str:
+    try:
+        probe()
+    except Exception as exc:  # a health check reports every failure, whatever its kind
+        return f"down: {exc}"
+    return "up"
+
+
+def _prefect_health() -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise RuntimeError("PREFECT_API_URL is not set")
+    response = requests.get(f"{url.rstrip('/')}/health", timeout=3)
+    response.raise_for_status()

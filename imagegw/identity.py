@@ -1,0 +1,59 @@
+"""Who is calling: the uid/gid a MUNGE credential vouches for, named by the gateway host's user database."""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass, field
+
+from imagegw.config import Location, Platform
+from imagegw.credentials import RegistryLogin, login_for, parse_authorized_locations
+from imagegw.index import Access
+from imagegw.munge import MungeIdentity
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated user of the gateway."""
+
+    uid: int
+    gid: int
+    user: str | None
+    """The name of ``uid`` on the gateway host, if it has one."""
+    groups: frozenset[int]
+    """The primary gid and, for known users, every group the host lists them in."""
+    logins: dict[str, RegistryLogin] = field(default_factory=dict, repr=False)
+
+    def is_admin(self, platform: Platform) -> bool:
+        return self.user is not None and self.user in platform.admins
+
+    def may_read(self, access: Access, platform: Platform) -> bool:
+        return self.is_admin(platform) or access.allows(self.uid, self.groups)
+
+    def login_for(self, location: Location) -> RegistryLogin | None:
+        return login_for(self.logins, location)
+
+
+def identify(identity: MungeIdentity) -> Caller:
+    """The caller a decoded credential stands for, with the registry logins in its payload."""
+    user = _user_name(identity.uid)
+    groups = {identity.gid}
+    if user is not None:
+        groups.update(os.getgrouplist(user, identity.gid))
+    return Caller(uid=identity.uid, gid=identity.gid, user=user, groups=frozenset(groups),
+                  logins=parse_authorized_locations(identity.payload))
+
+
+def group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
+
+
+def _user_name(uid: int) -> str | None:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return None

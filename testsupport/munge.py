@@ -1,0 +1,225 @@
+"""Run a private munged (Debian ``munge`` 0.5.15) for tests and demos.
+
+Each daemon has its own key, so credentials from one are forged to another, and
+its own replay cache. It never touches the system's munged: the key, pid, seed and
+log files live in the given work directory.
+
+munged refuses a socket whose directory, or any directory above it, is not
+searchable by everyone (``o+x``); pytest's ``/tmp/pytest-of-USER`` is 0700. So the
+socket gets a fresh 0755 directory directly under ``/tmp`` (which also keeps its
+path under the 108-byte limit), removed by :meth:`RunningMunged.stop`. No ``--force``.
+
+munged runs in the foreground (``-F``) as our child, so that :meth:`stop` can wait for
+it; in that mode it logs to stderr, which goes to ``munged.log`` in the work directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+INSTALL_HINT = "apt-get install munge"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+_SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+"""munged and mungekey live in sbin, which a non-root PATH may lack."""
+_SOCKET_PARENT = "/tmp"
+"""Sticky and world-searchable on every Linux; ``$TMPDIR`` may be neither."""
+
+
+class MungedStartError(RuntimeError):
+    """munged is not installed or did not come up; the message carries its log tail."""
+
+
+class MungeMintError(RuntimeError):
+    """``munge`` refused to mint a credential (e.g. ``-U`` without root)."""
+
+
+def find_binary(name: str) -> str:
+    """Return the path of a MUNGE program or raise with the install hint."""
+    path = shutil.which(name, path=_SEARCH_PATH)
+    if path is None:
+        raise MungedStartError(f"{name} not found on PATH or in /usr/sbin: {INSTALL_HINT}")
+    return path
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """Return the last ``lines`` lines of a log file ('' if it does not exist)."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _answers(socket_path: str) -> bool:
+    """True when something accepts connections on the Unix socket.
+
+    munged logs each probe as an "incomplete message header": harmless.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(socket_path)
+        except OSError:
+            return False
+        return True
+
+
+class RunningMunged:
+    """A munged process with a private key and socket.
+
+    Attributes:
+        socket_path: the Unix socket clients pass as ``-S`` / ``socket_path``.
+        workdir: holds munge.key, munged.pid, munged.seed and munged.log.
+    """
+
+    def __init__(
+        self, *, workdir: Path, socket_dir: Path, process: subprocess.Popen[bytes], log_file: IO[bytes]
+    ) -> None:
+        self.workdir = workdir
+        self.log_path = workdir / "munged.log"
+        self.socket_path = str(socket_dir / "munge.sock")
+        self._socket_dir: Path | None = socket_dir
+        self._process: subprocess.Popen[bytes] | None = process
+        self._log_file: IO[bytes] | None = log_file
+
+    @classmethod
+    def start(cls, workdir: Path) -> RunningMunged:
+        """Create a key in ``workdir``, start munged on it, and wait until its socket answers.
+
+        Raises :class:`MungedStartError` with the log tail when munged does not answer
+        within ~10 s, or with the install hint when MUNGE is not installed.
+        """
+        munged = find_binary("munged")
+        mungekey = find_binary("mungekey")
+        find_binary("munge")  # mint() needs it: fail now rather than in the middle of a test
+        workdir = Path(workdir).resolve()
+        workdir.mkdir(parents=True, exist_ok=True)
+        key = workdir / "munge.key"
+        if not key.exists():
+            _run_mungekey(mungekey, key)
+        socket_dir = Path(tempfile.mkdtemp(prefix="munged-", dir=_SOCKET_PARENT))
+        socket_dir.chmod(0o755)
+        log_file = open(workdir / "munged.log", "ab")  # noqa: SIM115 - closed in stop()
+        process = subprocess.Popen(
+            [
+                munged,
+                "--foreground",
+                f"--socket={socket_dir / 'munge.sock'}",
+                f"--key-file={key}",
+                f"--pid-file={workdir / 'munged.pid'}",
+                f"--seed-file={workdir / 'munged.seed'}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        running = cls(workdir=workdir, socket_dir=socket_dir, process=process, log_file=log_file)
+        running._wait_ready()
+        return running
+
+    def _wait_ready(self) -> None:
+        """Poll the socket until it answers, munged exits, or time runs out."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if _answers(self.socket_path):
+                return
+            if self._process is not None and self._process.poll() is not None:
+                break
+            time.sleep(0.02)
+        returncode = self._process.poll() if self._process is not None else None
+        self.stop()
+        state = (
+            f"exited with code {returncode}"
+            if returncode is not None
+            else f"did not answer within {START_TIMEOUT:.0f} s"
+        )
+        raise MungedStartError(
+            f"munged on {self.socket_path} {state}; last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+        )
+
+    @property
+    def running(self) -> bool:
+        """True while munged is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def mint(
+        self,
+        uid: int = 0,
+        gid: int = 0,
+        payload: bytes = b"",
+        ttl: int | None = None,
+        *,
+        restrict_uid: int | None = None,
+    ) -> str:
+        """Mint a ``MUNGE:...`` credential as ``uid``/``gid`` (needs root) carrying ``payload``.
+
+        ``restrict_uid`` allows only that uid to decode it (``munge -u``).
+        """
+        command = [find_binary("munge"), "-S", self.socket_path, "-U", str(uid), "-G", str(gid)]
+        if ttl is not None:
+            command += ["-t", str(ttl)]
+        if restrict_uid is not None:
+            command += ["-u", str(restrict_uid)]
+        result = subprocess.run(command, input=payload, capture_output=True, check=False)
+        if result.returncode != 0:
+            # stderr is munge's own message; it never echoes the payload.
+            raise MungeMintError(
+                f"munge exited with {result.returncode}: {result.stderr.decode(errors='replace').strip()}"
+            )
+        return result.stdout.decode("ascii").strip()
+
+    def stop(self) -> None:
+        """Stop munged (SIGTERM, then SIGKILL after 5 s) and remove its socket directory. Idempotent."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of this munged's log."""
+        return log_tail(self.log_path, lines)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"<RunningMunged {self.socket_path} running={self.running}>"
+
+
+def _run_mungekey(mungekey: str, key: Path) -> None:
+    """Create a fresh 1024-bit key (mungekey writes it 0600, as munged demands)."""
+    result = subprocess.run(
+        [mungekey, "--create", f"--keyfile={key}", "--bits=1024"], capture_output=True, check=False
+    )
+    if result.returncode != 0:
+        raise MungedStartError(
+            f"mungekey could not create {key}: {result.stderr.decode(errors='replace').strip()}"
+        )
