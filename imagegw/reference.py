@@ -16,6 +16,8 @@ from imagegw.errors import BadImageReference
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_MAX_NAME = 255
+"""The distribution spec's limit on a repository name."""
 _HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?")
 
 
@@ -68,6 +70,8 @@ def parse_image_reference(text: str, locations: dict[str, Location], default_loc
                 f"bad image name {original!r}: repository component {component!r} must be lower-case "
                 "letters and digits, separated by '.', '_', '__' or '-'"
             )
+    if len(repository) > _MAX_NAME:
+        raise BadImageReference(f"bad image name {original[:80]!r}...: repository names are at most {_MAX_NAME} characters")
     if tag is None and digest is None:
         tag = "latest"
     return ImageRef(location=location, repository=repository, tag=tag, digest=digest)

@@ -293,3 +293,20 @@ def test_mongodb_down_is_503_and_the_api_recovers_when_it_returns(api: Api, tmp_
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_odd_input_never_gets_a_server_error(api: Api) -> None:
+    odd_tags = ["%00", "..%2F..%2Fetc%2Fpasswd", "caf%C3%A9:1", "a" * 3000, "x@sha256:zz", "%25", ":", "@"]
+    for tag in odd_tags:
+        for method, path in (("GET", f"/api/lookup/mycluster/docker/{tag}/"),
+                             ("POST", f"/api/pull/mycluster/docker/{tag}/"),
+                             ("GET", f"/api/expire/mycluster/docker/{tag}/")):
+            response = api.call(method, path, uid=0, gid=0)
+            assert 400 <= response.status_code < 500, (path, response.status_code, response.text)
+            assert "error" in response.json()
+
+
+def test_openapi_documentation_is_served(api: Api) -> None:
+    assert api.client.get("/docs").status_code == 200
+    paths = api.client.get("/openapi.json").json()["paths"]
+    assert "/api/pull/{system}/{itype}/{tag}/" in paths

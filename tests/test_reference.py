@@ -44,6 +44,7 @@ def test_default_location_is_used_for_bare_names() -> None:
     ("ubuntu:-bad", "tag '-bad'"),
     ("ubuntu@sha256:abc", "digest"),
     ("a//b", "component ''"),
+    ("a" * 256, "at most 255"),
 ])
 def test_bad_names_say_what_is_wrong(name: str, problem: str) -> None:
     with pytest.raises(BadImageReference, match=problem):
