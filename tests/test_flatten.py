@@ -427,3 +427,25 @@ def test_extended_attributes_are_dropped(layer: Layers, tmp_path: Path) -> None:
     }))])
     info = tar_of(tree, tmp_path).getmember("ping")
     assert not any("xattr" in key for key in info.pax_headers)
+
+
+@pytest.mark.parametrize("name", [
+    "n" * 100,                      # fills the ustar name field
+    "d" * 60 + "/" + "n" * 100,     # needs the ustar prefix field
+    "d" * 155 + "/" + "n" * 100,    # the longest split ustar holds
+    "d" * 156 + "/" + "n" * 10,     # prefix too long: PAX
+    "x/" + "n" * 101,               # last component too long: PAX
+    "caf\u00e9/men\u00fc",          # non-ASCII: PAX
+])
+def test_headers_round_trip_whatever_their_encoding(layer: Layers, tmp_path: Path, name: str) -> None:
+    link_target = "t" * 100
+    tree = flatten_layers([layer(f(name, b"data", mode=0o750), sym(name + ".lnk", link_target),
+                                 hard(name + ".hl", name))])
+
+    archive = tar_of(tree, tmp_path)
+
+    entry = archive.getmember(name)
+    assert (entry.isreg(), entry.mode, entry.size, entry.uid, entry.gid) == (True, 0o755, 4, 0, 0)  # a+rX
+    assert content(archive, name) == b"data"
+    assert archive.getmember(name + ".lnk").linkname == link_target
+    assert archive.getmember(name + ".hl").islnk() and archive.getmember(name + ".hl").linkname == name
