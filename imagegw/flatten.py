@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import errno
 import logging
+import marshal
 import os
+import threading
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, cast, overload
+from typing import IO, Literal, NamedTuple, cast, overload
 
 from imagegw.errors import LayerError, UnsafeLayerEntry
 
@@ -322,6 +324,116 @@ class _TarWriter:
         return LayerError(f"layer {self._layers[node.layer].digest}: {path!r}: the layer file ends inside its data")
 
 
+class _Member(NamedTuple):
+    """What applying a layer needs of one tar entry: small, and cached beside the layer."""
+
+    name: str
+    type: bytes
+    mode: int
+    mtime: int
+    size: int
+    offset_data: int
+    linkname: str
+    sparse: tuple[tuple[int, int], ...] | None
+
+    def isreg(self) -> bool:
+        return self.type == tarfile.REGTYPE
+
+    def isdir(self) -> bool:
+        return self.type == tarfile.DIRTYPE
+
+    def issym(self) -> bool:
+        return self.type == tarfile.SYMTYPE
+
+    def islnk(self) -> bool:
+        return self.type == tarfile.LNKTYPE
+
+    def isfifo(self) -> bool:
+        return self.type == tarfile.FIFOTYPE
+
+    def ischr(self) -> bool:
+        return self.type == tarfile.CHRTYPE
+
+    def isblk(self) -> bool:
+        return self.type == tarfile.BLKTYPE
+
+
+_MEMBERS_FORMAT = 1
+"""Bump when _Member changes: older member files are then re-read from the tar."""
+
+
+def prepare_layer(source: LayerSource) -> None:
+    """Read a layer's tar headers once and keep them beside it, so flattening need not read them.
+
+    Raises LayerError for a tar that cannot be read, which is better found while the other
+    layers still download than after.
+    """
+    read_members(source)
+
+
+def read_members(source: LayerSource) -> list[_Member]:
+    """A layer's entries in tar order, from its member file when one was written before."""
+    cached = _members_path(source)
+    try:
+        version, rows = marshal.loads(cached.read_bytes())
+        if version == _MEMBERS_FORMAT:
+            return [_Member(*row) for row in rows]
+    except (OSError, ValueError, EOFError, TypeError):
+        pass
+    members = _scan(source)
+    _write_members(cached, members)
+    return members
+
+
+def _members_path(source: LayerSource) -> Path:
+    return source.path.with_name(source.path.name + ".members")
+
+
+def _scan(source: LayerSource) -> list[_Member]:
+    members = []
+    try:
+        with tarfile.open(source.path, "r:") as archive:
+            while (info := archive.next()) is not None:
+                # TarFile keeps every member it reads; a layer can hold 200k of them.
+                archive.members.clear()  # type: ignore[attr-defined]
+                members.append(_member(info))
+            end = archive.offset
+        _check_end(source, end)
+    except (tarfile.TarError, OSError) as exc:
+        raise LayerError(f"layer {source.digest}: unreadable tar: {exc}") from None
+    return members
+
+
+def _member(info: tarfile.TarInfo) -> _Member:
+    # tarfile's isreg() also covers AREGTYPE, CONTTYPE and GNU sparse members: one type for all.
+    kind = tarfile.REGTYPE if info.isreg() else info.type
+    # typeshed says bytes; tarfile stores (offset, size) extents
+    extents = cast("list[tuple[int, int]] | None", info.sparse)
+    sparse = None if extents is None else tuple((start, length) for start, length in extents)
+    return _Member(info.name, kind, info.mode, int(info.mtime), info.size, info.offset_data, info.linkname, sparse)
+
+
+def _check_end(source: LayerSource, offset: int) -> None:
+    # tarfile stops quietly at the first bad header after the first one; only zeros
+    # (or nothing) may follow the last member, else the layer was cut short or damaged.
+    with open(source.path, "rb") as layer:
+        layer.seek(offset)
+        rest = layer.read(_BLOCK)
+    if rest.strip(b"\0"):
+        raise LayerError(f"layer {source.digest}: unreadable tar: invalid header at byte {offset}")
+
+
+def _write_members(path: Path, members: list[_Member]) -> None:
+    # Written aside and renamed: a reader sees the whole file or none. A cache that cannot
+    # be written to only costs the next pull a re-read.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    try:
+        temporary.write_bytes(marshal.dumps((_MEMBERS_FORMAT, [tuple(member) for member in members])))
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+
+
 class _LayerApplier:
     """Applies one layer to the model and remembers what this layer touched.
 
@@ -338,27 +450,10 @@ class _LayerApplier:
         self.touched: set[tuple[_Dir, str]] = set()
 
     def apply(self) -> None:
-        try:
-            with tarfile.open(self.source.path, "r:") as archive:
-                while (member := archive.next()) is not None:
-                    # TarFile keeps every member it reads; a layer can hold 200k of them.
-                    archive.members.clear()  # type: ignore[attr-defined]
-                    self._entry(member)
-                end = archive.offset
-            self._check_end(end)
-        except (tarfile.TarError, OSError) as exc:
-            raise LayerError(f"layer {self.source.digest}: unreadable tar: {exc}") from None
+        for member in read_members(self.source):
+            self._entry(member)
 
-    def _check_end(self, offset: int) -> None:
-        # tarfile stops quietly at the first bad header after the first one; only zeros
-        # (or nothing) may follow the last member, else the layer was cut short or damaged.
-        with open(self.source.path, "rb") as layer:
-            layer.seek(offset)
-            rest = layer.read(_BLOCK)
-        if rest.strip(b"\0"):
-            raise LayerError(f"layer {self.source.digest}: unreadable tar: invalid header at byte {offset}")
-
-    def _entry(self, member: tarfile.TarInfo) -> None:
+    def _entry(self, member: _Member) -> None:
         parts = self._clean(member.name, repr(member.name))
         if not parts:
             self._root_entry(member)
@@ -387,21 +482,18 @@ class _LayerApplier:
             self.warn(f"layer {self.source.digest}: {what} climbs above the image root; kept inside it")
         return parts
 
-    def _root_entry(self, member: tarfile.TarInfo) -> None:
+    def _root_entry(self, member: _Member) -> None:
         if member.isdir():
             self.root.mode, self.root.mtime = _dir_mode(member.mode), int(member.mtime)
         else:
             # CVE-2021-29136: a "." symlink would make the root itself point elsewhere.
             self.warn(f"layer {self.source.digest}: dropped {member.name!r}: only a directory can be the image root")
 
-    def _node(self, member: tarfile.TarInfo) -> _Node | None:
+    def _node(self, member: _Member) -> _Node | None:
         """The model node for an entry, or None (with a warning) if the image must not have it."""
         mtime = int(member.mtime)
         if member.isreg():
-            # typeshed says bytes; tarfile stores (offset, size) extents
-            extents = cast("list[tuple[int, int]] | None", member.sparse)
-            sparse = None if extents is None else tuple((start, length) for start, length in extents)
-            return _File(_file_mode(member.mode), mtime, self.index, member.offset_data, member.size, sparse)
+            return _File(_file_mode(member.mode), mtime, self.index, member.offset_data, member.size, member.sparse)
         if member.isdir():
             return _Dir(_dir_mode(member.mode), mtime)
         if member.issym():

@@ -117,11 +117,14 @@ class LayerCache:
 
 
 def fetch_layers(client: RegistryClient, image: ResolvedImage, cache: LayerCache, *, parallel: int = 3,
-                 progress: Callable[[str, int], None] | None = None) -> list[Path]:
+                 progress: Callable[[str, int], None] | None = None,
+                 prepare: Callable[[LayerDescriptor, Path], None] | None = None) -> list[Path]:
     """The cached tars of all of ``image``'s layers, in layer order; missing ones fetched in parallel.
 
-    ``progress(digest, new_bytes)`` is called from the download threads. On the first failure
-    the other downloads are abandoned and that failure is raised.
+    ``progress(digest, new_bytes)`` is called from the download threads. ``prepare(layer, path)``
+    runs in the download thread once a layer is in the cache, so per-layer work (reading its
+    tar headers) overlaps the other downloads. On the first failure the other downloads are
+    abandoned and that failure is raised.
     """
     wanted = dict(zip((layer.digest for layer in image.layers), zip(image.layers, image.diff_ids, strict=True)))
     if not wanted:
@@ -135,7 +138,10 @@ def fetch_layers(client: RegistryClient, image: ResolvedImage, cache: LayerCache
                 raise _Abandoned()
             if progress:
                 progress(layer.digest, new_bytes)
-        return cache.fetch(client, image.ref.repository, layer, diff_id, report)
+        path = cache.fetch(client, image.ref.repository, layer, diff_id, report)
+        if prepare:
+            prepare(layer, path)
+        return path
 
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(wanted))), thread_name_prefix="layer") as pool:
         futures = {digest: pool.submit(fetch_one, *job) for digest, job in wanted.items()}

@@ -10,6 +10,7 @@ from prefect.cache_policies import NONE
 from imagegw.index import Status
 from imagegw.job import PullJob
 from imagegw.database import open_index
+from imagegw.flatten import LayerSource, prepare_layer
 from imagegw.layercache import LayerCache, fetch_layers
 from imagegw.progress import DownloadProgress
 from imagegw.registry import RegistryClient, ResolvedImage
@@ -33,7 +34,7 @@ def resolve(job: PullJob) -> ResolvedImage:
 @task(name="pull", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=transient_failure,
       cache_policy=NONE)
 def pull(job: PullJob, image: ResolvedImage) -> list[Path]:
-    """Download the layers not yet in the cache, verified against their digests."""
+    """Download the layers not yet in the cache, verified against their digests, and read their tar headers."""
     index = open_index(job.settings)
     cache = LayerCache(job.settings.cache_dir)
     cached = sum(1 for layer in image.layers if cache.has(layer.digest))
@@ -41,7 +42,8 @@ def pull(job: PullJob, image: ResolvedImage) -> list[Path]:
     progress = DownloadProgress(image.layers, lambda message: index.set_stage(job.key, Status.PULLING, message))
     client = RegistryClient(job.ref.location)
     try:
-        paths = fetch_layers(client, image, cache, progress=progress)
+        paths = fetch_layers(client, image, cache, progress=progress,
+                             prepare=lambda layer, path: prepare_layer(LayerSource(path, layer.digest)))
     finally:
         client.close()
     get_run_logger().info("layers ready: %d fetched, %d from the cache", len(image.layers) - cached, cached)

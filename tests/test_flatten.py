@@ -449,3 +449,39 @@ def test_headers_round_trip_whatever_their_encoding(layer: Layers, tmp_path: Pat
     assert content(archive, name) == b"data"
     assert archive.getmember(name + ".lnk").linkname == link_target
     assert archive.getmember(name + ".hl").islnk() and archive.getmember(name + ".hl").linkname == name
+
+
+def test_prepared_layers_are_flattened_from_their_member_files(layer: Layers) -> None:
+    from imagegw.flatten import prepare_layer
+
+    source = layer(d("etc"), f("etc/a", b"a"), sym("lib", "usr/lib"))
+    expected, _ = flatten(source)
+    prepare_layer(source)
+    members_file = source.path.with_name(source.path.name + ".members")
+    assert members_file.is_file()
+    # Headers come from the member file now: damage them in the tar and nothing changes.
+    data = bytearray(source.path.read_bytes())
+    data[:512] = bytes(512)
+    source.path.write_bytes(bytes(data))
+
+    assert flatten(source)[0] == expected
+
+
+def test_a_damaged_member_file_is_ignored(layer: Layers) -> None:
+    from imagegw.flatten import prepare_layer
+
+    source = layer(f("x", b"x"))
+    prepare_layer(source)
+    source.path.with_name(source.path.name + ".members").write_bytes(b"garbage")
+
+    assert flatten(source)[0] == {"x": ("file", 0o644, 1)}
+
+
+def test_prepare_finds_a_corrupt_layer(layer: Layers) -> None:
+    from imagegw.flatten import prepare_layer
+
+    source = layer(f("x", b"x" * 2000), f("y", b"y"))
+    source.path.write_bytes(source.path.read_bytes()[:1536])  # cut inside the first file's data
+
+    with pytest.raises(LayerError, match=source.digest):
+        prepare_layer(source)
