@@ -1,4 +1,4 @@
-"""``imagegw``: pull images, look them up, list them."""
+"""``imagegw``: pull images, look them up, list them; run the gateway's services."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from imagegw.config import Settings, load_settings
-from imagegw.database import open_index
-from imagegw.errors import ImagegwError
+from imagegw.database import ensure_embedded_server, open_index
+from imagegw.errors import ConfigError, ImagegwError
 from imagegw.index import ImageIndex, PullKey, Status, to_response
 from imagegw.job import plan_pull, pull_key
+from imagegw.serve import serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +50,26 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--verbose", "-v", action="store_true", help="show Prefect's flow and task logs")
     command("lookup", lookup_command, "Print the READY record of an image, or exit 1.")
     command("images", images_command, "List the READY images of a platform.", image=False)
+
+    def service(name: str, handler: Any, help_text: str, *, listens: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", "-c", help="imagemanager.json (default: $IMAGEGW_CONFIG)")
+        if listens:
+            sub.add_argument("--host", default="127.0.0.1", help="the API's address (default: %(default)s)")
+            sub.add_argument("--port", type=int, default=8000, help="the API's port (default: %(default)s)")
+        sub.set_defaults(command=handler)
+        return sub
+
+    gateway = service("serve", serve_command, "Run everything this host needs until Ctrl-C: the embedded "
+                      "database (without MongoDBURI), a Prefect server with its UI (without PREFECT_API_URL), "
+                      "a worker and the API.")
+    gateway.add_argument("--prefect-port", type=int, default=4200,
+                         help="port of the Prefect server and UI, on 127.0.0.1 only (default: %(default)s)")
+    service("api", api_command, "Run only the REST API; PREFECT_API_URL names the Prefect server.")
+    worker = service("worker", worker_command, "Run only a worker for the platforms' pull deployments; "
+                     "PREFECT_API_URL names the Prefect server.", listens=False)
+    worker.add_argument("--platform", "-p", action="extend", nargs="+", default=[], metavar="P",
+                        help="serve only these platforms (default: all in the configuration)")
     return parser
 
 
@@ -59,7 +80,10 @@ def pull_command(args: argparse.Namespace) -> int:
     from flows.pull import pull_image  # Prefect reads its settings at import, so import it late.
 
     index = open_index(settings)
-    index.begin_pull(job.key)
+    record, claimed = index.claim_pull(job.key)
+    if not claimed:
+        raise ImagegwError(f"{job.key.tag} is already being pulled for {job.key.system} "
+                           f"({record.get('status')}: {record.get('status_message')})")
     with _progress_shown(index, job.key, enabled=sys.stderr.isatty()):
         state = pull_image(args.image, args.platform, str(settings.source), return_state=True)
     record = index.lookup(job.key) if state.is_completed() else None
@@ -99,6 +123,45 @@ def images_command(args: argparse.Namespace) -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    return serve(load_settings(args.config), host=args.host, port=args.port, prefect_port=args.prefect_port)
+
+
+def api_command(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    _require_prefect_api()
+    _prepare_prefect(settings, verbose=False)
+    import uvicorn
+    from api.app import create_app  # imports Prefect, which reads its settings at import
+
+    uvicorn.run(create_app(settings), host=args.host, port=args.port)
+    return 0
+
+
+def worker_command(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    for name in args.platform:  # before the slow Prefect import, so a typo fails at once
+        settings.platform(name)
+    _require_prefect_api()
+    _prepare_prefect(settings, verbose=True)
+    # The runner's default 10 s poll would leave a triggered pull waiting that long to start.
+    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
+    if settings.mongodb_uri is None:
+        # Owned by this long-lived process; a flow run starting it would stop it under the other runs.
+        ensure_embedded_server(settings.state_dir)
+    from deployments.platforms import serve_platforms  # imports Prefect, which reads its settings at import
+
+    serve_platforms(settings, args.platform)
+    return 0
+
+
+def _require_prefect_api() -> None:
+    """The API and the workers must share a server: each would otherwise start its own temporary one."""
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError("set PREFECT_API_URL to the Prefect server the workers use "
+                          "(e.g. http://127.0.0.1:4200/api), or run `imagegw serve`")
 
 
 def _prepare_prefect(settings: Settings, *, verbose: bool) -> None:
@@ -149,3 +212,7 @@ def _print_json(record: dict[str, Any]) -> None:
 
 def _when(epoch: Any) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch)) if isinstance(epoch, (int, float)) else "-"
+
+
+if __name__ == "__main__":  # how `imagegw serve` starts its worker and API
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""``imagegw serve``: everything one gateway host needs, started and stopped together.
+
+The parts start in dependency order: the embedded database (unless ``MongoDBURI``
+names one), a Prefect server with its UI (unless ``PREFECT_API_URL`` names one),
+a worker serving the per-platform deployments, and the REST API. Each child runs
+in its own session, so a Ctrl-C on the terminal reaches only this process, which
+then stops the children in reverse order.
+
+Prefect is not imported here: it is imported by the worker and API processes,
+whose settings this module passes through their environment.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.request import urlopen
+
+from imagegw.config import MONGODB_URI_ENV, Settings
+from imagegw.database import ensure_embedded_server
+from imagegw.errors import ServiceUnavailable
+
+STOP_TIMEOUT = 5.0
+"""Seconds a child gets to exit after SIGTERM: a Prefect runner may ignore it for 8–16 s."""
+PREFECT_START_TIMEOUT = 120.0
+"""A fresh Prefect database takes ~20 s of migrations on 2 cores; leave room for a busy host."""
+EXTERNAL_PREFECT_TIMEOUT = 10.0
+WORKER_START_TIMEOUT = 60.0
+API_START_TIMEOUT = 60.0
+FLOW_NAME = "pull-image"
+"""The ``@flow`` name in ``flows/pull.py``, spelled out so this module need not import Prefect."""
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM arrived while a part was starting."""
+
+
+@dataclass
+class Child:
+    """A started part of the gateway, in its own session and process group."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @classmethod
+    def start(cls, name: str, command: list[str], log: Path, env: dict[str, str]) -> Child:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as output:
+            output.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} imagegw serve starts {name}\n".encode())
+            output.flush()
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
+                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        return cls(name, process, log)
+
+    def exited(self) -> bool:
+        return self.process.poll() is not None
+
+    def failure(self, problem: str) -> ServiceUnavailable:
+        """An error naming the part, what went wrong, and the end of its log."""
+        return ServiceUnavailable(f"{self.name} {problem}; the end of {self.log}:\n{_tail(self.log)}")
+
+    def stop(self) -> None:
+        """SIGTERM the whole group, then SIGKILL whatever is left after STOP_TIMEOUT."""
+        self._signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self._group_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # Also reaches the group's other members (flow runs, server workers) if the leader left them.
+        self._signal_group(signal.SIGKILL)
+        self.process.wait()
+
+    def _signal_group(self, signum: int) -> None:
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _group_alive(self) -> bool:
+        self.process.poll()  # reap the leader, or the group never looks empty
+        try:
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+class Children:
+    """The parts ``serve`` started, each owned from its spawn on, so none outlives ``serve``."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop  # set by SIGINT/SIGTERM: a part still starting is given up, a running one stopped
+        self.started: list[Child] = []
+
+    def spawn(self, name: str, command: list[str], log: Path, env: dict[str, str]) -> Child:
+        child = Child.start(name, command, log, env)
+        self.started.append(child)
+        return child
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float, what: str,
+                   child: Child | None = None) -> None:
+        """Poll ``ready`` until it holds; ``what`` names the awaited thing, ``child`` the part providing it."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if self.stop.is_set():
+                raise _Stopped
+            if child is not None and child.exited():
+                raise child.failure(f"exited with status {child.process.returncode} while starting")
+            if time.monotonic() > deadline:
+                if child is None:
+                    raise ServiceUnavailable(f"{what} did not answer within {timeout:.0f} s")
+                raise child.failure(f"was not ready within {timeout:.0f} s (waited for {what})")
+            self.stop.wait(0.25)
+
+    def supervise(self) -> int:
+        """Wait for a stop request: 0; or for a part to exit on its own: 1, and the others go down too."""
+        while not self.stop.wait(0.5):
+            for child in self.started:
+                if child.exited():
+                    print(f"imagegw: {child.failure(f'exited with status {child.process.returncode}')}",
+                          file=sys.stderr, flush=True)
+                    return 1
+        return 0
+
+    def stop_all(self) -> None:
+        """Stop the parts in the reverse order of their start: each may still be using the ones before it."""
+        for child in reversed(self.started):
+            child.stop()
+
+
+def serve(settings: Settings, *, host: str, port: int, prefect_port: int) -> int:
+    """Run the gateway's parts until SIGINT or SIGTERM; 0 after a clean shutdown, 1 if a part died."""
+    children = Children(_stop_requested_by_signals())
+    try:
+        _check_free(host, port, "the API (--port)")
+        print(f"database {_database(settings)}", flush=True)
+        api_url = os.environ.get("PREFECT_API_URL")
+        if api_url:
+            children.wait_until(lambda: _prefect_healthy(api_url), EXTERNAL_PREFECT_TIMEOUT,
+                                f"the Prefect server at {api_url} (PREFECT_API_URL)")
+            print(f"Prefect UI {_ui_url(api_url)} (PREFECT_API_URL)", flush=True)
+        else:
+            api_url = _start_prefect_server(children, settings, prefect_port)
+            print(f"Prefect UI {_ui_url(api_url)}", flush=True)
+        os.environ["PREFECT_API_URL"] = api_url
+        _start_worker(children, settings)
+        print(f"worker for platforms {', '.join(settings.platforms)}", flush=True)
+        _start_api(children, settings, host, port)
+        print(f"API http://{_url_host(host)}:{port} (docs /docs)", flush=True)
+        print(f"ready; logs in {_log_dir(settings)}; Ctrl-C stops everything", flush=True)
+        return children.supervise()
+    except _Stopped:
+        return 0
+    finally:
+        # The embedded database stops last, when this process exits (database.py registers that).
+        children.stop_all()
+
+
+def _stop_requested_by_signals() -> threading.Event:
+    """An event set by SIGINT/SIGTERM, so a shutdown is never cut short by the signal that asked for it."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    return stop
+
+
+def _database(settings: Settings) -> str:
+    """The image index's URI and where it came from; starts the embedded server when none is configured."""
+    if settings.mongodb_uri is not None:
+        source = MONGODB_URI_ENV if os.environ.get(MONGODB_URI_ENV) else "MongoDBURI"
+        return f"{_without_password(settings.mongodb_uri)} ({source})"
+    # Exports IMAGEGW_MONGODB_URI, which every child then inherits.
+    return f"{ensure_embedded_server(settings.state_dir).uri} (embedded)"
+
+
+def _start_prefect_server(children: Children, settings: Settings, port: int) -> str:
+    """Start a Prefect server with its UI on loopback and return its API URL once healthy."""
+    _check_free("127.0.0.1", port, "the Prefect server (--prefect-port)")
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(settings.state_dir / "prefect"),
+        # Through the environment, not --port: the UI reads its API address from these settings.
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+    }
+    env.pop("PREFECT_API_URL", None)
+    server = children.spawn("the Prefect server", [sys.executable, "-m", "prefect", "server", "start"],
+                            _log_dir(settings) / "prefect-server.log", env)
+    api_url = f"http://127.0.0.1:{port}/api"
+    children.wait_until(lambda: _prefect_healthy(api_url), PREFECT_START_TIMEOUT, f"{api_url}/health", server)
+    return api_url
+
+
+def _start_worker(children: Children, settings: Settings) -> None:
+    api_url = os.environ["PREFECT_API_URL"]
+    worker = children.spawn("the worker", _imagegw("worker", "--config", str(settings.source)),
+                            _log_dir(settings) / "worker.log", dict(os.environ))
+    # Ready once every platform's deployment exists, so a triggered pull finds it. On a warm start they
+    # exist already; a run created before the worker's first poll just waits for that poll.
+    children.wait_until(lambda: all(_deployment_exists(api_url, name) for name in settings.platforms),
+                        WORKER_START_TIMEOUT, f"the {FLOW_NAME}/<platform> deployments", worker)
+
+
+def _start_api(children: Children, settings: Settings, host: str, port: int) -> None:
+    command = _imagegw("api", "--config", str(settings.source), "--host", host, "--port", str(port))
+    api = children.spawn("the API", command, _log_dir(settings) / "api.log", dict(os.environ))
+    children.wait_until(lambda: _listening(_connect_host(host), port), API_START_TIMEOUT,
+                        f"a listener on {host}:{port}", api)
+
+
+def _imagegw(*arguments: str) -> list[str]:
+    return [sys.executable, "-m", "imagegw.cli", *arguments]
+
+
+def _prefect_healthy(api_url: str) -> bool:
+    return _get(f"{api_url}/health") == b"true"
+
+
+def _deployment_exists(api_url: str, platform: str) -> bool:
+    return _get(f"{api_url}/deployments/name/{FLOW_NAME}/{quote(platform, safe='')}") is not None
+
+
+def _get(url: str) -> bytes | None:
+    """The body of a 200 answer, or None for anything else (refused, error status, timeout)."""
+    try:
+        with urlopen(url, timeout=2) as response:
+            return response.read().strip()
+    except (OSError, ValueError):  # URLError and HTTPError are OSErrors
+        return None
+
+
+def _check_free(host: str, port: int, what: str) -> None:
+    """Refuse a taken port up front: a health check would otherwise be answered by whatever holds it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As the servers themselves do, so a port in TIME_WAIT is not taken for a busy one.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ServiceUnavailable(f"cannot listen on {host}:{port} for {what}: {exc.strerror}") from None
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _connect_host(host: str) -> str:
+    """Where to reach a server bound to ``host``: a wildcard address is reached on loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _ui_url(api_url: str) -> str:
+    return api_url.removesuffix("/").removesuffix("/api")
+
+
+def _without_password(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
+def _log_dir(settings: Settings) -> Path:
+    return settings.state_dir / "logs"
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
