@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -85,7 +86,7 @@ def pull_command(args: argparse.Namespace) -> int:
         raise ImagegwError(f"{job.key.tag} is already being pulled for {job.key.system} "
                            f"({record.get('status')}: {record.get('status_message')})")
     with _progress_shown(index, job.key, enabled=sys.stderr.isatty()):
-        state = pull_image(args.image, args.platform, str(settings.source), return_state=True)
+        state = asyncio.run(pull_image(args.image, args.platform, str(settings.source), return_state=True))
     record = index.lookup(job.key) if state.is_completed() else None
     if record is None:
         failed = index.pull_record(job.key) or {**job.key.query(), "status": Status.FAILURE.value}

@@ -6,6 +6,7 @@ thread of the test process (the deployment/worker path is tested in test_serve.p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -36,8 +37,8 @@ class ThreadLauncher:
     def __call__(self, key: PullKey) -> str:
         from flows.pull import pull_image
 
-        thread = threading.Thread(target=pull_image, args=(key.tag, key.system, self.config_path),
-                                  kwargs={"return_state": True}, daemon=True)
+        run = pull_image(key.tag, key.system, self.config_path, return_state=True)
+        thread = threading.Thread(target=asyncio.run, args=(run,), daemon=True)
         with self.lock:
             self.launched.append(key)
             self.threads.append(thread)

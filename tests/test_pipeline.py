@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import stat
 
@@ -16,7 +17,7 @@ from testsupport.images import LayerBuilder, push_image, push_index
 
 def pull(gateway: Gateway, image: str, platform: str = "mycluster"):
     """Run the flow; return (state, pull record)."""
-    state = pull_image(image, platform, str(gateway.config_path), return_state=True)
+    state = asyncio.run(pull_image(image, platform, str(gateway.config_path), return_state=True))
     record = gateway.index().pull_record(PullKey(platform, "docker", image if ":" in image.rsplit("/", 1)[-1]
                                                  else image + ":latest"))
     return state, record
