@@ -162,8 +162,9 @@ def test_diff_id_is_checked(fake: FakeRegistry, client: RegistryClient, cache: L
 
 @pytest.mark.parametrize(("blob", "problem"), [
     (gzip.compress(LAYER)[:-30], "gzip data ends in the middle of a member"),
-    (gzip.compress(LAYER)[:30] + b"\xff" * 30 + gzip.compress(LAYER)[60:], "invalid"),
-    (gzip.compress(LAYER) + b"trailing garbage", "incorrect header check"),
+    # zlib and ISA-L (used where installed) word their errors differently.
+    (gzip.compress(LAYER)[:30] + b"\xff" * 30 + gzip.compress(LAYER)[60:], "(?i)invalid"),
+    (gzip.compress(LAYER) + b"trailing garbage", "incorrect header check|unsupported compress method"),
     (zstd(LAYER)[:-10], "zstd data ends in the middle of a frame"),
     (zstd(LAYER)[:8] + b"\xff" * 30 + zstd(LAYER)[38:], "zstd"),
 ], ids=["gzip-truncated", "gzip-corrupt", "gzip-trailing-garbage", "zstd-truncated", "zstd-corrupt"])
@@ -173,7 +174,7 @@ def test_corrupt_layer_as_published(fake: FakeRegistry, client: RegistryClient, 
     with pytest.raises(LayerError) as caught:
         cache.fetch(client, "x", layer)
     assert str(caught.value).startswith(f"layer {layer.digest} of {fake.host}/x is corrupt: ")
-    assert problem in str(caught.value)
+    assert re.search(problem, str(caught.value))
     assert layer_files(cache) == []
 
 
