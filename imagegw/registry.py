@@ -13,12 +13,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import socket
 import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import urljoin, urlsplit
 
@@ -112,9 +114,12 @@ class _Manifest(NamedTuple):
 class RegistryClient:
     """Talks to one registry location; safe to share between download threads."""
 
-    def __init__(self, location: Location, *, timeout: float = 60.0, user_agent: str = "imagegw") -> None:
+    def __init__(self, location: Location, *, timeout: float = 60.0, user_agent: str = "imagegw",
+                 config_cache: Path | None = None) -> None:
+        """``config_cache``: a directory keeping image configs by digest, so a re-pull fetches no blob."""
         self.location = location
         self._timeout = timeout
+        self._config_cache = config_cache
         self._session = requests.Session()
         self._session.headers["User-Agent"] = user_agent
         # Authorization header per token scope; layer threads read and refresh it concurrently.
@@ -203,13 +208,41 @@ class RegistryClient:
             return response.status_code != 404 or "NAME_UNKNOWN" not in _error_codes(response)
 
     def _fetch_config(self, ref: ImageRef, descriptor: LayerDescriptor) -> dict[str, Any]:
+        cached = self._cached_config(descriptor.digest)
+        if cached is not None:
+            return _parse_json(cached, f"image config of {ref}")
         response = self.open_blob(ref.repository, descriptor.digest)
         body = _read_document(response, f"image config of {ref}")
         if _sha256(body) != descriptor.digest:
             raise DigestMismatch(
                 f"image config of {ref}: downloaded bytes have digest {_sha256(body)}, expected {descriptor.digest}"
             )
-        return _parse_json(body, f"image config of {ref}")
+        config = _parse_json(body, f"image config of {ref}")
+        self._keep_config(descriptor.digest, body)
+        return config
+
+    def _cached_config(self, digest: str) -> bytes | None:
+        """A config kept earlier, if its bytes still have its digest."""
+        if self._config_cache is None:
+            return None
+        try:
+            body = (self._config_cache / digest.split(":", 1)[1]).read_bytes()
+        except OSError:
+            return None
+        return body if _sha256(body) == digest else None
+
+    def _keep_config(self, digest: str, body: bytes) -> None:
+        if self._config_cache is None:
+            return
+        # Written aside and renamed; a cache that cannot be written only costs a later request.
+        target = self._config_cache / digest.split(":", 1)[1]
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            self._config_cache.mkdir(parents=True, exist_ok=True)
+            temporary.write_bytes(body)
+            os.replace(temporary, target)
+        except OSError:
+            temporary.unlink(missing_ok=True)
 
     # -- HTTP, authentication and errors --------------------------------------------------------
 

@@ -22,7 +22,7 @@ from tasks.retry import transient_failure
 def resolve(job: PullJob) -> ResolvedImage:
     """Fetch the manifest (choosing the platform's image from an index) and the image config."""
     open_index(job.settings).set_stage(job.key, Status.PULLING, f"Getting manifest of {job.ref}")
-    client = RegistryClient(job.ref.location)
+    client = RegistryClient(job.ref.location, config_cache=LayerCache(job.settings.cache_dir).config_dir)
     try:
         image = client.resolve(job.ref, job.wanted_platform)
     finally:

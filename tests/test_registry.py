@@ -515,3 +515,22 @@ def test_real_token_registry(token_registry: RunningRegistry) -> None:
         client.resolve(ref_to(token_registry, repository), PlatformSpec())
     assert str(caught.value) == (f"token service of registry {token_registry.host} refused the credentials of "
                                  f"location 'test' for {token_registry.host}/{repository}:1.0")
+
+
+def test_kept_configs_spare_the_blob_request_and_are_checked(fake: FakeRegistry, tmp_path: Path) -> None:
+    fake.image("team/app", "1.0", [tar_of("a", b"1")])
+    configs = tmp_path / "configs"
+
+    def resolve() -> dict:
+        with RegistryClient(location_of(fake), timeout=5, config_cache=configs) as client:
+            return client.resolve(ref_to(fake, "team/app"), PlatformSpec()).config
+
+    first = resolve()
+    blob_gets = len(fake.paths("/v2/team/app/blobs/"))
+    assert resolve() == first
+    assert len(fake.paths("/v2/team/app/blobs/")) == blob_gets
+
+    (kept,) = configs.iterdir()
+    kept.write_bytes(b'{"tampered": true}')
+    assert resolve() == first
+    assert len(fake.paths("/v2/team/app/blobs/")) == blob_gets + 1
