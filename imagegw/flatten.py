@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO, Literal, NamedTuple, cast, overload
 
 from imagegw.errors import LayerError, UnsafeLayerEntry
+from imagegw.tarscan import scan_headers
 
 _log = logging.getLogger(__name__)
 
@@ -390,6 +391,13 @@ def _members_path(source: LayerSource) -> Path:
 
 
 def _scan(source: LayerSource) -> list[_Member]:
+    try:
+        headers = scan_headers(source.path)
+    except OSError as exc:
+        raise LayerError(f"layer {source.digest}: unreadable tar: {exc}") from None
+    if headers is not None:
+        return [_Member(*header, sparse=None) for header in headers]
+    # Sparse files, global PAX headers, damage: tarfile reads (or rejects) what the fast reader does not.
     members = []
     try:
         with tarfile.open(source.path, "r:") as archive:

@@ -157,7 +157,9 @@ def fetch_layers(client: RegistryClient, image: ResolvedImage, cache: LayerCache
         return path
 
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(wanted))), thread_name_prefix="layer") as pool:
-        futures = {digest: pool.submit(fetch_one, *job) for digest, job in wanted.items()}
+        # Largest first: the biggest layer is the critical path, and must not wait for a free thread.
+        by_size = sorted(wanted.items(), key=lambda item: item[1][0].size, reverse=True)
+        futures = {digest: pool.submit(fetch_one, *job) for digest, job in by_size}
         wait(futures.values(), return_when=FIRST_EXCEPTION)
         error = _first_error(futures.values())
         if error is not None:
