@@ -10,12 +10,13 @@ knows every corner and says what is wrong.
 
 from __future__ import annotations
 
-import mmap
+import os
 from pathlib import Path
 from typing import NamedTuple
 
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
+_ZEROS_CHUNK = 1 << 20
 _POSIX_MAGIC = b"ustar\x0000"
 _GNU_LONGNAME, _GNU_LONGLINK, _PAX_LOCAL = b"L", b"K", b"x"
 _NO_DATA_TYPES = {b"1", b"2", b"3", b"4", b"5", b"6"}  # links, devices, directories, FIFOs
@@ -42,17 +43,25 @@ class _Unsupported(Exception):
 def scan_headers(path: Path) -> list[Header] | None:
     """Every entry of the tar at ``path``, or None if it needs ``tarfile`` to be read."""
     with open(path, "rb") as layer:
-        size = layer.seek(0, 2)
-        if size == 0:
+        size = os.fstat(layer.fileno()).st_size
+        try:
+            return _scan(_Reader(layer.fileno()), size)
+        except (_Unsupported, ValueError, IndexError):
             return None
-        with mmap.mmap(layer.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            try:
-                return _scan(data, size)
-            except (_Unsupported, ValueError, IndexError):
-                return None
 
 
-def _scan(data: mmap.mmap, size: int) -> list[Header]:
+class _Reader:
+    """Slices of a file by offset. Not mmap: mapping a gigabyte layer would count its pages
+    in the process's resident memory, and only the headers are wanted."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def __getitem__(self, span: slice) -> bytes:
+        return os.pread(self._fd, span.stop - span.start, span.start)
+
+
+def _scan(data: _Reader, size: int) -> list[Header]:
     headers: list[Header] = []
     offset = 0
     long_name: str | None = None
@@ -63,8 +72,8 @@ def _scan(data: mmap.mmap, size: int) -> list[Header]:
         if len(block) < _BLOCK:
             raise _Unsupported  # cut short: tarfile says how
         if block == _ZERO_BLOCK:
-            if data[offset:size].strip(b"\0"):
-                raise _Unsupported  # something after the end marker
+            if not _only_zeros(data, offset, size):
+                raise _Unsupported  # something after the end marker: tarfile reports it
             return headers
         _check_sum(block)
         kind = block[156:157]
@@ -103,6 +112,13 @@ def _scan(data: mmap.mmap, size: int) -> list[Header]:
         offset = data_offset if kind in _NO_DATA_TYPES else next_offset
         long_name = long_link = None
         pax = {}
+
+
+def _only_zeros(data: _Reader, start: int, end: int) -> bool:
+    for chunk_start in range(start, end, _ZEROS_CHUNK):
+        if data[chunk_start:min(end, chunk_start + _ZEROS_CHUNK)].strip(b"\0"):
+            return False
+    return True
 
 
 def _check_sum(block: bytes) -> None:
