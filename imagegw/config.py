@@ -22,7 +22,9 @@ CONFIG_ENV = "IMAGEGW_CONFIG"
 STATE_DIR_ENV = "IMAGEGW_STATE_DIR"
 MONGODB_URI_ENV = "IMAGEGW_MONGODB_URI"
 
-DEFAULT_COMPRESSION = "gzip:6"
+# Every kernel with squashfs, and every squashfuse, mounts gzip; level 1 builds 2.5x faster than
+# level 6 for images ~10% larger (README, "Compression").
+DEFAULT_COMPRESSION = "gzip:1"
 DEFAULT_BLOCK_SIZE = 131072
 COMPRESSORS = {"gzip": range(1, 10), "xz": range(0, 10), "zstd": range(1, 23), "lz4": range(0, 1)}
 
@@ -92,7 +94,7 @@ class Platform:
     variant: str | None = None
     admins: tuple[str, ...] = ()
     munge_socket: str | None = None
-    compression: Compression = Compression("gzip", 6)
+    compression: Compression = Compression("gzip", 1)
     block_size: int = DEFAULT_BLOCK_SIZE
 
 
