@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SAMPLE_INTERVAL = 0.05
@@ -41,8 +41,14 @@ class Measured:
         return self
 
 
-def _proc_table() -> dict[int, tuple[int, int]]:
-    """{pid: (ppid, rss pages)} of every process (threads are not listed in /proc)."""
+class _Process(NamedTuple):
+    ppid: int
+    rss_pages: int
+    cpu_ticks: int
+
+
+def _proc_table() -> dict[int, _Process]:
+    """Every process (threads are not listed in /proc) with its parent, RSS and CPU time."""
     table = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -53,24 +59,34 @@ def _proc_table() -> dict[int, tuple[int, int]]:
         except OSError:
             continue
         fields = data[data.rindex(b")") + 2:].split()
-        # after the command: state(0) ppid(1) ... rss is field 24 of stat, index 21 here
-        table[int(name)] = (int(fields[1]), int(fields[21]))
+        # after the command: state(0) ppid(1) ... utime(11) stime(12) ... rss(21)
+        table[int(name)] = _Process(int(fields[1]), int(fields[21]), int(fields[11]) + int(fields[12]))
     return table
+
+
+def _tree(root: int) -> list[_Process]:
+    """``root`` and all its live descendants."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for pid, process in table.items():
+        children.setdefault(process.ppid, []).append(pid)
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        if pid in table:
+            found.append(table[pid])
+        stack.extend(children.get(pid, ()))
+    return found
 
 
 def tree_rss(root: int) -> int:
     """Bytes of RSS of ``root`` and all its descendants now."""
-    table = _proc_table()
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        if pid in table:
-            total += table[pid][1]
-        stack.extend(children.get(pid, ()))
-    return total * PAGE
+    return sum(process.rss_pages for process in _tree(root)) * PAGE
+
+
+def tree_cpu(root: int) -> float:
+    """Seconds of user+system CPU of ``root`` and its live descendants."""
+    return sum(process.cpu_ticks for process in _tree(root)) / os.sysconf("SC_CLK_TCK")
 
 
 class TreeSampler:

@@ -22,7 +22,7 @@ from typing import Any
 import requests
 
 from bench.images import BuiltImage, log
-from bench.measure import Measured, measure
+from bench.measure import Measured, measure, tree_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -61,35 +61,6 @@ class Compressor:
         if self.level is not None:
             flags += ["--comp-extra", f"level={self.level}"]
         return flags
-
-
-# --------------------------------------------------------------------------- process-tree CPU
-
-
-def tree_cpu(root: int) -> float:
-    """Seconds of user+system CPU of ``root`` and its live descendants."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    table: dict[int, tuple[int, float]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                data = handle.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(b")") + 2:].split()
-        table[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    total, stack = 0.0, [root]
-    while stack:
-        pid = stack.pop()
-        if pid in table:
-            total += table[pid][1]
-        stack.extend(children.get(pid, ()))
-    return total
 
 
 # --------------------------------------------------------------------------- services for (b)

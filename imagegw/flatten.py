@@ -19,10 +19,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal, NamedTuple, cast, overload
+from typing import IO, Literal, cast, overload
 
 from imagegw.errors import LayerError, UnsafeLayerEntry
-from imagegw.tarscan import scan_headers
+from imagegw.tarscan import Header, scan_headers
 
 _log = logging.getLogger(__name__)
 
@@ -325,42 +325,8 @@ class _TarWriter:
         return LayerError(f"layer {self._layers[node.layer].digest}: {path!r}: the layer file ends inside its data")
 
 
-class _Member(NamedTuple):
-    """What applying a layer needs of one tar entry: small, and cached beside the layer."""
-
-    name: str
-    type: bytes
-    mode: int
-    mtime: int
-    size: int
-    offset_data: int
-    linkname: str
-    sparse: tuple[tuple[int, int], ...] | None
-
-    def isreg(self) -> bool:
-        return self.type == tarfile.REGTYPE
-
-    def isdir(self) -> bool:
-        return self.type == tarfile.DIRTYPE
-
-    def issym(self) -> bool:
-        return self.type == tarfile.SYMTYPE
-
-    def islnk(self) -> bool:
-        return self.type == tarfile.LNKTYPE
-
-    def isfifo(self) -> bool:
-        return self.type == tarfile.FIFOTYPE
-
-    def ischr(self) -> bool:
-        return self.type == tarfile.CHRTYPE
-
-    def isblk(self) -> bool:
-        return self.type == tarfile.BLKTYPE
-
-
 _MEMBERS_FORMAT = 1
-"""Bump when _Member changes: older member files are then re-read from the tar."""
+"""Bump when Header changes: older member files are then re-read from the tar."""
 
 
 def prepare_layer(source: LayerSource) -> None:
@@ -372,13 +338,13 @@ def prepare_layer(source: LayerSource) -> None:
     read_members(source)
 
 
-def read_members(source: LayerSource) -> list[_Member]:
+def read_members(source: LayerSource) -> list[Header]:
     """A layer's entries in tar order, from its member file when one was written before."""
     cached = _members_path(source)
     try:
         version, rows = marshal.loads(cached.read_bytes())
         if version == _MEMBERS_FORMAT:
-            return [_Member(*row) for row in rows]
+            return [Header(*row) for row in rows]
     except (OSError, ValueError, EOFError, TypeError):
         pass
     members = _scan(source)
@@ -390,13 +356,13 @@ def _members_path(source: LayerSource) -> Path:
     return source.path.with_name(source.path.name + ".members")
 
 
-def _scan(source: LayerSource) -> list[_Member]:
+def _scan(source: LayerSource) -> list[Header]:
     try:
         headers = scan_headers(source.path)
     except OSError as exc:
         raise LayerError(f"layer {source.digest}: unreadable tar: {exc}") from None
     if headers is not None:
-        return [_Member(*header, sparse=None) for header in headers]
+        return headers
     # Sparse files, global PAX headers, damage: tarfile reads (or rejects) what the fast reader does not.
     members = []
     try:
@@ -412,13 +378,13 @@ def _scan(source: LayerSource) -> list[_Member]:
     return members
 
 
-def _member(info: tarfile.TarInfo) -> _Member:
+def _member(info: tarfile.TarInfo) -> Header:
     # tarfile's isreg() also covers AREGTYPE, CONTTYPE and GNU sparse members: one type for all.
     kind = tarfile.REGTYPE if info.isreg() else info.type
     # typeshed says bytes; tarfile stores (offset, size) extents
     extents = cast("list[tuple[int, int]] | None", info.sparse)
     sparse = None if extents is None else tuple((start, length) for start, length in extents)
-    return _Member(info.name, kind, info.mode, int(info.mtime), info.size, info.offset_data, info.linkname, sparse)
+    return Header(info.name, kind, info.mode, int(info.mtime), info.size, info.offset_data, info.linkname, sparse)
 
 
 def _check_end(source: LayerSource, offset: int) -> None:
@@ -431,7 +397,7 @@ def _check_end(source: LayerSource, offset: int) -> None:
         raise LayerError(f"layer {source.digest}: unreadable tar: invalid header at byte {offset}")
 
 
-def _write_members(path: Path, members: list[_Member]) -> None:
+def _write_members(path: Path, members: list[Header]) -> None:
     # Written aside and renamed: a reader sees the whole file or none. A cache that cannot
     # be written to only costs the next pull a re-read.
     temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
@@ -461,7 +427,7 @@ class _LayerApplier:
         for member in read_members(self.source):
             self._entry(member)
 
-    def _entry(self, member: _Member) -> None:
+    def _entry(self, member: Header) -> None:
         parts = self._clean(member.name, repr(member.name))
         if not parts:
             self._root_entry(member)
@@ -490,14 +456,14 @@ class _LayerApplier:
             self.warn(f"layer {self.source.digest}: {what} climbs above the image root; kept inside it")
         return parts
 
-    def _root_entry(self, member: _Member) -> None:
+    def _root_entry(self, member: Header) -> None:
         if member.isdir():
             self.root.mode, self.root.mtime = _dir_mode(member.mode), int(member.mtime)
         else:
             # CVE-2021-29136: a "." symlink would make the root itself point elsewhere.
             self.warn(f"layer {self.source.digest}: dropped {member.name!r}: only a directory can be the image root")
 
-    def _node(self, member: _Member) -> _Node | None:
+    def _node(self, member: Header) -> _Node | None:
         """The model node for an entry, or None (with a warning) if the image must not have it."""
         mtime = int(member.mtime)
         if member.isreg():

@@ -34,6 +34,29 @@ class Header(NamedTuple):
     size: int
     offset_data: int
     linkname: str
+    sparse: tuple[tuple[int, int], ...] | None = None
+    """A GNU sparse file's (offset, length) extents; only tarfile reads those."""
+
+    def isreg(self) -> bool:
+        return self.type == _REGTYPE
+
+    def isdir(self) -> bool:
+        return self.type == _DIRTYPE
+
+    def issym(self) -> bool:
+        return self.type == b"2"
+
+    def islnk(self) -> bool:
+        return self.type == b"1"
+
+    def isfifo(self) -> bool:
+        return self.type == b"6"
+
+    def ischr(self) -> bool:
+        return self.type == b"3"
+
+    def isblk(self) -> bool:
+        return self.type == b"4"
 
 
 class _Unsupported(Exception):
