@@ -26,6 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from testsupport.registry import log_tail
+
 INSTALL_HINT = "apt-get install munge"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -49,15 +51,6 @@ def find_binary(name: str) -> str:
     if path is None:
         raise MungedStartError(f"{name} not found on PATH or in /usr/sbin: {INSTALL_HINT}")
     return path
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    """Return the last ``lines`` lines of a log file ('' if it does not exist)."""
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _answers(socket_path: str) -> bool:
