@@ -25,6 +25,7 @@ from imagegw.flatten import ImageTree
 
 _STDERR_TAIL = 2000
 _PIPE_SIZE = 1 << 20
+_QUEUE_BACKLOG = 100
 _MAGIC = b"hsqs"
 _SUPERBLOCK_HEAD = 22
 """Bytes of the superblock up to and including the compressor id (a u16 at offset 20)."""
@@ -165,6 +166,9 @@ def _tar2sqfs_command(output: Path, compression: Compression, block_size: int, j
         command += ["--comp-extra", f"level={compression.level}"]
     return command + [
         "--block-size", str(block_size), "--num-jobs", str(jobs),
+        # The default backlog (10 blocks a job) stalls the reader while blocks compress; 100
+        # blocks (12.5 MiB at the default size) built an 875 MB layer 10-15% faster here.
+        "--queue-backlog", str(_QUEUE_BACKLOG),
         # Owners are root and xattrs dropped already; these keep tar2sqfs's own choices the same.
         "--defaults", "uid=0,gid=0,mode=0755", "--no-xattr",
         # A record tar2sqfs cannot read must fail the build, not vanish from the image.
