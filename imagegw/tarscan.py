@@ -17,6 +17,7 @@ from typing import NamedTuple
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _ZEROS_CHUNK = 1 << 20
+_MAX_EXTENDED_HEADER = 1 << 20
 _POSIX_MAGIC = b"ustar\x0000"
 _GNU_LONGNAME, _GNU_LONGLINK, _PAX_LOCAL = b"L", b"K", b"x"
 _NO_DATA_TYPES = {b"1", b"2", b"3", b"4", b"5", b"6"}  # links, devices, directories, FIFOs
@@ -105,6 +106,8 @@ def _scan(data: _Reader, size: int) -> list[Header]:
         next_offset = data_offset + -(-length // _BLOCK) * _BLOCK
         if next_offset > size:
             raise _Unsupported
+        if kind in (_GNU_LONGNAME, _GNU_LONGLINK, _PAX_LOCAL) and length > _MAX_EXTENDED_HEADER:
+            raise _Unsupported  # a name or record set larger than any real one
         if kind in (_GNU_LONGNAME, _GNU_LONGLINK):
             text = _text(data[data_offset:data_offset + length])
             if kind == _GNU_LONGNAME:
@@ -122,6 +125,8 @@ def _scan(data: _Reader, size: int) -> list[Header]:
         name = pax.get("path") or long_name or _name(block, kind)
         linkname = pax.get("linkpath") or long_link or _text(block[157:257])
         if "size" in pax:
+            if not pax["size"].isdigit():
+                raise _Unsupported
             length = int(pax["size"])
             next_offset = data_offset + -(-length // _BLOCK) * _BLOCK
         mtime = int(float(pax["mtime"])) if "mtime" in pax else _number(block[136:148])

@@ -86,3 +86,16 @@ def test_unusual_archives_are_left_to_tarfile(tmp_path: Path) -> None:
                       pax_headers={"comment": "global"}) as out:
         out.addfile(*entry("a", data=b"a")[:1], io.BytesIO(b"a"))
     assert scan_headers(tmp_path / "global.tar") is None
+
+
+def test_hostile_extended_headers_are_left_to_tarfile(tmp_path: Path) -> None:
+    negative = tarfile.TarInfo("neg")
+    with tarfile.open(tmp_path / "neg.tar", "w", format=tarfile.PAX_FORMAT) as out:
+        negative.pax_headers = {"size": "-5"}
+        out.addfile(negative)
+    huge_name = "n/" * 600_000  # a 1.2 MB name
+    with tarfile.open(tmp_path / "huge.tar", "w", format=tarfile.GNU_FORMAT) as out:
+        out.addfile(tarfile.TarInfo(huge_name))
+
+    assert scan_headers(tmp_path / "neg.tar") is None
+    assert scan_headers(tmp_path / "huge.tar") is None
