@@ -70,7 +70,7 @@ class PrefectServer:
     """``prefect server start`` on a free loopback port, its home (and SQLite database) in the workdir."""
 
     def __init__(self, home: Path) -> None:
-        from testsupport.registry import free_port
+        from imagegw.localhost import free_port
 
         self.home = home
         home.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from pymongo.errors import PyMongoError
 from imagegw.config import MONGODB_URI_ENV, Settings
 from imagegw.errors import IndexUnavailable
 from imagegw.index import ImageIndex
+from imagegw.localhost import free_port, listening, log_tail
 
 _START_TIMEOUT = 30.0
 _clients: dict[str, pymongo.MongoClient] = {}
@@ -105,13 +105,13 @@ def _running_server(home: Path) -> EmbeddedServer | None:
     except (OSError, ValueError):
         return None
     pid, port = recorded.get("pid"), recorded.get("port")
-    if not isinstance(pid, int) or not isinstance(port, int) or not _alive(pid) or not _listening(port):
+    if not isinstance(pid, int) or not isinstance(port, int) or not _alive(pid) or not listening("127.0.0.1", port):
         return None
     return EmbeddedServer(uri=f"mongodb://127.0.0.1:{port}", pid=pid, owned=False)
 
 
 def _start_server(home: Path) -> EmbeddedServer:
-    port = _free_port()
+    port = free_port()
     log_path = home / "secantus.log"
     data = home / "data"
     data.mkdir(exist_ok=True)
@@ -122,12 +122,11 @@ def _start_server(home: Path) -> EmbeddedServer:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     deadline = time.monotonic() + _START_TIMEOUT
-    while not _listening(port):
+    while not listening("127.0.0.1", port):
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise IndexUnavailable(
-                f"the embedded database (SecantusDB) did not start; see {log_path}: {_tail(log_path)}"
-            )
+            tail = " | ".join(log_tail(log_path, 5).splitlines()) or "(no log)"
+            raise IndexUnavailable(f"the embedded database (SecantusDB) did not start; see {log_path}: {tail}")
         time.sleep(0.05)
     (home / "server.json").write_text(json.dumps({"pid": process.pid, "port": port}))
     return EmbeddedServer(uri=f"mongodb://127.0.0.1:{port}", pid=process.pid, owned=True)
@@ -139,20 +138,6 @@ def check_reachable(database: Database) -> None:
         database.command("ping")
     except PyMongoError as exc:
         raise IndexUnavailable(f"the image index (MongoDB) is unreachable: {exc}") from None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def _alive(pid: int) -> bool:
@@ -176,10 +161,3 @@ def _wait_for_exit(pid: int, timeout: float) -> None:
                 return
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
-
-
-def _tail(path: Path, lines: int = 5) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

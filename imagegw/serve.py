@@ -29,6 +29,7 @@ from urllib.request import urlopen
 from imagegw.config import MONGODB_URI_ENV, Settings
 from imagegw.database import ensure_embedded_server
 from imagegw.errors import ServiceUnavailable
+from imagegw.localhost import listening, log_tail
 
 STOP_TIMEOUT = 5.0
 """Seconds a child gets to exit after SIGTERM: a Prefect runner may ignore it for 8–16 s."""
@@ -68,7 +69,8 @@ class Child:
 
     def failure(self, problem: str) -> ServiceUnavailable:
         """An error naming the part, what went wrong, and the end of its log."""
-        return ServiceUnavailable(f"{self.name} {problem}; the end of {self.log}:\n{_tail(self.log)}")
+        tail = log_tail(self.log, 15) or "(no log)"
+        return ServiceUnavailable(f"{self.name} {problem}; the end of {self.log}:\n{tail}")
 
     def stop(self) -> None:
         """SIGTERM the whole group, then SIGKILL whatever is left after STOP_TIMEOUT."""
@@ -220,7 +222,7 @@ def _start_worker(children: Children, settings: Settings) -> None:
 def _start_api(children: Children, settings: Settings, host: str, port: int) -> None:
     command = _imagegw("api", "--config", str(settings.source), "--host", host, "--port", str(port))
     api = children.spawn("the API", command, _log_dir(settings) / "api.log", dict(os.environ))
-    children.wait_until(lambda: _listening(_connect_host(host), port), API_START_TIMEOUT,
+    children.wait_until(lambda: listening(_connect_host(host), port), API_START_TIMEOUT,
                         f"a listener on {host}:{port}", api)
 
 
@@ -256,14 +258,6 @@ def _check_free(host: str, port: int, what: str) -> None:
             raise ServiceUnavailable(f"cannot listen on {host}:{port} for {what}: {exc.strerror}") from None
 
 
-def _listening(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _connect_host(host: str) -> str:
     """Where to reach a server bound to ``host``: a wildcard address is reached on loopback."""
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
@@ -286,10 +280,3 @@ def _without_password(uri: str) -> str:
 
 def _log_dir(settings: Settings) -> Path:
     return settings.state_dir / "logs"
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import json
 import ssl
 import subprocess
@@ -23,6 +22,7 @@ from imagegw.errors import (
     RegistryUnreachable,
     UnsupportedManifest,
 )
+from imagegw.localhost import free_port
 from imagegw.reference import ImageRef
 from imagegw.registry import (
     DOCKER_MANIFEST,
@@ -32,22 +32,21 @@ from imagegw.registry import (
     PlatformSpec,
     RegistryClient,
 )
-from testsupport.images import LayerBuilder, push_image, push_index
-from testsupport.registry import RunningRegistry, free_port
-
 from tests.fake_registry import (
     FakeImage,
     FakeRegistry,
     Reply,
     Seen,
-    json_reply,
     client_for,
+    json_reply,
     location_of,
     ref_to,
     registry_error,
     sha256,
     tar_of,
 )
+from testsupport.images import LayerBuilder, push_image, push_index
+from testsupport.registry import RunningRegistry
 
 # --------------------------------------------------------------------------- manifests (fake server)
 

@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import requests
 
+from imagegw.localhost import free_port
 from testsupport.images import LayerBuilder, push_image
 from testsupport.munge import RunningMunged
-from testsupport.registry import RunningRegistry, free_port
+from testsupport.registry import RunningRegistry
 
 START_TIMEOUT = 150.0
 """A cold Prefect server alone may take ~20 s on 2 cores; serve allows it 120 s."""

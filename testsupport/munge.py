@@ -23,10 +23,10 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
-from testsupport.registry import log_tail
+from imagegw.localhost import log_tail
+from testsupport.service import StoppedOnExit
 
 INSTALL_HINT = "apt-get install munge"
 START_TIMEOUT = 10.0
@@ -66,7 +66,7 @@ def _answers(socket_path: str) -> bool:
         return True
 
 
-class RunningMunged:
+class RunningMunged(StoppedOnExit):
     """A munged process with a private key and socket.
 
     Attributes:
@@ -137,7 +137,7 @@ class RunningMunged:
             else f"did not answer within {START_TIMEOUT:.0f} s"
         )
         raise MungedStartError(
-            f"munged on {self.socket_path} {state}; last lines of {self.log_path}:\n{log_tail(self.log_path)}"
+            f"munged on {self.socket_path} {state}; last lines of {self.log_path}:\n{log_tail(self.log_path, 30)}"
         )
 
     @property
@@ -192,16 +192,6 @@ class RunningMunged:
         """The last lines of this munged's log."""
         return log_tail(self.log_path, lines)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"<RunningMunged {self.socket_path} running={self.running}>"

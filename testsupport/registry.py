@@ -16,15 +16,16 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
 import bcrypt
 import requests
+
+from imagegw.localhost import free_port, log_tail
+from testsupport.service import StoppedOnExit
 
 if TYPE_CHECKING:
     from testsupport.tokenserver import TokenServer
@@ -46,13 +47,6 @@ def find_registry_binary() -> str:
     if path is None:
         raise RegistryStartError(f"{REGISTRY_BINARY} not found on PATH: {INSTALL_HINT}")
     return path
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_htpasswd(path: Path, users: dict[str, str]) -> None:
@@ -113,15 +107,6 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
     path.write_text("\n".join(_yaml_lines(config)) + "\n")
 
 
-def log_tail(path: Path, lines: int = 30) -> str:
-    """Return the last ``lines`` lines of a log file ('' if it does not exist)."""
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 def _clean_env() -> dict[str, str]:
     """The current environment without ``REGISTRY_*`` overrides of the config."""
     return {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
@@ -136,7 +121,7 @@ def _answers(url: str) -> bool:
     return response.status_code in (200, 401)
 
 
-class RunningRegistry:
+class RunningRegistry(StoppedOnExit):
     """A ``docker-registry serve`` process listening on 127.0.0.1.
 
     Attributes:
@@ -256,7 +241,7 @@ class RunningRegistry:
             time.sleep(0.05)
         returncode = self._process.poll() if self._process is not None else None
         self.stop()
-        tail = log_tail(self.log_path)
+        tail = log_tail(self.log_path, 30)
         if "address already in use" in tail[-2000:]:
             raise _PortTaken(f"port {self.port} was taken:\n{tail}")
         state = (
@@ -302,16 +287,6 @@ class RunningRegistry:
         """The last lines of this registry's log."""
         return log_tail(self.log_path, lines)
 
-    def __enter__(self) -> RunningRegistry:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         auth = "token" if self.token_server else ("basic" if self.credentials else "anonymous")

@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,6 +31,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
+
+from testsupport.service import StoppedOnExit
 
 TOKEN_TTL = 300
 ANONYMOUS_ACTIONS = frozenset({"pull"})
@@ -125,7 +126,7 @@ class _Reply:
     headers: dict[str, str]
 
 
-class TokenServer:
+class TokenServer(StoppedOnExit):
     """A running token server.
 
     Attributes:
@@ -241,16 +242,6 @@ class TokenServer:
             self._httpd.server_close()
             thread.join(timeout=5)
 
-    def __enter__(self) -> TokenServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 class _Handler(BaseHTTPRequestHandler):
