@@ -21,12 +21,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import IO
 
 from imagegw.localhost import log_tail
-from testsupport.service import StoppedOnExit
+from testsupport.service import StoppedOnExit, wait_until_answering
 
 INSTALL_HINT = "apt-get install munge"
 START_TIMEOUT = 10.0
@@ -122,13 +121,8 @@ class RunningMunged(StoppedOnExit):
 
     def _wait_ready(self) -> None:
         """Poll the socket until it answers, munged exits, or time runs out."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if _answers(self.socket_path):
-                return
-            if self._process is not None and self._process.poll() is not None:
-                break
-            time.sleep(0.02)
+        if wait_until_answering(lambda: _answers(self.socket_path), self._process, START_TIMEOUT, 0.02):
+            return
         returncode = self._process.poll() if self._process is not None else None
         self.stop()
         state = (

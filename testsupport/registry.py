@@ -17,7 +17,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -25,7 +24,7 @@ import bcrypt
 import requests
 
 from imagegw.localhost import free_port, log_tail
-from testsupport.service import StoppedOnExit
+from testsupport.service import StoppedOnExit, wait_until_answering
 
 if TYPE_CHECKING:
     from testsupport.tokenserver import TokenServer
@@ -232,13 +231,8 @@ class RunningRegistry(StoppedOnExit):
 
     def _wait_ready(self) -> None:
         """Poll ``/v2/`` until it answers, the process dies, or time runs out."""
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if _answers(self.url):
-                return
-            if self._process is not None and self._process.poll() is not None:
-                break
-            time.sleep(0.05)
+        if wait_until_answering(lambda: _answers(self.url), self._process, START_TIMEOUT, 0.05):
+            return
         returncode = self._process.poll() if self._process is not None else None
         self.stop()
         tail = log_tail(self.log_path, 30)

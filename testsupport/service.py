@@ -1,7 +1,10 @@
-"""What every test service (registry, token server, munged) shares: ``with`` stops it."""
+"""What the test services (registry, token server, munged) share: ``with`` stops them; start-up polling."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -18,3 +21,16 @@ class StoppedOnExit:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def wait_until_answering(answers: Callable[[], bool], process: subprocess.Popen[bytes] | None, timeout: float,
+                         interval: float) -> bool:
+    """Poll ``answers`` until it is true; False once ``process`` has exited or ``timeout`` s passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if answers():
+            return True
+        if process is not None and process.poll() is not None:
+            return False
+        time.sleep(interval)
+    return False
