@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from imagegw.localhost import log_tail
-from testsupport.service import StoppedOnExit, wait_until_answering
+from testsupport.service import StoppedOnExit, terminate, wait_until_answering
 
 INSTALL_HINT = "apt-get install munge"
 START_TIMEOUT = 10.0
@@ -168,13 +167,7 @@ class RunningMunged(StoppedOnExit):
     def stop(self) -> None:
         """Stop munged (SIGTERM, then SIGKILL after 5 s) and remove its socket directory. Idempotent."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, STOP_TIMEOUT)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

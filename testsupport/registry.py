@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -24,7 +23,7 @@ import bcrypt
 import requests
 
 from imagegw.localhost import free_port, log_tail
-from testsupport.service import StoppedOnExit, wait_until_answering
+from testsupport.service import StoppedOnExit, terminate, wait_until_answering
 
 if TYPE_CHECKING:
     from testsupport.tokenserver import TokenServer
@@ -256,13 +255,7 @@ class RunningRegistry(StoppedOnExit):
     def stop(self) -> None:
         """Stop the process (SIGTERM, then SIGKILL after 5 s). Safe to call twice."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        terminate(process, STOP_TIMEOUT)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None

@@ -34,3 +34,15 @@ def wait_until_answering(answers: Callable[[], bool], process: subprocess.Popen[
             return False
         time.sleep(interval)
     return False
+
+
+def terminate(process: subprocess.Popen[bytes] | None, timeout: float) -> None:
+    """SIGTERM ``process`` if it still runs, SIGKILL it after ``timeout`` s, and reap it."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
