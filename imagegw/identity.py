@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grp
 import os
 import pwd
 from dataclasses import dataclass, field
@@ -43,13 +42,6 @@ def identify(identity: MungeIdentity) -> Caller:
         groups.update(os.getgrouplist(user, identity.gid))
     return Caller(uid=identity.uid, gid=identity.gid, user=user, groups=frozenset(groups),
                   logins=parse_authorized_locations(identity.payload))
-
-
-def group_name(gid: int) -> str | None:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return None
 
 
 def _user_name(uid: int) -> str | None:
