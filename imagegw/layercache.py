@@ -333,6 +333,10 @@ class _HashingWriter:
             self._chunks.append(data)
             self._queued += size
             self._changed.notify_all()
+            if size > self._QUEUED_BYTES // 2:
+                # A chunk this big (only a highly compressed zstd layer makes them) would have the
+                # next one made beside it while it waits to be queued: let this one be written first.
+                self._changed.wait_for(lambda: self._queued <= self._QUEUED_BYTES // 2)
 
     def _drain(self) -> None:
         while True:
