@@ -11,11 +11,14 @@ from typing import Any
 
 from prefect import flow
 
+from imagegw.arrivals import LayerArrivals
 from imagegw.config import Settings, load_settings
 from imagegw.database import open_index
 from imagegw.errors import ImagegwError
 from imagegw.index import HEARTBEAT_INTERVAL, PullKey
-from imagegw.job import pull_key
+from imagegw.job import PullJob, pull_key
+from imagegw.registry import ResolvedImage
+from imagegw.squash import ImageStream, SquashResult
 from tasks.index import index, is_ready, plan, settle_access
 from tasks.pull import pull, resolve
 from tasks.squash import squash
@@ -37,11 +40,29 @@ async def pull_image(image: str, platform: str, config: str | None = None) -> di
         access = settle_access(job, manifest)
         squashfs = None
         if not is_ready(job, manifest):  # an unchanged digest is neither downloaded nor converted again
-            layers = pull(job, manifest)
-            tree = unpack(job, manifest, layers)
-            squashfs = squash(job, tree, scratch)
+            squashfs = pull_unpack_squash(job, manifest, scratch)
         published = transfer(job, manifest, access, squashfs)
         return index(job, manifest, published, access)
+
+
+def pull_unpack_squash(job: PullJob, manifest: ResolvedImage, scratch: Path) -> SquashResult:
+    """The three stages run side by side, like a shell pipeline: each layer is flattened into
+    the tar stream as it downloads, and tar2sqfs compresses the stream as it is written."""
+    arrivals = LayerArrivals([layer.digest for layer in manifest.layers])
+    stream = ImageStream()
+    try:
+        pulling = pull.submit(job, manifest, arrivals)
+        # Whatever becomes of the pull (retries included), the unpack stage must stop waiting for layers.
+        pulling.add_done_callback(lambda _: arrivals.close("the pull stage ended without it"))
+        squashing = squash.submit(job, stream, scratch)
+        try:
+            unpack(job, arrivals, stream)
+        finally:
+            pulling.result()  # a failed download is the cause of whatever else failed: raised first
+        return squashing.result()
+    finally:
+        arrivals.release()
+        stream.close_reader()
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import marshal
 import os
 import threading
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,25 +129,67 @@ class ImageTree:
         """
         return {path: _describe(node) for path, node in _walk(self._root)}
 
-    def write_tar(self, out: IO[bytes]) -> None:
+    def write_tar(self, out: IO[bytes], written: Collection[str] = ()) -> None:
         """Write the tree to ``out`` (a file or pipe) as one PAX tar, end blocks included.
 
         Paths come in sorted pre-order, so every directory precedes its children; a hard
         link group's data is written at its first path, and later paths are links to it.
+        ``written`` are regular files already in the stream (see ``imagegw.topdown``): they
+        are skipped, and the hard links to them point at them.
         """
         out.flush()
-        first_paths: dict[int, str] = {}
-        with _TarWriter(out.fileno(), self._layers) as writer:
-            writer.write(_header("./", self._root))
+        data_paths = {id(self._node_at(path)): path for path in written}
+        with ExitStack() as files:
+            layer_fds = [files.enter_context(open(layer.path, "rb")).fileno() for layer in self._layers]
+            archives: dict[int, tarfile.TarFile] = {}
+            writer = TarWriter(out.fileno())
+            if not written:
+                writer.write(_header("./", self._root))
             for path, node in _walk(self._root):
-                if isinstance(node, _File) and id(node) in first_paths:
-                    writer.write(_link_header(path, node, first_paths[id(node)]))
+                if isinstance(node, _File) and id(node) in data_paths:
+                    if data_paths[id(node)] != path:
+                        writer.write(_link_header(path, node, data_paths[id(node)]))
                     continue
                 writer.write(_header(path, node))
                 if isinstance(node, _File):
-                    first_paths[id(node)] = path
-                    writer.file_data(node, path)
+                    data_paths[id(node)] = path
+                    if node.sparse is not None:
+                        self._copy_sparse(writer, files, archives, node)
+                    else:
+                        writer.copy(layer_fds[node.layer], node.offset, node.size, self._describe(node, path))
+                    writer.pad(node.size)
+            if written:  # tar2sqfs takes the root's attributes from a late "./" as well
+                writer.write(_header("./", self._root))
             writer.write(bytes(2 * _BLOCK))
+            writer.flush()
+
+    def file_at(self, path: str) -> tuple[int, int] | None:
+        """(layer index, data offset) of the regular file at ``path`` (no symlinks followed), else None."""
+        node = self._node_at(path)
+        return (node.layer, node.offset) if isinstance(node, _File) and node.sparse is None else None
+
+    def _node_at(self, path: str) -> _Node | None:
+        node: _Node | None = self._root
+        for name in path.split("/"):
+            node = node.children.get(name) if isinstance(node, _Dir) else None
+        return node
+
+    def _describe(self, node: _File, path: str) -> str:
+        return f"layer {self._layers[node.layer].digest}: {path!r}"
+
+    def _copy_sparse(self, writer: TarWriter, files: ExitStack, archives: dict[int, tarfile.TarFile],
+                     node: _File) -> None:
+        """Copy a sparse member's expanded content; tarfile knows the sparse map formats."""
+        if node.layer not in archives:
+            archives[node.layer] = files.enter_context(tarfile.open(self._layers[node.layer].path, "r:"))
+        archive = archives[node.layer]
+        info = tarfile.TarInfo()
+        info.type, info.offset_data, info.size = tarfile.REGTYPE, node.offset, node.size
+        info.sparse = list(node.sparse or ())  # type: ignore[assignment]  # typeshed says bytes: it is extents
+        data = archive.extractfile(info)
+        assert data is not None  # a regular member always has a file object
+        while chunk := data.read(_BUFFER_LIMIT):
+            writer.write(chunk)
 
 
 def _walk(root: _Dir) -> Iterator[tuple[str, _Node]]:
@@ -178,6 +220,11 @@ def _header(path: str, node: _Node) -> bytes:
     if isinstance(node, _Symlink):
         return _encode(path, tarfile.SYMTYPE, 0o777, node.mtime, linkname=node.target)
     return _encode(path, tarfile.FIFOTYPE, node.mode, node.mtime)
+
+
+def file_header(path: str, mode: int, mtime: int, size: int) -> bytes:
+    """The header ``write_tar`` gives the regular file at ``path`` made from a member with these fields."""
+    return _encode(path, tarfile.REGTYPE, _file_mode(mode), int(mtime), size=size)
 
 
 def _link_header(path: str, node: _File, first_path: str) -> bytes:
@@ -232,33 +279,13 @@ def _pax(path: str, kind: bytes, mode: int, mtime: int, size: int, linkname: str
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-class _TarWriter:
-    """Buffered writes to a file descriptor, with file data moved by sendfile where it can be.
+class TarWriter:
+    """Buffered writes to a file descriptor, with file data moved by sendfile where it can be."""
 
-    Each layer file is opened once, on entering; leaving flushes and closes them.
-    """
-
-    def __init__(self, fd: int, layers: tuple[LayerSource, ...]) -> None:
+    def __init__(self, fd: int) -> None:
         self._fd = fd
-        self._layers = layers
         self._buffer = bytearray()
         self._sendfile = True
-        self._files = ExitStack()
-        self._layer_fds: list[int] = []
-        self._archives: dict[int, tarfile.TarFile] = {}
-
-    def __enter__(self) -> _TarWriter:
-        try:
-            self._layer_fds = [self._files.enter_context(open(layer.path, "rb")).fileno() for layer in self._layers]
-        except BaseException:
-            self._files.close()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        with self._files:
-            if exc_info[0] is None:
-                self.flush()
 
     def write(self, data: bytes) -> None:
         self._buffer += data
@@ -273,19 +300,24 @@ class _TarWriter:
                 written += os.write(self._fd, view[written:])
         self._buffer.clear()
 
-    def file_data(self, node: _File, path: str) -> None:
-        """Write a regular file's content, padded to a whole block."""
-        if node.sparse is not None:
-            self._copy_sparse(node)
-        else:
-            source, offset, end = self._layer_fds[node.layer], node.offset, node.offset + node.size
-            if node.size > _SMALL_FILE and self._sendfile:
-                self.flush()
-                offset = self._send(source, offset, end, node, path)
-            self._copy_by_reading(source, offset, end, node, path)
-        self.write(bytes(-node.size % _BLOCK))
+    def copy(self, source: int, offset: int, size: int, what: str) -> None:
+        """Write ``size`` bytes of ``source`` from ``offset``; ``what`` names them if the source ends early."""
+        end = offset + size
+        if size > _SMALL_FILE and self._sendfile:
+            self.flush()
+            offset = self._send(source, offset, end, what)
+        while offset < end:
+            data = os.pread(source, min(end - offset, _BUFFER_LIMIT), offset)
+            if not data:
+                raise LayerError(f"{what}: the layer file ends inside its data")
+            self.write(data)
+            offset += len(data)
 
-    def _send(self, source: int, offset: int, end: int, node: _File, path: str) -> int:
+    def pad(self, size: int) -> None:
+        """Fill the last block of ``size`` bytes of data."""
+        self.write(bytes(-size % _BLOCK))
+
+    def _send(self, source: int, offset: int, end: int, what: str) -> int:
         """Send ``source`` bytes from ``offset`` to ``end``; where it had to stop if sendfile cannot."""
         while offset < end:
             try:
@@ -297,32 +329,9 @@ class _TarWriter:
                 self._sendfile = False
                 return offset
             if sent == 0:
-                raise self._truncated(node, path)
+                raise LayerError(f"{what}: the layer file ends inside its data")
             offset += sent
         return offset
-
-    def _copy_by_reading(self, source: int, offset: int, end: int, node: _File, path: str) -> None:
-        while offset < end:
-            data = os.pread(source, min(end - offset, _BUFFER_LIMIT), offset)
-            if not data:
-                raise self._truncated(node, path)
-            self.write(data)
-            offset += len(data)
-
-    def _copy_sparse(self, node: _File) -> None:
-        """Copy a sparse member's expanded content; tarfile knows the sparse map formats."""
-        if node.layer not in self._archives:
-            self._archives[node.layer] = self._files.enter_context(tarfile.open(self._layers[node.layer].path, "r:"))
-        info = tarfile.TarInfo()
-        info.type, info.offset_data, info.size = tarfile.REGTYPE, node.offset, node.size
-        info.sparse = list(node.sparse or ())  # type: ignore[assignment]  # typeshed says bytes: it is extents
-        data = self._archives[node.layer].extractfile(info)
-        assert data is not None  # a regular member always has a file object
-        while chunk := data.read(_BUFFER_LIMIT):
-            self.write(chunk)
-
-    def _truncated(self, node: _File, path: str) -> LayerError:
-        return LayerError(f"layer {self._layers[node.layer].digest}: {path!r}: the layer file ends inside its data")
 
 
 _MEMBERS_FORMAT = 1

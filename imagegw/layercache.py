@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -33,6 +34,7 @@ try:
 except ImportError:
     _inflate = zlib  # type: ignore[misc]
 
+from imagegw.arrivals import LayerArrivals
 from imagegw.errors import DigestMismatch, LayerError, RegistryUnreachable
 from imagegw.registry import LayerDescriptor, RegistryClient, ResolvedImage, describe_network_error
 
@@ -70,11 +72,19 @@ class LayerCache:
         return self.path(digest).is_file()
 
     def fetch(self, client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None = None,
-              progress: Callable[[int], None] | None = None) -> Path:
+              progress: Callable[[int], None] | None = None, arrivals: LayerArrivals | None = None) -> Path:
         """The cached tar of ``layer``, downloaded and verified first if needed.
 
-        ``progress`` gets the number of newly downloaded (compressed) bytes after each chunk.
+        ``progress`` gets the number of newly downloaded (compressed) bytes after each chunk;
+        ``arrivals`` hears of the partial file as it grows and of the layer once stored.
         """
+        final = self._fetch(client, repository, layer, diff_id, progress, arrivals)
+        if arrivals is not None:
+            arrivals.stored(layer.digest, final)
+        return final
+
+    def _fetch(self, client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None,
+               progress: Callable[[int], None] | None, arrivals: LayerArrivals | None) -> Path:
         final = self.path(layer.digest)
         if final.is_file():
             return final
@@ -85,7 +95,7 @@ class LayerCache:
                 if final.is_file():
                     return final
                 self._remove_stale_partials(final)
-                self._download(client, repository, layer, diff_id, progress, final)
+                self._download(client, repository, layer, diff_id, progress, arrivals, final)
         except OSError as exc:
             raise LayerError(
                 f"cannot store layer {layer.digest} of {subject} in {self.root}: {exc.strerror or exc}"
@@ -114,12 +124,16 @@ class LayerCache:
 
     @staticmethod
     def _download(client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None,
-                  progress: Callable[[int], None] | None, final: Path) -> None:
+                  progress: Callable[[int], None] | None, arrivals: LayerArrivals | None, final: Path) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".partial", dir=final.parent)
         try:
             with os.fdopen(fd, "wb") as out:
-                _transfer(client, repository, layer, diff_id, progress, out)
+                written = None
+                if arrivals is not None:
+                    arrivals.writing(layer.digest, Path(partial))
+                    written = functools.partial(arrivals.written, layer.digest)
+                _transfer(client, repository, layer, diff_id, progress, out, written)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, final)
@@ -131,9 +145,12 @@ class LayerCache:
 
 def fetch_layers(client: RegistryClient, image: ResolvedImage, cache: LayerCache, *, parallel: int = 3,
                  progress: Callable[[str, int], None] | None = None,
-                 prepare: Callable[[LayerDescriptor, Path], None] | None = None) -> list[Path]:
+                 prepare: Callable[[LayerDescriptor, Path], None] | None = None,
+                 arrivals: LayerArrivals | None = None) -> list[Path]:
     """The cached tars of all of ``image``'s layers, in layer order; missing ones fetched in parallel.
 
+    The largest layer starts first, as it is the critical path; the others follow from the top
+    down, the order in which a flattener reading ``arrivals`` needs them.
     ``progress(digest, new_bytes)`` is called from the download threads. ``prepare(layer, path)``
     runs in the download thread once a layer is in the cache, so per-layer work (reading its
     tar headers) overlaps the other downloads. On the first failure the other downloads are
@@ -151,15 +168,16 @@ def fetch_layers(client: RegistryClient, image: ResolvedImage, cache: LayerCache
                 raise _Abandoned()
             if progress:
                 progress(layer.digest, new_bytes)
-        path = cache.fetch(client, image.ref.repository, layer, diff_id, report)
+        path = cache.fetch(client, image.ref.repository, layer, diff_id, report, arrivals)
         if prepare:
             prepare(layer, path)
         return path
 
     with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(wanted))), thread_name_prefix="layer") as pool:
-        # Largest first: the biggest layer is the critical path, and must not wait for a free thread.
-        by_size = sorted(wanted.items(), key=lambda item: item[1][0].size, reverse=True)
-        futures = {digest: pool.submit(fetch_one, *job) for digest, job in by_size}
+        top_down = list(reversed(wanted.items()))
+        largest = max(top_down, key=lambda item: item[1][0].size)
+        top_down.remove(largest)
+        futures = {digest: pool.submit(fetch_one, *job) for digest, job in [largest, *top_down]}
         wait(futures.values(), return_when=FIRST_EXCEPTION)
         error = _first_error(futures.values())
         if error is not None:
@@ -181,12 +199,16 @@ def _first_error(futures: Iterable[Future[Path]]) -> BaseException | None:
 
 
 def _transfer(client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None,
-              progress: Callable[[int], None] | None, out: BinaryIO) -> None:
-    """Stream the blob into ``out`` decompressed, then check size, digest and diff_id."""
+              progress: Callable[[int], None] | None, out: BinaryIO,
+              written: Callable[[int], None] | None = None) -> None:
+    """Stream the blob into ``out`` decompressed, then check size, digest and diff_id.
+
+    ``written`` is told how many bytes ``out`` holds after each write.
+    """
     subject = f"layer {layer.digest} of {client.location.host}/{repository}"
     compressed = hashlib.sha256()
     received = 0
-    decoder = _LayerDecoder(out)
+    decoder = _LayerDecoder(out, written)
     try:
         with contextlib.closing(client.open_blob(repository, layer.digest)) as response:
             try:
@@ -234,8 +256,8 @@ class _LayerDecoder:
     tell whether the downloaded bytes are the layer at all.
     """
 
-    def __init__(self, out: BinaryIO) -> None:
-        self._sink = _HashingWriter(out)
+    def __init__(self, out: BinaryIO, written: Callable[[int], None] | None = None) -> None:
+        self._sink = _HashingWriter(out, written)
         self._head = b""
         self._codec: _Codec | None = None
         self.error: str | None = None
@@ -298,8 +320,10 @@ class _HashingWriter:
 
     _QUEUED_BYTES = 8 * 1024 * 1024
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: BinaryIO, written: Callable[[int], None] | None = None) -> None:
         self._out = out
+        self._written = written
+        self._size = 0
         self._hash = hashlib.sha256()
         self._chunks: collections.deque[bytes | None] = collections.deque()
         self._queued = 0
@@ -349,6 +373,10 @@ class _HashingWriter:
                 try:
                     self._hash.update(data)
                     self._out.write(data)
+                    if self._written is not None:
+                        self._out.flush()  # readers of the partial file are told of bytes in it, not in a buffer
+                        self._size += len(data)
+                        self._written(self._size)
                 except BaseException as exc:  # handed to the producer thread
                     self._failure = exc
             with self._changed:

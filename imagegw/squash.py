@@ -22,6 +22,7 @@ from typing import IO, NamedTuple
 from imagegw.config import Compression
 from imagegw.errors import ImagegwError, SquashError
 from imagegw.flatten import ImageTree
+from imagegw.topdown import StreamedImage
 
 _STDERR_TAIL = 2000
 _PIPE_SIZE = 1 << 20
@@ -76,13 +77,102 @@ def build_squashfs(tree: ImageTree, output: Path, compression: Compression, bloc
     command = _tar2sqfs_command(output, compression, block_size, jobs or os.cpu_count() or 1)
     try:
         _run_tar2sqfs(command, tree, timeout)
-        listed = len(list_squashfs(output, timeout))
-        if listed != tree.entries:
-            raise SquashError(f"{output} lists {listed} paths, but the image has {tree.entries}")
-        return SquashResult(output, output.stat().st_size, listed)
+        return _listed(output, tree, timeout)
     except BaseException:
         output.unlink(missing_ok=True)
         raise
+
+
+def _listed(output: Path, tree: ImageTree, timeout: float) -> SquashResult:
+    """``output``, once it lists back as many paths as ``tree`` has."""
+    listed = len(list_squashfs(output, timeout))
+    if listed != tree.entries:
+        raise SquashError(f"{output} lists {listed} paths, but the image has {tree.entries}")
+    return SquashResult(output, output.stat().st_size, listed)
+
+
+class ImageStream:
+    """The pipe that the unpack stage writes the image's tar into while the squash stage compresses it.
+
+    Beside the bytes, the writer hands over how the stream ended: a StreamedImage, or the
+    exception that stopped it.
+    """
+
+    def __init__(self) -> None:
+        self.reader, self.writer = os.pipe()
+        _widen_pipe(self.writer)
+        self._ended = threading.Event()
+        self._image: StreamedImage | None = None
+        self._failure: BaseException | None = None
+
+    def finish(self, image: StreamedImage) -> None:
+        """The writer is done (``image.intact`` says whether the stream can be used)."""
+        self._image = image
+        self._close_writer()
+
+    def fail(self, failure: BaseException) -> None:
+        """The writer stopped with ``failure``; the stream must be thrown away."""
+        self._failure = failure
+        self._close_writer()
+
+    def outcome(self) -> StreamedImage:
+        """Wait for the writer; raise SquashError if it failed."""
+        self._ended.wait()
+        if self._failure is not None:
+            raise SquashError(f"the image stream was abandoned: {self._failure}")
+        assert self._image is not None  # set before _ended
+        return self._image
+
+    def close_reader(self) -> None:
+        """The reading end is tar2sqfs's now (or nobody's)."""
+        self.reader = _close(self.reader)
+
+    def _close_writer(self) -> None:
+        self.writer = _close(self.writer)
+        self._ended.set()
+
+
+def _close(fd: int) -> int:
+    # Closing twice could close a descriptor that has since been given to another file.
+    if fd >= 0:
+        os.close(fd)
+    return -1
+
+
+def build_squashfs_streamed(stream: ImageStream, output: Path, compression: Compression, block_size: int = 131072,
+                            jobs: int | None = None, timeout: float = 3600) -> SquashResult:
+    """Build the squashfs from ``stream`` as it is written; as build_squashfs once the writer ends.
+
+    A spoiled stream (see ``imagegw.topdown``) is thrown away, and the image built again from
+    the tree the writer hands over.
+    """
+    command = _tar2sqfs_command(output, compression, block_size, jobs or os.cpu_count() or 1)
+    with tempfile.TemporaryFile() as stderr:
+        try:
+            process = subprocess.Popen(command, stdin=stream.reader, stdout=subprocess.DEVNULL, stderr=stderr)
+        except OSError as exc:
+            raise SquashError(f"cannot run tar2sqfs: {exc}") from None
+        finally:
+            stream.close_reader()
+        try:
+            image = stream.outcome()
+            if image.intact:
+                process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise SquashError(f"tar2sqfs did not finish within {timeout:g} s and was stopped") from None
+        finally:
+            if process.returncode is None:
+                process.kill()
+                process.wait()
+        if not image.intact:
+            return build_squashfs(image.tree, output, compression, block_size, jobs, timeout)
+        stderr.seek(0)
+        try:
+            _check_outcome(process.returncode, [], _tail(stderr.read()))
+            return _listed(output, image.tree, timeout)
+        except BaseException:
+            output.unlink(missing_ok=True)
+            raise
 
 
 def list_squashfs(path: Path, timeout: float = 3600) -> dict[str, SquashEntry]:
@@ -184,7 +274,7 @@ def _run_tar2sqfs(command: list[str], tree: ImageTree, timeout: float) -> None:
         except OSError as exc:
             raise SquashError(f"cannot run tar2sqfs: {exc}") from None
         assert process.stdin is not None  # asked for with stdin=PIPE
-        _widen_pipe(process.stdin)
+        _widen_pipe(process.stdin.fileno())
         failures: list[BaseException] = []
         # A thread feeds the pipe so that tar reading and compressing run on different cores.
         feeder = threading.Thread(target=_feed, args=(tree, process.stdin, failures), daemon=True)
@@ -203,11 +293,11 @@ def _run_tar2sqfs(command: list[str], tree: ImageTree, timeout: float) -> None:
         _check_outcome(process.returncode, failures, _tail(stderr.read()))
 
 
-def _widen_pipe(pipe: IO[bytes]) -> None:
+def _widen_pipe(fd: int) -> None:
     # A 64 KiB pipe makes feeder and tar2sqfs take turns sixteen times a megabyte; 1 MiB lets
     # each run longer. Only an optimisation: a host that refuses keeps the default.
     with suppress(OSError):
-        fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
 
 
 def _feed(tree: ImageTree, pipe: IO[bytes], failures: list[BaseException]) -> None:

@@ -11,6 +11,7 @@ knows every corner and says what is wrong.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -69,24 +70,37 @@ def scan_headers(path: Path) -> list[Header] | None:
     with open(path, "rb") as layer:
         size = os.fstat(layer.fileno()).st_size
         try:
-            return _scan(_Reader(layer.fileno()), size)
+            return list(_headers(_Reader(lambda offset, count: os.pread(layer.fileno(), count, offset)), size))
         except (_Unsupported, ValueError, IndexError):
             return None
+
+
+def follow_headers(read: Callable[[int, int], bytes]) -> Iterator[Header]:
+    """The entries of a tar that ``read(offset, count)`` returns bytes of, as far as this reader can go.
+
+    ``read`` may wait for bytes still being written, and returns fewer only at the end. The
+    entries stop at the tar's end, or quietly before anything only ``tarfile`` reads; the
+    caller must not take a stop for the end of the layer.
+    """
+    try:
+        yield from _headers(_Reader(read), None)
+    except (_Unsupported, ValueError, IndexError):
+        return
 
 
 class _Reader:
     """Slices of a file by offset. Not mmap: mapping a gigabyte layer would count its pages
     in the process's resident memory, and only the headers are wanted."""
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+    def __init__(self, read: Callable[[int, int], bytes]) -> None:
+        self._read = read
 
     def __getitem__(self, span: slice) -> bytes:
-        return os.pread(self._fd, span.stop - span.start, span.start)
+        return self._read(span.start, span.stop - span.start)
 
 
-def _scan(data: _Reader, size: int) -> list[Header]:
-    headers: list[Header] = []
+def _headers(data: _Reader, size: int | None) -> Iterator[Header]:
+    """The entries; with ``size`` None the tar's length is unknown, and what follows its end is not checked."""
     offset = 0
     long_name: str | None = None
     long_link: str | None = None
@@ -96,15 +110,15 @@ def _scan(data: _Reader, size: int) -> list[Header]:
         if len(block) < _BLOCK:
             raise _Unsupported  # cut short: tarfile says how
         if block == _ZERO_BLOCK:
-            if not _only_zeros(data, offset, size):
+            if size is not None and not _only_zeros(data, offset, size):
                 raise _Unsupported  # something after the end marker: tarfile reports it
-            return headers
+            return
         _check_sum(block)
         kind = block[156:157]
         length = _number(block[124:136])
         data_offset = offset + _BLOCK
         next_offset = data_offset + -(-length // _BLOCK) * _BLOCK
-        if next_offset > size:
+        if size is not None and next_offset > size:
             raise _Unsupported
         if kind in (_GNU_LONGNAME, _GNU_LONGLINK, _PAX_LOCAL) and length > _MAX_EXTENDED_HEADER:
             raise _Unsupported  # a name or record set larger than any real one
@@ -136,7 +150,7 @@ def _scan(data: _Reader, size: int) -> list[Header]:
             name = name.rstrip("/")
         if kind in (_AREGTYPE, _CONTTYPE):
             kind = _REGTYPE
-        headers.append(Header(name, kind, _number(block[100:108]), mtime, length, data_offset, linkname))
+        yield Header(name, kind, _number(block[100:108]), mtime, length, data_offset, linkname)
         offset = data_offset if kind in _NO_DATA_TYPES else next_offset
         long_name = long_link = None
         pax = {}

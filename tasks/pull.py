@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from imagegw.arrivals import LayerArrivals
 from imagegw.index import Status
 from imagegw.job import PullJob
 from imagegw.database import open_index
@@ -33,8 +34,11 @@ def resolve(job: PullJob) -> ResolvedImage:
 
 @task(name="pull", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=transient_failure,
       cache_policy=NONE)
-def pull(job: PullJob, image: ResolvedImage) -> list[Path]:
-    """Download the layers not yet in the cache, verified against their digests, and read their tar headers."""
+def pull(job: PullJob, image: ResolvedImage, arrivals: LayerArrivals) -> list[Path]:
+    """Download the layers not yet in the cache, verified against their digests, and read their tar headers.
+
+    ``arrivals`` hears of each layer's bytes as they are written, for the unpack stage.
+    """
     index = open_index(job.settings)
     cache = LayerCache(job.settings.cache_dir)
     cached = sum(1 for layer in image.layers if cache.has(layer.digest))
@@ -43,7 +47,8 @@ def pull(job: PullJob, image: ResolvedImage) -> list[Path]:
     client = RegistryClient(job.ref.location)
     try:
         paths = fetch_layers(client, image, cache, progress=progress,
-                             prepare=lambda layer, path: prepare_layer(LayerSource(path, layer.digest)))
+                             prepare=lambda layer, path: prepare_layer(LayerSource(path, layer.digest)),
+                             arrivals=arrivals)
     finally:
         client.close()
     get_run_logger().info("layers ready: %d fetched, %d from the cache", len(image.layers) - cached, cached)

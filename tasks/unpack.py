@@ -1,25 +1,31 @@
-"""The unpack stage: apply the layers, with OCI whiteout rules, into one image tree."""
+"""The unpack stage: flatten the layers, top down as they arrive, into the tar stream the squash stage reads."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
+from imagegw.arrivals import LayerArrivals
 from imagegw.database import open_index
-from imagegw.flatten import ImageTree, LayerSource, flatten_layers
+from imagegw.flatten import ImageTree
 from imagegw.index import Status
 from imagegw.job import PullJob
-from imagegw.registry import ResolvedImage
+from imagegw.squash import ImageStream
+from imagegw.topdown import flatten_top_down
 
 
 @task(name="unpack", cache_policy=NONE)
-def unpack(job: PullJob, image: ResolvedImage, layer_paths: list[Path]) -> ImageTree:
-    """Flatten the layers, base first, into the tree the squashfs will hold."""
-    open_index(job.settings).set_stage(job.key, Status.EXAMINATION, f"Applying {len(layer_paths)} layers")
+def unpack(job: PullJob, arrivals: LayerArrivals, stream: ImageStream) -> ImageTree:
+    """Write the image into ``stream`` while the layers download, and return its exact tree."""
     logger = get_run_logger()
-    layers = [LayerSource(path=path, digest=layer.digest) for path, layer in zip(layer_paths, image.layers)]
-    tree = flatten_layers(layers, warn=logger.warning)
-    logger.info("image tree: %d entries, %.1f MB of file data", tree.entries, tree.file_bytes / 1e6)
-    return tree
+    try:
+        image = flatten_top_down(arrivals, stream.writer, warn=logger.warning)
+    except BaseException as exc:
+        stream.fail(exc)
+        raise
+    stream.finish(image)
+    open_index(job.settings).set_stage(job.key, Status.CONVERSION, "Finishing the squashfs")
+    logger.info("image tree: %d entries, %.1f MB of file data; %d files streamed while the layers arrived%s",
+                image.tree.entries, image.tree.file_bytes / 1e6, image.streamed_files,
+                "" if image.intact else " (spoiled: the squashfs is built again from the tree)")
+    return image.tree
