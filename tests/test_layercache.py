@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
+from imagegw.arrivals import LayerArrivals
 from imagegw.config import Location
 from imagegw.errors import DigestMismatch, LayerError, RegistryError, RegistryUnreachable
 from imagegw.layercache import LayerCache, fetch_layers
@@ -187,6 +189,27 @@ def test_connection_dropped_mid_layer(fake: FakeRegistry, client: RegistryClient
     assert layer_files(cache) == []
 
 
+def test_arrivals_follow_a_download_into_its_retry(fake: FakeRegistry, client: RegistryClient,
+                                                   cache: LayerCache) -> None:
+    tar = LayerBuilder().file("big", os.urandom(3_000_000)).tar()  # the first 1 MiB chunk arrives
+    blob = gzip.compress(tar)
+    layer = serve(fake, blob)
+    attempts: list[int] = []
+
+    def reply(seen: Seen) -> Reply:
+        attempts.append(1)
+        return 200, {"Content-Length": str(len(blob))}, blob if len(attempts) > 1 else blob[:len(blob) // 2]
+    fake.routes[f"/v2/x/blobs/{layer.digest}"] = reply
+    arrivals = LayerArrivals([layer.digest])
+    with pytest.raises(RegistryUnreachable):
+        cache.fetch(client, "x", layer, arrivals=arrivals)
+    assert arrivals.read(0, 0, 512) == tar[:512]  # a reader already had the start of the failed attempt
+    cache.fetch(client, "x", layer, arrivals=arrivals)
+    assert arrivals.read(0, 0, len(tar) + 1) == tar
+    assert arrivals.wait_stored(0) == cache.path(layer.digest)
+    arrivals.release()
+
+
 def test_missing_blob(fake: FakeRegistry, client: RegistryClient, cache: LayerCache) -> None:
     layer = LayerDescriptor("sha256:" + "4" * 64, 10, GZIP)
     fake.routes[f"/v2/x/blobs/{layer.digest}"] = lambda seen: registry_error(404, "BLOB_UNKNOWN", "blob unknown")
@@ -243,6 +266,7 @@ def test_two_threads_download_a_layer_once(fake: FakeRegistry, client: RegistryC
 FETCH_SCRIPT = """
 import sys
 from pathlib import Path
+from imagegw.arrivals import LayerArrivals
 from imagegw.config import Location
 from imagegw.layercache import LayerCache
 from imagegw.registry import LayerDescriptor, RegistryClient
