@@ -15,6 +15,8 @@ from pathlib import Path
 
 from imagegw.errors import LayerError
 
+_BATCH = 4 * 1024 * 1024
+
 
 class LayerArrivals:
     """The layers of one image (by blob digest, in layer order) as they arrive in the cache."""
@@ -93,9 +95,11 @@ class LayerArrivals:
     def readable(self, index: int, offset: int, end: int) -> tuple[int, int]:
         """A descriptor of layer ``index`` and how far (beyond ``offset``, up to ``end``) it can be read now.
 
-        Waits until at least one byte beyond ``offset`` is there, unless the layer ends first.
+        Waits until a batch of bytes beyond ``offset`` is there (all up to ``end`` if that is
+        nearer), unless the layer ends first: moving data in large pieces spares both sides
+        of the pipe wake-ups.
         """
-        fd, available = self._wait_for(index, offset + 1)
+        fd, available = self._wait_for(index, min(end, offset + _BATCH))
         return fd, min(end, available)
 
     def _wait_for(self, index: int, end: int) -> tuple[int, int]:

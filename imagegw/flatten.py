@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Literal, cast, overload
 
 from imagegw.errors import LayerError, UnsafeLayerEntry
-from imagegw.tarscan import Header, scan_headers
+from imagegw.tarscan import Header, byte_sum, scan_headers
 
 _log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ def _ustar(path: str, kind: bytes, mode: int, mtime: int, size: int, linkname: s
     block[329:337] = _ZERO_ID
     block[337:345] = _ZERO_ID
     block[345:345 + len(prefix)] = prefix
-    block[148:156] = b"%06o\x00 " % sum(block)
+    block[148:156] = b"%06o\x00 " % byte_sum(block)
     return bytes(block)
 
 
