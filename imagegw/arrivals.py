@@ -72,6 +72,11 @@ class LayerArrivals:
 
     # ------------------------------------------------------------------ what readers ask
 
+    def all_stored(self) -> bool:
+        """Whether every layer is in the cache."""
+        with self._changed:
+            return all(digest in self._stored for digest in self.digests)
+
     def wait_started(self, index: int) -> None:
         """Until layer ``index`` has begun to arrive."""
         digest = self.digests[index]

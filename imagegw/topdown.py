@@ -3,8 +3,9 @@
 A layer's files can go into the image as soon as every layer above it is known: what those
 layers replace, delete or make opaque is then known, and nothing below can hide a file. So
 the top layer is written first, and each layer below follows as it arrives, keeping tar2sqfs
-compressing while lower layers still decompress. Directories, links and everything else are
-written at the end, from the exact model of ``imagegw.flatten``.
+compressing while lower layers still decompress. Once every layer is in, the rest (lower
+layers' files, directories, links) is written from the exact model of ``imagegw.flatten``;
+when all layers are cached already, that is the whole image.
 
 What a top-down pass cannot know is checked, not assumed: a symbolic link in a lower layer
 that moves a path, a name that comes twice in one layer, anything only ``tarfile`` reads.
@@ -50,14 +51,16 @@ def flatten_top_down(arrivals: LayerArrivals, out: int, warn: Callable[[str], No
     above = _Shadow()
     reader_gone = False
     for index in reversed(range(len(arrivals.digests))):
+        if reader_gone or arrivals.all_stored():
+            # Nothing left to wait for: the model writes the rest, at a fraction of the cost
+            # per entry of this pass (which pays for reading headers and checking names).
+            break
         arrivals.wait_started(index)
-        if not reader_gone:
-            try:
-                _stream_layer(arrivals, index, writer, above, streamed)
-            except BrokenPipeError:
-                reader_gone = True  # tar2sqfs stopped: the squash stage reports why
-        source = LayerSource(arrivals.wait_stored(index), arrivals.digests[index])
-        above.add(read_members(source))
+        try:
+            _stream_layer(arrivals, index, writer, above, streamed)
+        except BrokenPipeError:
+            reader_gone = True  # tar2sqfs stopped: the squash stage reports why
+        above.add(read_members(LayerSource(arrivals.wait_stored(index), arrivals.digests[index])))
     # Built only now: building it beside the stream, as layers arrive, cost more in contention
     # for the interpreter lock than it saved (measured on 2 cores).
     tree = flatten_layers([LayerSource(arrivals.wait_stored(index), digest)

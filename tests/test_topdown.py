@@ -29,6 +29,19 @@ def stored(*layers: LayerSource) -> LayerArrivals:
     return arrivals
 
 
+def arriving(*layers: LayerSource) -> LayerArrivals:
+    """Arrivals where the base layer's bytes are all written but it is stored only a while later,
+    so that the flattener streams every layer."""
+    base, *rest = layers
+    arrivals = LayerArrivals([source.digest for source in layers])
+    for source in rest:
+        arrivals.stored(source.digest, source.path)
+    arrivals.writing(base.digest, base.path)
+    arrivals.written(base.digest, base.path.stat().st_size)
+    threading.Timer(0.3, arrivals.stored, [base.digest, base.path]).start()
+    return arrivals
+
+
 def run(arrivals: LayerArrivals, out: Path) -> StreamedImage:
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
@@ -71,7 +84,7 @@ def test_streamed_image_equals_the_exact_model(layer: Layers, tmp_path: Path) ->
     top = layer(f("etc/.wh.old"), f("new", b"new"), hard("usr/big-link", "usr/big"), d("etc", mode=0o1750))
     expected = classic(tmp_path, base, middle, top)
 
-    image = run(stored(base, middle, top), tmp_path / "streamed.tar")
+    image = run(arriving(base, middle, top), tmp_path / "streamed.tar")
 
     assert image.intact and image.streamed_files == 5  # new; etc/passwd, doc/c; usr/big, setuid
     assert contents(tmp_path / "streamed.tar") == expected
@@ -87,14 +100,14 @@ def test_streamed_image_equals_the_exact_model(layer: Layers, tmp_path: Path) ->
 def test_a_stream_the_model_contradicts_is_spoiled(layer: Layers, tmp_path: Path, name: str, lower: list,
                                                      upper: list) -> None:
     layers = (layer(*lower), layer(*upper))
-    image = run(stored(*layers), tmp_path / "streamed.tar")
+    image = run(arriving(*layers), tmp_path / "streamed.tar")
     assert not image.intact
     assert image.tree.paths() == flatten_layers(layers).paths()
 
 
 def test_a_spoiled_stream_is_rebuilt_from_the_model_by_the_squash_stage(layer: Layers, tmp_path: Path) -> None:
     layers = (layer(d("usr"), d("usr/lib"), sym("lib", "usr/lib")), layer(f("lib/x.so", b"elf"), f("y", b"y")))
-    arrivals, stream = stored(*layers), ImageStream()
+    arrivals, stream = arriving(*layers), ImageStream()
     writer = threading.Thread(target=lambda: stream.finish(flatten_top_down(arrivals, stream.writer)))
     writer.start()
     result = build_squashfs_streamed(stream, tmp_path / "image.sqfs", Compression("gzip", 1))
@@ -102,6 +115,15 @@ def test_a_spoiled_stream_is_rebuilt_from_the_model_by_the_squash_stage(layer: L
 
     tree = read_tree(result.path)
     assert tree["usr/lib/x.so"].data == b"elf" and "lib/x.so" not in tree and tree["lib"].target == "usr/lib"
+
+
+def test_layers_all_in_the_cache_are_written_from_the_model_alone(layer: Layers, tmp_path: Path) -> None:
+    layers = (layer(d("etc"), f("etc/a", b"a"), f("b", os.urandom(100_000))), layer(f("etc/.wh.a"), f("c", b"c")))
+    image = run(stored(*layers), tmp_path / "streamed.tar")
+    with (tmp_path / "classic.tar").open("wb") as classic_tar:
+        flatten_layers(layers).write_tar(classic_tar)
+    assert image.intact and image.streamed_files == 0
+    assert (tmp_path / "streamed.tar").read_bytes() == (tmp_path / "classic.tar").read_bytes()
 
 
 def test_layers_are_streamed_while_they_arrive(layer: Layers, tmp_path: Path) -> None:
@@ -164,12 +186,13 @@ def test_a_layer_that_never_arrives_stops_the_flattener_with_its_digest(layer: L
         run(arrivals, tmp_path / "streamed.tar")
 
 
-def test_a_reader_that_goes_away_spoils_the_stream_without_an_error(layer: Layers, tmp_path: Path) -> None:
+@pytest.mark.parametrize("layers_come", [stored, arriving])
+def test_a_reader_that_goes_away_spoils_the_stream_without_an_error(layer: Layers, layers_come, tmp_path: Path) -> None:
     layers = (layer(f("a", os.urandom(2_000_000))), layer(f("b", os.urandom(2_000_000))))
     reader, writer = os.pipe()
     os.close(reader)
     try:
-        image = flatten_top_down(stored(*layers), writer)
+        image = flatten_top_down(layers_come(*layers), writer)
     finally:
         os.close(writer)
     assert not image.intact and image.tree.entries == 2
