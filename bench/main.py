@@ -23,6 +23,7 @@ if str(ROOT) not in sys.path:
 
 from bench.compare import Comparison, compare_squashfs
 from bench.images import SIZES, BuiltImage, build_and_push, log
+from bench.link import bits_per_second, loopback_limited
 from bench.pipelines import (
     Compressor,
     Database,
@@ -50,7 +51,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=str(ROOT / ".state" / "bench"),
                         help="built layers, the registry's storage and the runs (default: .state/bench)")
     parser.add_argument("--keep", action="store_true", help="keep each run's directories (outputs, caches)")
+    parser.add_argument("--bandwidth", metavar="RATE",
+                        help="limit loopback traffic (the registry's downloads) to RATE while the pipelines run, "
+                             "as tc writes it: 500mbit, 1gbit (needs root)")
     args = parser.parse_args(argv)
+    if args.bandwidth is not None:
+        try:
+            bits_per_second(args.bandwidth)
+        except ValueError as exc:
+            parser.error(str(exc))
     args.sizes = [size.strip() for size in args.sizes.split(",") if size.strip()]
     unknown = [size for size in args.sizes if size not in SIZES]
     if unknown:
@@ -161,7 +170,8 @@ def bench_size(session: Session, size: str, image: BuiltImage, sibling: BuiltIma
     for round_ in range(args.repeat):
         order = (pipeline_a, pipeline_b) if round_ % 2 == 0 else (pipeline_b, pipeline_a)
         for step in order:
-            step(round_)
+            with loopback_limited(args.bandwidth):
+                step(round_)
         if round_ == 0:
             log(f"{size}: checking that (a) and (b) hold the same tree")
             comparison = compare_squashfs(first_outputs["a"], first_outputs["b"])
@@ -170,6 +180,8 @@ def bench_size(session: Session, size: str, image: BuiltImage, sibling: BuiltIma
                 log(f"    {line}")
             log(f"{size}: physical floor")
             floor = measure_floor(blobs, first_outputs["b"], args.compressor, runs_dir / f"{size}-floor")
+            if args.bandwidth:
+                floor.download = sum(blob.stat().st_size for blob in blobs) * 8 / bits_per_second(args.bandwidth)
             log(f"  decompress {floor.decompress_serial:.1f} s serial, {floor.decompress_parallel:.1f} s "
                 f"{os.cpu_count()}-way; compress the tree ({floor.tree_tar_bytes / 1e6:.0f} MB) "
                 f"{floor.compress:.1f} s")
@@ -205,15 +217,16 @@ def _mb(value: float | None) -> str:
 
 
 def report(sizes: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    link = f", registry behind a {args.bandwidth} link" if args.bandwidth else ""
     title = (f"# imagegw pull benchmark ({time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores, "
-             f"compression {args.compressor}, median of {args.repeat} alternating runs)")
+             f"compression {args.compressor}{link}, median of {args.repeat} alternating runs)")
     legend = (
         "(a) = `skopeo copy` + `umoci unpack --rootless` + `mksquashfs`; (b) = `imagegw pull` to READY "
         "(a new process: Python start-up and Prefect included). CPU is user+system of the command's process "
         "tree; (b)'s also lists, after '+', what the Prefect server and SecantusDB spent meanwhile. Peak RSS "
         "is the largest sum of RSS over the command's process tree (sampled every 50 ms). Floor = max("
         "decompressing the layer blobs with `pigz -dc`, two at a time; `tar2sqfs -j 2` of the final tree "
-        "from a tar in memory)."
+        "from a tar in memory" + ("; downloading the blobs at the link's rate" if args.bandwidth else "") + ")."
     )
     lines = [
         title,
@@ -267,7 +280,8 @@ def report(sizes: list[dict[str, Any]], args: argparse.Namespace) -> str:
                     f"{name} {statistics.median(values):.2f}" for name, values in steps.items()))
         f = entry["floor"]
         lines.append(f"- {entry['size']} floor: decompress {f['decompress_serial']:.2f} serial / "
-                     f"{f['decompress_parallel']:.2f} parallel, compress {f['compress']:.2f}")
+                     f"{f['decompress_parallel']:.2f} parallel, compress {f['compress']:.2f}"
+                     + (f", download {f['download']:.2f}" if f.get("download") else ""))
     loads = [run["load"] for entry in sizes for run in entry["runs"]]
     busy = (f"; above {os.cpu_count()}, other work shared the cores and some times are pessimistic"
             if max(loads) > (os.cpu_count() or 1) else "")

@@ -333,10 +333,12 @@ class Floor:
     decompress_parallel: float
     compress: float
     tree_tar_bytes: int
+    download: float = 0.0
+    """The blobs' bytes at the limited link rate (``--bandwidth``), else 0."""
 
     @property
     def floor(self) -> float:
-        return max(self.decompress_parallel, self.compress)
+        return max(self.decompress_parallel, self.compress, self.download)
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "floor": self.floor}
