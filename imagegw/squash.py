@@ -14,7 +14,8 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
@@ -149,21 +150,13 @@ def build_squashfs_streamed(stream: ImageStream, output: Path, compression: Comp
     command = _tar2sqfs_command(output, compression, block_size, jobs or os.cpu_count() or 1)
     with tempfile.TemporaryFile() as stderr:
         try:
-            process = subprocess.Popen(command, stdin=stream.reader, stdout=subprocess.DEVNULL, stderr=stderr)
-        except OSError as exc:
-            raise SquashError(f"cannot run tar2sqfs: {exc}") from None
+            process = _start_tar2sqfs(command, stream.reader, stderr)
         finally:
             stream.close_reader()
-        try:
+        with _stopped_if_running(process):
             image = stream.outcome()
             if image.intact:
-                process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise SquashError(f"tar2sqfs did not finish within {timeout:g} s and was stopped") from None
-        finally:
-            if process.returncode is None:
-                process.kill()
-                process.wait()
+                _wait(process, timeout)
         if not image.intact:
             return build_squashfs(image.tree, output, compression, block_size, jobs, timeout)
         stderr.seek(0)
@@ -268,11 +261,7 @@ def _tar2sqfs_command(output: Path, compression: Compression, block_size: int, j
 
 def _run_tar2sqfs(command: list[str], tree: ImageTree, timeout: float) -> None:
     with tempfile.TemporaryFile() as stderr:
-        try:
-            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                       stderr=stderr, bufsize=0)
-        except OSError as exc:
-            raise SquashError(f"cannot run tar2sqfs: {exc}") from None
+        process = _start_tar2sqfs(command, subprocess.PIPE, stderr)
         assert process.stdin is not None  # asked for with stdin=PIPE
         _widen_pipe(process.stdin.fileno())
         failures: list[BaseException] = []
@@ -280,17 +269,38 @@ def _run_tar2sqfs(command: list[str], tree: ImageTree, timeout: float) -> None:
         feeder = threading.Thread(target=_feed, args=(tree, process.stdin, failures), daemon=True)
         feeder.start()
         try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise SquashError(f"tar2sqfs did not finish within {timeout:g} s and was stopped") from None
+            # Stopping tar2sqfs also unblocks the feeder: its next write to the pipe fails.
+            with _stopped_if_running(process):
+                _wait(process, timeout)
         finally:
-            # Killing also unblocks the feeder: its next write to the pipe fails.
-            if process.returncode is None:
-                process.kill()
-                process.wait()
             feeder.join()
         stderr.seek(0)
         _check_outcome(process.returncode, failures, _tail(stderr.read()))
+
+
+def _start_tar2sqfs(command: list[str], stdin: int, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(command, stdin=stdin, stdout=subprocess.DEVNULL, stderr=stderr, bufsize=0)
+    except OSError as exc:
+        raise SquashError(f"cannot run tar2sqfs: {exc}") from None
+
+
+@contextmanager
+def _stopped_if_running(process: subprocess.Popen[bytes]) -> Iterator[None]:
+    """However the block ends, tar2sqfs has ended after it (killed if need be)."""
+    try:
+        yield
+    finally:
+        if process.returncode is None:
+            process.kill()
+            process.wait()
+
+
+def _wait(process: subprocess.Popen[bytes], timeout: float) -> None:
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise SquashError(f"tar2sqfs did not finish within {timeout:g} s and was stopped") from None
 
 
 def _widen_pipe(fd: int) -> None:
