@@ -102,6 +102,8 @@ class ImageStream:
     def __init__(self) -> None:
         self.reader, self.writer = os.pipe()
         _widen_pipe(self.writer)
+        self._closing = threading.Lock()
+        """Two threads may close an end at once: only one may, or it could close a reused descriptor."""
         self._ended = threading.Event()
         self._image: StreamedImage | None = None
         self._failure: BaseException | None = None
@@ -126,18 +128,17 @@ class ImageStream:
 
     def close_reader(self) -> None:
         """The reading end is tar2sqfs's now (or nobody's)."""
-        self.reader = _close(self.reader)
+        with self._closing:
+            if self.reader >= 0:
+                os.close(self.reader)
+                self.reader = -1
 
     def _close_writer(self) -> None:
-        self.writer = _close(self.writer)
+        with self._closing:
+            if self.writer >= 0:
+                os.close(self.writer)
+                self.writer = -1
         self._ended.set()
-
-
-def _close(fd: int) -> int:
-    # Closing twice could close a descriptor that has since been given to another file.
-    if fd >= 0:
-        os.close(fd)
-    return -1
 
 
 def build_squashfs_streamed(stream: ImageStream, output: Path, compression: Compression, block_size: int = 131072,
