@@ -253,6 +253,19 @@ def test_hostile_entries_stay_inside_the_image(gateway: Gateway) -> None:
     assert outside == []
 
 
+def test_a_layer_the_model_refuses_fails_the_pull_with_its_reason(gateway: Gateway) -> None:
+    layers = [LayerBuilder().file("big", bytes(range(256)) * 40_000),
+              LayerBuilder().file("top", b"t").hardlink("link", "missing")]
+    built = push_image(gateway.registry, "test/refused", "1", layers)
+
+    state, record = pull(gateway, gateway.image("test/refused:1"))
+
+    assert state.is_failed()
+    assert "hard link 'link' -> 'missing': the target does not exist" in record["status_message"]
+    assert built.layer_digests[1] in record["status_message"]
+    assert published_files(gateway) == []
+
+
 def test_credentials_from_the_configuration_open_a_basic_auth_registry(gateway: Gateway, basic_registry) -> None:
     user, password = basic_registry.credentials
     push_image(basic_registry, "private/app", "1", [LayerBuilder().file("p", b"p")])
