@@ -49,10 +49,12 @@ class LayerArrivals:
 
     def stored(self, digest: str, path: Path) -> None:
         """``digest`` is in the cache, verified, at ``path``."""
+        # Opened anew even after a partial file of ours: that may be a failed attempt's, and
+        # another process may have stored the layer since.
+        fd = os.open(path, os.O_RDONLY)
         with self._changed:
-            if digest not in self._fds:  # in the cache before this pull; else the partial file was renamed
-                self._fds[digest] = os.open(path, os.O_RDONLY)
-            self._available[digest] = os.fstat(self._fds[digest]).st_size
+            self._replace_fd(digest, fd)
+            self._available[digest] = os.fstat(fd).st_size
             self._stored[digest] = path
             self._changed.notify_all()
 

@@ -177,6 +177,21 @@ def test_a_retried_download_is_followed_into_its_new_file(layer: Layers, tmp_pat
     arrivals.release()
 
 
+def test_a_layer_stored_by_another_process_after_a_failed_attempt_is_read_from_the_cache(
+        layer: Layers, tmp_path: Path) -> None:
+    source = layer(f("a", os.urandom(100_000)))
+    data = source.path.read_bytes()
+    failed = tmp_path / "failed.partial"
+    failed.write_bytes(data[:30_000])
+    arrivals = LayerArrivals([source.digest])
+    arrivals.writing(source.digest, failed)
+    arrivals.written(source.digest, 30_000)
+    failed.unlink()
+    arrivals.stored(source.digest, source.path)  # the other process's download, in the cache
+    assert arrivals.read(0, 0, len(data)) == data
+    arrivals.release()
+
+
 def test_a_layer_that_never_arrives_stops_the_flattener_with_its_digest(layer: Layers, tmp_path: Path) -> None:
     base, top = layer(f("a")), layer(f("b"))
     arrivals = LayerArrivals([base.digest, top.digest])
