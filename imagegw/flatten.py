@@ -29,8 +29,10 @@ _log = logging.getLogger(__name__)
 _MAX_LINK_HOPS = 40
 """Symbolic links followed while resolving one path: Linux's limit, so loops end the same way."""
 
-_WHITEOUT = ".wh."
-_OPAQUE = ".wh..wh..opq"
+WHITEOUT = ".wh."
+"""A layer entry named .wh.<name> deletes <name> of the layers below."""
+OPAQUE = ".wh..wh..opq"
+"""A layer entry of this name in a directory hides everything the layers below have in it."""
 _AUFS_META = ".wh..wh."
 
 _BLOCK = 512
@@ -442,7 +444,7 @@ class _LayerApplier:
             self._root_entry(member)
         elif any(part.startswith(_AUFS_META) for part in parts[:-1]):
             return  # inside aufs bookkeeping (.wh..wh.plnk/...), not image content
-        elif parts[-1].startswith(_WHITEOUT):
+        elif parts[-1].startswith(WHITEOUT):
             self._whiteout(parts, member.name)
         else:
             node = self._node(member)
@@ -451,16 +453,7 @@ class _LayerApplier:
 
     def _clean(self, name: str, what: str) -> list[str]:
         """``name`` as path components below the root: ``..`` cannot climb above it (``what`` says so)."""
-        parts: list[str] = []
-        clamped = False
-        for part in name.split("/"):
-            if part == "..":
-                if parts:
-                    parts.pop()
-                else:
-                    clamped = True
-            elif part not in ("", "."):
-                parts.append(part)
+        parts, clamped = lexical_parts(name)
         if clamped:
             self.warn(f"layer {self.source.digest}: {what} climbs above the image root; kept inside it")
         return parts
@@ -563,14 +556,14 @@ class _LayerApplier:
 
     def _whiteout(self, parts: list[str], entry: str) -> None:
         name = parts[-1]
-        if name == _OPAQUE:
+        if name == OPAQUE:
             directory = self._resolve(parts[:-1], entry, create=False)
             if directory is not None:
                 self._hide_lower(directory)
             return
         if name.startswith(_AUFS_META):
             return  # aufs bookkeeping such as .wh..wh.plnk: carries no image content
-        hidden = name[len(_WHITEOUT):]
+        hidden = name[len(WHITEOUT):]
         if hidden in ("", ".", ".."):
             raise UnsafeLayerEntry(f"layer {self.source.digest}: {entry!r}: invalid whiteout (it names no file)")
         parent = self._resolve(parts[:-1], entry, create=False)
@@ -588,6 +581,22 @@ class _LayerApplier:
                     del current.children[name]
                 elif isinstance(child, _Dir):
                     pending.append(child)
+
+
+def lexical_parts(name: str) -> tuple[list[str], bool]:
+    """``name`` as path components below the root, ``..`` applied to the names before it; and
+    whether a ``..`` tried to climb above the root (it is dropped)."""
+    parts: list[str] = []
+    clamped = False
+    for part in name.split("/"):
+        if part == "..":
+            if parts:
+                parts.pop()
+            else:
+                clamped = True
+        elif part not in ("", "."):
+            parts.append(part)
+    return parts, clamped
 
 
 def _file_mode(mode: int) -> int:

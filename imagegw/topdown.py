@@ -21,12 +21,18 @@ from dataclasses import dataclass
 
 from imagegw.arrivals import LayerArrivals
 from imagegw.errors import LayerError
-from imagegw.flatten import ImageTree, LayerSource, TarWriter, file_header, flatten_layers, read_members
+from imagegw.flatten import (
+    OPAQUE,
+    WHITEOUT,
+    ImageTree,
+    LayerSource,
+    TarWriter,
+    file_header,
+    flatten_layers,
+    lexical_parts,
+    read_members,
+)
 from imagegw.tarscan import Header, follow_headers
-
-_WHITEOUT = ".wh."
-_OPAQUE = ".wh..wh..opq"
-
 
 @dataclass(frozen=True)
 class StreamedImage:
@@ -94,7 +100,7 @@ def _streamable_path(header: Header) -> str | None:
     if not header.isreg() or header.sparse is not None:
         return None
     parts = [part for part in header.name.split("/") if part not in ("", ".")]
-    if not parts or any(part == ".." or part.startswith(_WHITEOUT) for part in parts):
+    if not parts or any(part == ".." or part.startswith(WHITEOUT) for part in parts):
         return None
     return "/".join(parts)
 
@@ -128,14 +134,14 @@ class _Shadow:
     def add(self, headers: list[Header]) -> None:
         """Add one layer (the highest not yet added)."""
         for header in headers:
-            parts = _lexical_parts(header.name)
+            parts, _ = lexical_parts(header.name)
             if not parts:
                 continue
             name, directory = parts[-1], "/".join(parts[:-1])
-            if name == _OPAQUE:
+            if name == OPAQUE:
                 self._opaque.add(directory)
-            elif name.startswith(_WHITEOUT):
-                self._cut.add(_join(directory, name[len(_WHITEOUT):]))
+            elif name.startswith(WHITEOUT):
+                self._cut.add(_join(directory, name[len(WHITEOUT):]))
             else:
                 for end in range(1, len(parts) + 1):
                     self._entries.add("/".join(parts[:end]))
@@ -152,17 +158,6 @@ class _Shadow:
                 return True
             slash = path.find("/", slash + 1)
         return False
-
-
-def _lexical_parts(name: str) -> list[str]:
-    parts: list[str] = []
-    for part in name.split("/"):
-        if part == "..":
-            if parts:
-                parts.pop()
-        elif part not in ("", "."):
-            parts.append(part)
-    return parts
 
 
 def _join(directory: str, name: str) -> str:
