@@ -56,7 +56,7 @@ def pull_unpack_squash(job: PullJob, manifest: ResolvedImage, scratch: Path) -> 
         pulling.add_done_callback(lambda _: arrivals.close("the pull stage ended without it"))
         squashing = squash.submit(job, stream, scratch)
         try:
-            unpack(job, arrivals, stream)
+            unpack(arrivals, stream)
         finally:
             pulling.result()  # a failed download is the cause of whatever else failed: raised first
         return squashing.result()

@@ -51,5 +51,7 @@ def pull(job: PullJob, image: ResolvedImage, arrivals: LayerArrivals) -> list[Pa
                              arrivals=arrivals)
     finally:
         client.close()
+    # Unpack and squash have been at work on the layers as they came; what is left is theirs.
+    index.set_stage(job.key, Status.CONVERSION, f"All layers in; finishing the squashfs ({job.platform.compression})")
     get_run_logger().info("layers ready: %d fetched, %d from the cache", len(image.layers) - cached, cached)
     return paths

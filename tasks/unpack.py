@@ -6,16 +6,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from imagegw.arrivals import LayerArrivals
-from imagegw.database import open_index
 from imagegw.flatten import ImageTree
-from imagegw.index import Status
-from imagegw.job import PullJob
 from imagegw.squash import ImageStream
 from imagegw.topdown import flatten_top_down
 
 
 @task(name="unpack", cache_policy=NONE)
-def unpack(job: PullJob, arrivals: LayerArrivals, stream: ImageStream) -> ImageTree:
+def unpack(arrivals: LayerArrivals, stream: ImageStream) -> ImageTree:
     """Write the image into ``stream`` while the layers download, and return its exact tree."""
     logger = get_run_logger()
     try:
@@ -24,7 +21,6 @@ def unpack(job: PullJob, arrivals: LayerArrivals, stream: ImageStream) -> ImageT
         stream.fail(exc)
         raise
     stream.finish(image)
-    open_index(job.settings).set_stage(job.key, Status.CONVERSION, "Finishing the squashfs")
     logger.info("image tree: %d entries, %.1f MB of file data; %d files streamed while the layers arrived%s",
                 image.tree.entries, image.tree.file_bytes / 1e6, image.streamed_files,
                 "" if image.intact else " (spoiled: the squashfs is built again from the tree)")
