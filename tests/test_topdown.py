@@ -91,6 +91,19 @@ def test_streamed_image_equals_the_exact_model(layer: Layers, tmp_path: Path) ->
     assert expected["etc"][1] == 0o1755 and "doc/a" not in expected and "gone" not in expected
 
 
+def test_a_layer_listed_twice_in_an_image_is_streamed_once(layer: Layers, tmp_path: Path) -> None:
+    base = layer(f("base", b"b"))
+    repeated = layer(f("shared", b"s"), f("big", os.urandom(100_000)))
+    middle = layer(f(".wh.big"), f("mid", b"m"))
+    layers = (base, repeated, middle, repeated)
+    expected = classic(tmp_path, *layers)
+
+    image = run(arriving(*layers), tmp_path / "streamed.tar")
+
+    assert image.intact and image.streamed_files == 4  # shared and big of the top copy, mid, base
+    assert contents(tmp_path / "streamed.tar") == expected and "big" in expected
+
+
 @pytest.mark.parametrize("name, lower, upper", [
     # the upper file reaches its place through a symlink of a lower layer
     ("symlinked parent", [d("usr"), d("usr/lib"), sym("lib", "usr/lib")], [f("lib/x.so", b"elf")]),
