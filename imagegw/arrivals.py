@@ -79,13 +79,6 @@ class LayerArrivals:
         with self._changed:
             return all(digest in self._stored for digest in self.digests)
 
-    def wait_started(self, index: int) -> None:
-        """Until layer ``index`` has begun to arrive."""
-        digest = self.digests[index]
-        with self._changed:
-            self._changed.wait_for(lambda: digest in self._fds or self._closed is not None)
-            self._check_open(digest)
-
     def wait_stored(self, index: int) -> Path:
         """The cached tar of layer ``index``, once it is complete and verified."""
         digest = self.digests[index]
@@ -113,8 +106,7 @@ class LayerArrivals:
         digest = self.digests[index]
 
         def ready() -> bool:
-            return (self._available.get(digest, 0) >= end or digest in self._stored
-                    or (self._closed is not None and digest not in self._stored))
+            return self._available.get(digest, 0) >= end or digest in self._stored or self._closed is not None
         with self._changed:
             self._changed.wait_for(ready)
             self._check_open(digest)

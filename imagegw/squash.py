@@ -14,6 +14,7 @@ import subprocess
 import tarfile
 import tempfile
 import threading
+from concurrent.futures import Future
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -104,27 +105,24 @@ class ImageStream:
         _widen_pipe(self.writer)
         self._closing = threading.Lock()
         """Two threads may close an end at once: only one may, or it could close a reused descriptor."""
-        self._ended = threading.Event()
-        self._image: StreamedImage | None = None
-        self._failure: BaseException | None = None
+        self._ending: Future[StreamedImage] = Future()
 
     def finish(self, image: StreamedImage) -> None:
         """The writer is done (``image.intact`` says whether the stream can be used)."""
-        self._image = image
         self._close_writer()
+        self._ending.set_result(image)
 
     def fail(self, failure: BaseException) -> None:
         """The writer stopped with ``failure``; the stream must be thrown away."""
-        self._failure = failure
         self._close_writer()
+        self._ending.set_exception(failure)
 
     def outcome(self) -> StreamedImage:
         """Wait for the writer; raise SquashError if it failed."""
-        self._ended.wait()
-        if self._failure is not None:
-            raise SquashError(f"the image stream was abandoned: {self._failure}")
-        assert self._image is not None  # set before _ended
-        return self._image
+        try:
+            return self._ending.result()
+        except BaseException as exc:  # the writer's failure, whatever it was
+            raise SquashError(f"the image stream was abandoned: {exc}") from None
 
     def close_reader(self) -> None:
         """The reading end is tar2sqfs's now (or nobody's)."""
@@ -138,7 +136,6 @@ class ImageStream:
             if self.writer >= 0:
                 os.close(self.writer)
                 self.writer = -1
-        self._ended.set()
 
 
 def build_squashfs_streamed(stream: ImageStream, output: Path, compression: Compression, block_size: int = 131072,
@@ -149,24 +146,24 @@ def build_squashfs_streamed(stream: ImageStream, output: Path, compression: Comp
     the tree the writer hands over.
     """
     command = _tar2sqfs_command(output, compression, block_size, jobs or os.cpu_count() or 1)
-    with tempfile.TemporaryFile() as stderr:
-        try:
-            process = _start_tar2sqfs(command, stream.reader, stderr)
-        finally:
-            stream.close_reader()
-        with _stopped_if_running(process):
-            image = stream.outcome()
-            if image.intact:
-                _wait(process, timeout)
-        if not image.intact:
-            return build_squashfs(image.tree, output, compression, block_size, jobs, timeout)
-        stderr.seek(0)
-        try:
+    try:
+        with tempfile.TemporaryFile() as stderr:
+            try:
+                process = _start_tar2sqfs(command, stream.reader, stderr)
+            finally:
+                stream.close_reader()
+            with _stopped_if_running(process):
+                image = stream.outcome()
+                if image.intact:
+                    _wait(process, timeout)
+            if not image.intact:
+                return build_squashfs(image.tree, output, compression, block_size, jobs, timeout)
+            stderr.seek(0)
             _check_outcome(process.returncode, [], _tail(stderr.read()))
-            return _listed(output, image.tree, timeout)
-        except BaseException:
-            output.unlink(missing_ok=True)
-            raise
+        return _listed(output, image.tree, timeout)
+    except BaseException:
+        output.unlink(missing_ok=True)
+        raise
 
 
 def list_squashfs(path: Path, timeout: float = 3600) -> dict[str, SquashEntry]:

@@ -70,7 +70,9 @@ def scan_headers(path: Path) -> list[Header] | None:
     with open(path, "rb") as layer:
         size = os.fstat(layer.fileno()).st_size
         try:
-            return list(_headers(_Reader(lambda offset, count: os.pread(layer.fileno(), count, offset)), size))
+            # pread, not mmap: mapping a gigabyte layer would count its pages in the process's
+            # resident memory, and only the headers are wanted.
+            return list(_headers(lambda offset, count: os.pread(layer.fileno(), count, offset), size))
         except (_Unsupported, ValueError, IndexError):
             return None
 
@@ -83,34 +85,23 @@ def follow_headers(read: Callable[[int, int], bytes]) -> Iterator[Header]:
     caller must not take a stop for the end of the layer.
     """
     try:
-        yield from _headers(_Reader(read), None)
+        yield from _headers(read, None)
     except (_Unsupported, ValueError, IndexError):
         return
 
 
-class _Reader:
-    """Slices of a file by offset. Not mmap: mapping a gigabyte layer would count its pages
-    in the process's resident memory, and only the headers are wanted."""
-
-    def __init__(self, read: Callable[[int, int], bytes]) -> None:
-        self._read = read
-
-    def __getitem__(self, span: slice) -> bytes:
-        return self._read(span.start, span.stop - span.start)
-
-
-def _headers(data: _Reader, size: int | None) -> Iterator[Header]:
+def _headers(read: Callable[[int, int], bytes], size: int | None) -> Iterator[Header]:
     """The entries; with ``size`` None the tar's length is unknown, and what follows its end is not checked."""
     offset = 0
     long_name: str | None = None
     long_link: str | None = None
     pax: dict[str, str] = {}
     while True:
-        block = data[offset:offset + _BLOCK]
+        block = read(offset, _BLOCK)
         if len(block) < _BLOCK:
             raise _Unsupported  # cut short: tarfile says how
         if block == _ZERO_BLOCK:
-            if size is not None and not _only_zeros(data, offset, size):
+            if size is not None and not _only_zeros(read, offset, size):
                 raise _Unsupported  # something after the end marker: tarfile reports it
             return
         _check_sum(block)
@@ -123,7 +114,7 @@ def _headers(data: _Reader, size: int | None) -> Iterator[Header]:
         if kind in (_GNU_LONGNAME, _GNU_LONGLINK, _PAX_LOCAL) and length > _MAX_EXTENDED_HEADER:
             raise _Unsupported  # a name or record set larger than any real one
         if kind in (_GNU_LONGNAME, _GNU_LONGLINK):
-            text = _text(data[data_offset:data_offset + length])
+            text = _text(read(data_offset, length))
             if kind == _GNU_LONGNAME:
                 long_name = text
             else:
@@ -131,7 +122,7 @@ def _headers(data: _Reader, size: int | None) -> Iterator[Header]:
             offset = next_offset
             continue
         if kind == _PAX_LOCAL:
-            pax = _pax_records(data[data_offset:data_offset + length])
+            pax = _pax_records(read(data_offset, length))
             offset = next_offset
             continue
         if kind not in _KNOWN_TYPES:
@@ -156,9 +147,9 @@ def _headers(data: _Reader, size: int | None) -> Iterator[Header]:
         pax = {}
 
 
-def _only_zeros(data: _Reader, start: int, end: int) -> bool:
+def _only_zeros(read: Callable[[int, int], bytes], start: int, end: int) -> bool:
     for chunk_start in range(start, end, _ZEROS_CHUNK):
-        if data[chunk_start:min(end, chunk_start + _ZEROS_CHUNK)].strip(b"\0"):
+        if read(chunk_start, min(end - chunk_start, _ZEROS_CHUNK)).strip(b"\0"):
             return False
     return True
 

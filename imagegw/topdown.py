@@ -61,7 +61,6 @@ def flatten_top_down(arrivals: LayerArrivals, out: int, warn: Callable[[str], No
             # Nothing left to wait for: the model writes the rest, at a fraction of the cost
             # per entry of this pass (which pays for reading headers and checking names).
             break
-        arrivals.wait_started(index)
         try:
             _stream_layer(arrivals, index, writer, above, streamed)
         except BrokenPipeError:
