@@ -68,13 +68,35 @@ def test_bad_input_is_a_one_line_error(gateway: Gateway, capsys: pytest.CaptureF
 
 
 def test_installed_command_pulls_through_a_prefect_server(gateway: Gateway) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.objects import StateType
     from prefect.settings import PREFECT_API_URL
 
     push_image(gateway.registry, "cli/proc", "1", [LayerBuilder().file("p", b"p")])
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "IMAGEGW_CONFIG": str(gateway.config_path)}
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "IMAGEGW_CONFIG": str(gateway.config_path),
+           "PREFECT_LOGGING_LEVEL": "INFO"}
 
     done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "imagegw"), "pull", "cli/proc:1",
                            "--platform", "mycluster"], env=env, capture_output=True, text=True, timeout=120)
 
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] == "READY"
+    # The command exits without the interpreter's teardown: what Prefect sends at exit must still arrive.
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=["pull cli/proc:1 for mycluster"])))
+        assert [run.state_type for run in runs] == [StateType.COMPLETED]
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])))
+    assert any("Finished in state Completed" in log.message for log in logs)
+
+
+def test_installed_command_exits_with_the_pull_outcome(gateway: Gateway) -> None:
+    env = {**os.environ, "IMAGEGW_CONFIG": str(gateway.config_path)}
+
+    done = subprocess.run([os.path.join(os.path.dirname(sys.executable), "imagegw"), "pull", "cli/absent:2",
+                           "--platform", "mycluster"], env=env, capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["status"] == "FAILURE"
+    assert "repository unknown" in done.stderr
