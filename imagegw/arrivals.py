@@ -87,10 +87,11 @@ class LayerArrivals:
             self._check_open(digest)
             return self._stored[digest]
 
-    def read(self, index: int, offset: int, size: int) -> bytes:
-        """``size`` bytes of layer ``index`` from ``offset``, waiting for them; fewer only at the tar's end."""
-        fd, _ = self._wait_for(index, offset + size)
-        return os.pread(fd, size, offset)
+    def read(self, index: int, offset: int, size: int, ahead: int = 0) -> bytes:
+        """``size`` bytes of layer ``index`` from ``offset``, waiting for them (fewer only at the tar's
+        end), and up to ``ahead`` bytes more of what is there already."""
+        fd, available = self._wait_for(index, offset + size)
+        return os.pread(fd, max(size, min(size + ahead, available - offset)), offset)
 
     def readable(self, index: int, offset: int, end: int) -> tuple[int, int]:
         """A descriptor of layer ``index`` and how far (beyond ``offset``, up to ``end``) it can be read now.

@@ -19,6 +19,7 @@ _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _ZEROS_CHUNK = 1 << 20
 _MAX_EXTENDED_HEADER = 1 << 20
+_WINDOW = 64 << 10
 _POSIX_MAGIC = b"ustar\x0000"
 _GNU_LONGNAME, _GNU_LONGLINK, _PAX_LOCAL = b"L", b"K", b"x"
 _NO_DATA_TYPES = {b"1", b"2", b"3", b"4", b"5", b"6"}  # links, devices, directories, FIFOs
@@ -72,9 +73,37 @@ def scan_headers(path: Path) -> list[Header] | None:
         try:
             # pread, not mmap: mapping a gigabyte layer would count its pages in the process's
             # resident memory, and only the headers are wanted.
-            return list(_headers(lambda offset, count: os.pread(layer.fileno(), count, offset), size))
+            return list(_headers(ReadWindow(lambda offset, count, ahead: os.pread(layer.fileno(), count + ahead,
+                                                                                  offset)), size))
         except (_Unsupported, ValueError, IndexError):
             return None
+
+
+class ReadWindow:
+    """Reads of a tar, served from a window read ahead of them where they fall inside it.
+
+    A layer's headers and small files lie close together: read one by one, each would cost
+    a system call (and, for a layer still arriving, a lock); through the window, a few
+    dozen share one.
+    """
+
+    def __init__(self, read: Callable[[int, int, int], bytes], ahead: int = _WINDOW) -> None:
+        """``read(offset, count, ahead)`` returns ``count`` bytes from ``offset`` (fewer only at the
+        tar's end) and up to ``ahead`` more."""
+        self._read = read
+        self._ahead = ahead
+        self._offset = 0
+        self._data = b""
+
+    def __call__(self, offset: int, count: int) -> bytes:
+        start = offset - self._offset
+        if 0 <= start and start + count <= len(self._data):
+            return self._data[start:start + count]
+        if count >= self._ahead:
+            return self._read(offset, count, 0)
+        self._data = self._read(offset, count, self._ahead - count)
+        self._offset = offset
+        return self._data[:count]
 
 
 def follow_headers(read: Callable[[int, int], bytes]) -> Iterator[Header]:

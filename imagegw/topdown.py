@@ -32,7 +32,11 @@ from imagegw.flatten import (
     lexical_parts,
     read_members,
 )
-from imagegw.tarscan import Header, follow_headers
+from imagegw.tarscan import Header, ReadWindow, follow_headers
+
+_SMALL_FILE = 16 << 10
+"""Files up to this size are copied from the read window; larger ones go to the pipe by sendfile."""
+
 
 @dataclass(frozen=True)
 class StreamedImage:
@@ -84,12 +88,20 @@ def _stream_layer(arrivals: LayerArrivals, index: int, writer: TarWriter, above:
                   streamed: dict[str, tuple[int, int]]) -> None:
     """Write the regular files of layer ``index`` that no layer above hides, as their bytes arrive."""
     digest = arrivals.digests[index]
-    for header in follow_headers(functools.partial(arrivals.read, index)):
+    window = ReadWindow(functools.partial(arrivals.read, index))
+    for header in follow_headers(window):
         path = _streamable_path(header)
         if path is None or path in streamed or above.hides(path):
             continue
         writer.write(file_header(path, header.mode, header.mtime, header.size))
-        _copy_arriving(arrivals, index, writer, header.offset_data, header.size, f"layer {digest}: {path!r}")
+        if header.size <= _SMALL_FILE:  # most likely in the window already, beside its header
+            data = window(header.offset_data, header.size)
+            if len(data) < header.size:
+                raise LayerError(f"layer {digest}: {path!r}: the layer file ends inside its data")
+            writer.write(data)
+            writer.pad(header.size)
+        else:
+            _copy_arriving(arrivals, index, writer, header.offset_data, header.size, f"layer {digest}: {path!r}")
         streamed[path] = (index, header.offset_data)
     writer.flush()
 

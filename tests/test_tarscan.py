@@ -59,6 +59,16 @@ def test_common_formats_read_the_same_as_tarfile(tmp_path: Path, tar_format: int
     assert scan_headers(path) == by_tarfile(path)
 
 
+@pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_many_entries_across_read_windows_read_the_same_as_tarfile(tmp_path: Path, tar_format: int) -> None:
+    # Headers, long-name records and data of every size fall across the reader's windows.
+    entries = [entry(f"dir/{'n' * (n % 7 * 40)}{n}", data=bytes([n % 251]) * (n * 997 % 70_000))
+               for n in range(300)]
+    path = archive(tmp_path / "layer.tar", tar_format, entries)
+
+    assert scan_headers(path) == by_tarfile(path)
+
+
 def test_ustar_reads_the_same_as_tarfile(tmp_path: Path) -> None:
     fitting = [item for item in VARIED if item[0].name.isascii() and len(item[0].linkname) <= 100
                and "long/" not in item[0].name]

@@ -141,7 +141,10 @@ def test_layers_all_in_the_cache_are_written_from_the_model_alone(layer: Layers,
 
 def test_layers_are_streamed_while_they_arrive(layer: Layers, tmp_path: Path) -> None:
     top = layer(f("top", b"t"))
-    big = layer(*[f(f"file{n}", os.urandom(50_000)) for n in range(40)])
+    # Small files are read from a window ahead of the headers, large ones as they arrive; bytes
+    # come in pieces that end anywhere, inside headers and data alike.
+    sizes = [0, 1, 511, 512, 513, 4_000, 16_384, 16_385, 50_000, 70_000] * 4
+    big = layer(*[f(f"file{n}", os.urandom(size)) for n, size in enumerate(sizes)])
     expected = classic(tmp_path, big, top)
     arrivals = LayerArrivals([big.digest, top.digest])
     arrivals.stored(top.digest, top.path)
@@ -152,10 +155,10 @@ def test_layers_are_streamed_while_they_arrive(layer: Layers, tmp_path: Path) ->
         data = big.path.read_bytes()
         with partial.open("wb", buffering=0) as out:
             arrivals.writing(big.digest, partial)
-            for start in range(0, len(data), 64 * 1024):
-                out.write(data[start:start + 64 * 1024])
-                arrivals.written(big.digest, min(len(data), start + 64 * 1024))
-                time.sleep(0.002)
+            for start in range(0, len(data), 7_777):
+                out.write(data[start:start + 7_777])
+                arrivals.written(big.digest, min(len(data), start + 7_777))
+                time.sleep(0.0005)
         seen_before_stored.append((tmp_path / "streamed.tar").stat().st_size)
         final = tmp_path / "big.tar"
         partial.rename(final)
@@ -167,7 +170,7 @@ def test_layers_are_streamed_while_they_arrive(layer: Layers, tmp_path: Path) ->
     downloader.join()
 
     assert image.intact and image.streamed_files == 41
-    assert seen_before_stored[0] > 40 * 50_000  # the files were in the stream before the layer was complete
+    assert seen_before_stored[0] > sum(sizes)  # the files were in the stream before the layer was complete
     assert contents(tmp_path / "streamed.tar") == expected
 
 
