@@ -25,6 +25,7 @@ from imagegw.config import Compression
 from imagegw.errors import ImagegwError, SquashError
 from imagegw.flatten import ImageTree
 from imagegw.topdown import StreamedImage
+from imagegw.writeback import written_back_as_it_grows
 
 _STDERR_TAIL = 2000
 _PIPE_SIZE = 1 << 20
@@ -152,7 +153,7 @@ def build_squashfs_streamed(stream: ImageStream, output: Path, compression: Comp
                 process = _start_tar2sqfs(command, stream.reader, stderr)
             finally:
                 stream.close_reader()
-            with _stopped_if_running(process):
+            with _stopped_if_running(process), written_back_as_it_grows(output):
                 image = stream.outcome()
                 if image.intact:
                     _wait(process, timeout)
@@ -268,7 +269,7 @@ def _run_tar2sqfs(command: list[str], tree: ImageTree, timeout: float) -> None:
         feeder.start()
         try:
             # Stopping tar2sqfs also unblocks the feeder: its next write to the pipe fails.
-            with _stopped_if_running(process):
+            with _stopped_if_running(process), written_back_as_it_grows(output):
                 _wait(process, timeout)
         finally:
             feeder.join()
