@@ -79,7 +79,7 @@ def build_squashfs(tree: ImageTree, output: Path, compression: Compression, bloc
     """
     command = _tar2sqfs_command(output, compression, block_size, jobs or os.cpu_count() or 1)
     try:
-        _run_tar2sqfs(command, tree, timeout)
+        _run_tar2sqfs(command, tree, output, timeout)
         return _listed(output, tree, timeout)
     except BaseException:
         output.unlink(missing_ok=True)
@@ -258,7 +258,7 @@ def _tar2sqfs_command(output: Path, compression: Compression, block_size: int, j
     ]
 
 
-def _run_tar2sqfs(command: list[str], tree: ImageTree, timeout: float) -> None:
+def _run_tar2sqfs(command: list[str], tree: ImageTree, output: Path, timeout: float) -> None:
     with tempfile.TemporaryFile() as stderr:
         process = _start_tar2sqfs(command, subprocess.PIPE, stderr)
         assert process.stdin is not None  # asked for with stdin=PIPE
