@@ -159,6 +159,7 @@ def api_command(args: argparse.Namespace) -> int:
     _require_prefect_api()
     _prepare_prefect(settings, verbose=False)
     import uvicorn
+
     from api.app import create_app  # imports Prefect, which reads its settings at import
 
     uvicorn.run(create_app(settings), host=args.host, port=args.port)

@@ -13,8 +13,8 @@ import errno
 import logging
 import marshal
 import os
-import threading
 import tarfile
+import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass

@@ -8,10 +8,10 @@ errors (the API maps them to HTTP codes). Flow runs are started through a
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from imagegw.config import Platform, Settings

@@ -14,8 +14,8 @@ import subprocess
 import tarfile
 import tempfile
 import threading
-from concurrent.futures import Future
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path

@@ -8,10 +8,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from imagegw.arrivals import LayerArrivals
-from imagegw.index import Status
-from imagegw.job import PullJob
 from imagegw.database import open_index
 from imagegw.flatten import LayerSource, prepare_layer
+from imagegw.index import Status
+from imagegw.job import PullJob
 from imagegw.layercache import LayerCache, fetch_layers
 from imagegw.progress import DownloadProgress
 from imagegw.registry import RegistryClient, ResolvedImage

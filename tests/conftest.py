@@ -15,4 +15,5 @@ os.environ.pop("IMAGEGW_MONGODB_URI", None)
 os.environ.pop("IMAGEGW_CONFIG", None)
 os.environ.pop("IMAGEGW_STATE_DIR", None)
 
-pytest_plugins = ["testsupport.fixtures", "tests.gateway_fixtures", "tests.api_fixtures", "tests.fake_registry"]
+pytest_plugins = ["testsupport.fixtures", "tests.gateway_fixtures", "tests.api_fixtures", "tests.fake_registry",
+                  "tests.layer_fixtures"]

@@ -23,9 +23,9 @@ from imagegw.errors import DigestMismatch, LayerError, RegistryError, RegistryUn
 from imagegw.layercache import LayerCache, fetch_layers
 from imagegw.reference import ImageRef
 from imagegw.registry import LayerDescriptor, PlatformSpec, RegistryClient, ResolvedImage
+from tests.fake_registry import FakeRegistry, Reply, Seen, registry_error, sha256
 from testsupport.images import LayerBuilder, push_image
 from testsupport.registry import RunningRegistry
-from tests.fake_registry import FakeRegistry, Reply, Seen, registry_error, sha256
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"

@@ -17,8 +17,8 @@ from imagegw.errors import LayerError
 from imagegw.flatten import LayerSource, flatten_layers
 from imagegw.squash import ImageStream, build_squashfs_streamed
 from imagegw.topdown import StreamedImage, flatten_top_down
+from tests.layer_fixtures import Layers, d, f, hard, sym
 from tests.squashfs_reader import read_tree
-from tests.test_flatten import Layers, d, f, hard, layer, sym  # noqa: F401  (layer is a fixture)
 
 
 def stored(*layers: LayerSource) -> LayerArrivals:
