@@ -226,18 +226,21 @@ def report(sizes: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "tree; (b)'s also lists, after '+', what the Prefect server and SecantusDB spent meanwhile. Peak RSS "
         "is the largest sum of RSS over the command's process tree (sampled every 50 ms). Floor = max("
         "decompressing the layer blobs with `pigz -dc`, two at a time; `tar2sqfs -j 2` of the final tree "
-        "from a tar in memory" + ("; downloading the blobs at the link's rate" if args.bandwidth else "") + ")."
+        "from a tar in memory" + ("; downloading the blobs at the link's rate" if args.bandwidth else "") + "). "
+        f"Floor, cores shared = the same, or the CPU-seconds of both over the {os.cpu_count()} cores if more: "
+        "what decompressing and compressing take at the least when one pull must do both on this machine."
     )
     lines = [
         title,
         "",
         legend,
         "",
-        "| image | pipeline | wall | CPU | peak RSS | output | b/a wall | floor | ÷ floor | blob GETs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| image | pipeline | wall | CPU | peak RSS | output | b/a wall | floor | ÷ floor | floor, cores shared "
+        "| ÷ it | blob GETs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in sizes:
-        runs, floor = entry["runs"], entry["floor"]["floor"]
+        runs, floor, shared_floor = entry["runs"], entry["floor"]["floor"], entry["floor"]["shared_cores"]
         wall_a = _median(runs, "a", "wall")
         label = (f"{entry['size']} ({entry['layers']} layers, {entry['blob_bytes'] / 1e6:.0f} MB gz, "
                  f"tree {entry['floor']['tree_tar_bytes'] / 1e6:.0f} MB)")
@@ -265,7 +268,10 @@ def report(sizes: list[dict[str, Any]], args: argparse.Namespace) -> str:
             lines.append(f"| {label} | {name} | {wall_text} | {cpu_text} | "
                          f"{_mb(_median(runs, pipeline, 'peak_rss'))} | {_mb(output)} "
                          f"| {ratio} | {_fmt(floor) if pipeline in ('a', 'b-cold') else ''} | "
-                         f"{f'{wall / floor:.2f}×' if pipeline in ('a', 'b-cold', 'b-warm') else ''} | {gets_text} |")
+                         f"{f'{wall / floor:.2f}×' if pipeline in ('a', 'b-cold', 'b-warm') else ''} | "
+                         f"{_fmt(shared_floor) if pipeline in ('a', 'b-cold') else ''} | "
+                         f"{f'{wall / shared_floor:.2f}×' if pipeline in ('a', 'b-cold', 'b-warm') else ''} | "
+                         f"{gets_text} |")
             label = ""
     lines += ["", "Steps (median seconds):", ""]
     for entry in sizes:
@@ -281,7 +287,9 @@ def report(sizes: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f = entry["floor"]
         lines.append(f"- {entry['size']} floor: decompress {f['decompress_serial']:.2f} serial / "
                      f"{f['decompress_parallel']:.2f} parallel, compress {f['compress']:.2f}"
-                     + (f", download {f['download']:.2f}" if f.get("download") else ""))
+                     + (f", download {f['download']:.2f}" if f.get("download") else "")
+                     + f"; CPU-seconds: decompress {f['decompress_cpu']:.2f}, compress {f['compress_cpu']:.2f}, "
+                       f"so both on {os.cpu_count()} cores take at least {f['shared_cores']:.2f}")
     loads = [run["load"] for entry in sizes for run in entry["runs"]]
     busy = (f"; above {os.cpu_count()}, other work shared the cores and some times are pessimistic"
             if max(loads) > (os.cpu_count() or 1) else "")

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +335,8 @@ class Floor:
     decompress_parallel: float
     compress: float
     tree_tar_bytes: int
+    decompress_cpu: float = 0.0
+    compress_cpu: float = 0.0
     download: float = 0.0
     """The blobs' bytes at the limited link rate (``--bandwidth``), else 0."""
 
@@ -340,8 +344,14 @@ class Floor:
     def floor(self) -> float:
         return max(self.decompress_parallel, self.compress, self.download)
 
+    @property
+    def shared_cores(self) -> float:
+        """The least time decompressing and compressing take when they must share this machine's
+        cores: their CPU-seconds over the cores (the floor above lets each have all of them)."""
+        return max(self.floor, (self.decompress_cpu + self.compress_cpu) / CPUS)
+
     def to_json(self) -> dict[str, Any]:
-        return {**self.__dict__, "floor": self.floor}
+        return {**self.__dict__, "floor": self.floor, "shared_cores": self.shared_cores}
 
 
 def _drop_output(command: list[str]) -> float:
@@ -356,7 +366,8 @@ def measure_floor(blobs: list[Path], squashfs: Path, compressor: Compressor, scr
     for blob in blobs:  # in the page cache, as for the pipelines
         _drop_output(["cat", str(blob)])
     # Each measured a few times, the fastest kept: a floor, on a machine that may be busy meanwhile.
-    serial = min(sum(_drop_output(["pigz", "-dc", str(blob)]) for blob in blobs) for _ in range(2))
+    serial, decompress_cpu = min(_with_cpu(lambda: sum(_drop_output(["pigz", "-dc", str(blob)]) for blob in blobs))
+                                 for _ in range(2))
     parallel = min(_decompress_parallel(blobs) for _ in range(2))
     scratch.mkdir(parents=True, exist_ok=True)
     tree_tar = scratch / "tree.tar"
@@ -364,11 +375,19 @@ def measure_floor(blobs: list[Path], squashfs: Path, compressor: Compressor, scr
         subprocess.run(["sqfs2tar", "--no-skip", "--no-xattr", str(squashfs)], stdout=out, check=True)
     _drop_output(["cat", str(tree_tar)])
     output = scratch / "floor.squashfs"
-    compress = min(_compress(tree_tar, output, compressor) for _ in range(3))
+    compress, compress_cpu = min(_with_cpu(lambda: _compress(tree_tar, output, compressor)) for _ in range(3))
     size = tree_tar.stat().st_size
     tree_tar.unlink()
     output.unlink()
-    return Floor(serial, parallel, compress, size)
+    return Floor(serial, parallel, compress, size, decompress_cpu, compress_cpu)
+
+
+def _with_cpu(run: Callable[[], float]) -> tuple[float, float]:
+    """What ``run`` returns (a wall time), and the CPU-seconds of the child processes it waited for."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = run()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def _decompress_parallel(blobs: list[Path]) -> float:
