@@ -366,7 +366,7 @@ def measure_floor(blobs: list[Path], squashfs: Path, compressor: Compressor, scr
     for blob in blobs:  # in the page cache, as for the pipelines
         _drop_output(["cat", str(blob)])
     # Each measured a few times, the fastest kept: a floor, on a machine that may be busy meanwhile.
-    serial, decompress_cpu = min(_with_cpu(lambda: sum(_drop_output(["pigz", "-dc", str(blob)]) for blob in blobs))
+    serial, decompress_cpu = min(_with_cpu(lambda: sum(_drop_output(_inflate(blob)) for blob in blobs))
                                  for _ in range(2))
     parallel = min(_decompress_parallel(blobs) for _ in range(2))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -390,11 +390,16 @@ def _with_cpu(run: Callable[[], float]) -> tuple[float, float]:
     return wall, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
+def _inflate(blob: Path) -> list[str]:
+    """ISA-L's inflate, as imagegw uses it: 1.7x as fast as pigz (zlib) on the torch layer here."""
+    return [str(VENV_BIN / "python"), "-m", "isal.igzip", "-d", "-c", str(blob)]
+
+
 def _decompress_parallel(blobs: list[Path]) -> float:
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=CPUS) as pool:
         # largest first, so the two cores finish together as far as the sizes allow
-        list(pool.map(lambda blob: _drop_output(["pigz", "-dc", str(blob)]),
+        list(pool.map(lambda blob: _drop_output(_inflate(blob)),
                       sorted(blobs, key=lambda b: -b.stat().st_size)))
     return time.monotonic() - started
 
