@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import tempfile
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from imagegw.database import open_index
 from imagegw.errors import ImagegwError
 from imagegw.index import HEARTBEAT_INTERVAL, PullKey
 from imagegw.job import PullJob, pull_key
+from imagegw.periodic import repeated
 from imagegw.registry import ResolvedImage
 from imagegw.squash import ImageStream, SquashResult
 from tasks.index import index, is_ready, plan, settle_access
@@ -78,22 +78,13 @@ def failure_recorded(settings: Settings, key: PullKey) -> Iterator[None]:
 @contextmanager
 def heartbeat(settings: Settings, key: PullKey) -> Iterator[None]:
     """Beat the pull record while the flow runs, so a pull whose run died is seen as stale."""
-    stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(HEARTBEAT_INTERVAL):
-            try:
-                open_index(settings).beat(key)
-            except ImagegwError:
-                continue
+        with suppress(ImagegwError):  # a missed beat is made up by the next
+            open_index(settings).beat(key)
 
-    beater = threading.Thread(target=beat, name=f"heartbeat {key.tag}", daemon=True)
-    beater.start()
-    try:
+    with repeated(beat, HEARTBEAT_INTERVAL, f"heartbeat {key.tag}"):
         yield
-    finally:
-        stop.set()
-        beater.join()
 
 
 @contextmanager

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
+
+from imagegw.periodic import repeated
 
 _SYNC_FILE_RANGE_WRITE = 2
 
@@ -39,26 +40,17 @@ def start_writeback(fd: int, offset: int = 0, length: int = 0) -> None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
-@contextmanager
-def written_back_as_it_grows(path: Path, interval: float = 0.5) -> Iterator[None]:
+def written_back_as_it_grows(path: Path, interval: float = 0.5) -> AbstractContextManager[None]:
     """While the block runs, start the writeback of ``path`` (which another process writes) every ``interval`` s."""
-    stop = threading.Event()
 
     def write_back() -> None:
-        while not stop.wait(interval):
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue  # not created yet
-            try:
-                start_writeback(fd)
-            finally:
-                os.close(fd)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return  # not created yet
+        try:
+            start_writeback(fd)
+        finally:
+            os.close(fd)
 
-    writer = threading.Thread(target=write_back, name=f"writeback {path.name}", daemon=True)
-    writer.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        writer.join()
+    return repeated(write_back, interval, f"writeback {path.name}")
