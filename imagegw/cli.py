@@ -29,7 +29,7 @@ def run() -> None:
     """The ``imagegw`` command: :func:`main`, then an exit that skips the interpreter's teardown.
 
     Freeing every module's objects one by one after Prefect's import, and pymongo's exit hook
-    waiting up to half a second for its monitor threads to wake, made up a fifth of a re-pull's
+    waiting up to half a second for its monitor threads to wake, made up a third of a re-pull's
     time. Exit handlers registered after this one (Prefect's event and log delivery, an embedded
     server or Prefect's temporary server being stopped) still run first, as atexit runs them
     newest first.
