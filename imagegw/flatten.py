@@ -281,6 +281,11 @@ def _pax(path: str, kind: bytes, mode: int, mtime: int, size: int, linkname: str
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
+def data_cut_short(what: str) -> LayerError:
+    """The error for a layer file that ends inside the data of the member ``what`` names."""
+    return LayerError(f"{what}: the layer file ends inside its data")
+
+
 class TarWriter:
     """Buffered writes to a file descriptor, with file data moved by sendfile where it can be."""
 
@@ -311,7 +316,7 @@ class TarWriter:
         while offset < end:
             data = os.pread(source, min(end - offset, _BUFFER_LIMIT), offset)
             if not data:
-                raise LayerError(f"{what}: the layer file ends inside its data")
+                raise data_cut_short(what)
             self.write(data)
             offset += len(data)
 
@@ -331,7 +336,7 @@ class TarWriter:
                 self._sendfile = False
                 return offset
             if sent == 0:
-                raise LayerError(f"{what}: the layer file ends inside its data")
+                raise data_cut_short(what)
             offset += sent
         return offset
 

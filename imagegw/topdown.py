@@ -20,13 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from imagegw.arrivals import LayerArrivals
-from imagegw.errors import LayerError
 from imagegw.flatten import (
     OPAQUE,
     WHITEOUT,
     ImageTree,
     LayerSource,
     TarWriter,
+    data_cut_short,
     file_header,
     flatten_layers,
     lexical_parts,
@@ -93,15 +93,16 @@ def _stream_layer(arrivals: LayerArrivals, index: int, writer: TarWriter, above:
         path = _streamable_path(header)
         if path is None or path in streamed or above.hides(path):
             continue
+        what = f"layer {digest}: {path!r}"
         writer.write(file_header(path, header.mode, header.mtime, header.size))
         if header.size <= _SMALL_FILE:  # most likely in the window already, beside its header
             data = window(header.offset_data, header.size)
             if len(data) < header.size:
-                raise LayerError(f"layer {digest}: {path!r}: the layer file ends inside its data")
+                raise data_cut_short(what)
             writer.write(data)
-            writer.pad(header.size)
         else:
-            _copy_arriving(arrivals, index, writer, header.offset_data, header.size, f"layer {digest}: {path!r}")
+            _copy_arriving(arrivals, index, writer, header.offset_data, header.size, what)
+        writer.pad(header.size)
         streamed[path] = (index, header.offset_data)
     writer.flush()
 
@@ -122,10 +123,9 @@ def _copy_arriving(arrivals: LayerArrivals, index: int, writer: TarWriter, offse
     while offset < end:
         fd, available = arrivals.readable(index, offset, end)
         if available <= offset:
-            raise LayerError(f"{what}: the layer file ends inside its data")
+            raise data_cut_short(what)
         writer.copy(fd, offset, available - offset, what)
         offset = available
-    writer.pad(size)
 
 
 class _Shadow:
