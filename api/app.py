@@ -1,4 +1,4 @@
-"""The REST API: Shifter's image gateway endpoints, thin over :mod:`imagegw.gateway`.
+"""The REST API: Shifter's image gateway endpoints, thin over :mod:`imagegw.service.gateway`.
 
 Every ``/api`` call but the root carries a MUNGE credential in the
 ``authentication`` header. Errors come back as ``{"error": ...}`` with the
@@ -19,11 +19,11 @@ from fastapi.responses import JSONResponse
 from api.errors import gateway_error, invalid_request
 from api.launcher import DeploymentLauncher
 from imagegw.config import Settings
-from imagegw.database import check_reachable, open_database
+from imagegw.store.mongo import check_reachable, open_database
 from imagegw.errors import AuthenticationFailed, BadRequest, ImagegwError
-from imagegw.gateway import Gateway, PullLauncher, parse_acl
-from imagegw.identity import Caller, identify
-from imagegw.munge import decode_credential, encode_credential
+from imagegw.service.gateway import Gateway, PullLauncher, parse_acl
+from imagegw.service.identity import Caller, identify
+from imagegw.service.munge import decode_credential, encode_credential
 
 TAG = "{system}/{itype}/{tag:path}"
 

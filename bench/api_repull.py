@@ -27,7 +27,7 @@ def main() -> int:
 
     from api.app import create_app
     from imagegw.config import load_settings
-    from imagegw.identity import Caller
+    from imagegw.service.identity import Caller
 
     launched: list[object] = []
 

@@ -72,7 +72,7 @@ class PrefectServer:
     """``prefect server start`` on a free loopback port, its home (and SQLite database) in the workdir."""
 
     def __init__(self, home: Path) -> None:
-        from imagegw.localhost import free_port
+        from imagegw.processes import free_port
 
         self.home = home
         home.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ class Database:
     every pull through ``MongoDBURI``, so that no pull pays its start-up."""
 
     def __init__(self, state: Path) -> None:
-        from imagegw.database import ensure_embedded_server
+        from imagegw.store.mongo import ensure_embedded_server
 
         self.state = state
         self.server = ensure_embedded_server(state)
@@ -165,7 +165,7 @@ class Database:
             client.close()
 
     def stop(self) -> None:
-        from imagegw.database import stop_embedded_server
+        from imagegw.store.mongo import stop_embedded_server
 
         stop_embedded_server(self.server, self.state / "mongo")
 

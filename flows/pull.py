@@ -10,15 +10,15 @@ from typing import Any
 
 from prefect import flow
 
-from imagegw.arrivals import LayerArrivals
+from imagegw.build.arrivals import LayerArrivals
 from imagegw.config import Settings, load_settings
-from imagegw.database import open_index
+from imagegw.store.mongo import open_index
 from imagegw.errors import ImagegwError
-from imagegw.index import HEARTBEAT_INTERVAL, PullKey
-from imagegw.job import PullJob, pull_key
-from imagegw.periodic import repeated
-from imagegw.registry import ResolvedImage
-from imagegw.squash import ImageStream, SquashResult
+from imagegw.store.records import HEARTBEAT_INTERVAL, PullKey
+from imagegw.plan import PullJob, pull_key
+from imagegw.background import repeated
+from imagegw.registry.client import ResolvedImage
+from imagegw.build.squash import ImageStream, SquashResult
 from tasks.index import index, is_ready, plan, settle_access
 from tasks.pull import pull, resolve
 from tasks.squash import squash

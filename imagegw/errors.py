@@ -64,8 +64,17 @@ class SquashError(ImagegwError):
     """Building or verifying the squashfs failed."""
 
 
+class StorageError(ImagegwError):
+    """A file the gateway writes could not be written (``<path>: No space left on device``).
+
+    Not retried: a full or failing disk does not heal in the seconds between a stage's
+    retries, and retrying would repeat the downloads and the build before failing the same
+    way. The message names the path, so an operator knows which filesystem to look at.
+    """
+
+
 class TransferError(ImagegwError):
-    """Publishing the image into the platform's image directory failed."""
+    """Publishing the image to a platform's image directory on another host failed."""
 
 
 class ServiceUnavailable(ImagegwError):
@@ -74,6 +83,10 @@ class ServiceUnavailable(ImagegwError):
 
 class IndexUnavailable(ServiceUnavailable):
     """The MongoDB image index cannot be reached."""
+
+
+class RecordConflict(ImagegwError):
+    """The image index refused a record that collides with one it holds (a unique key)."""
 
 
 class ImageNotFound(ImagegwError):

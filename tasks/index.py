@@ -8,11 +8,11 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from imagegw.config import Settings
-from imagegw.database import open_index
-from imagegw.index import Access, PullKey, to_response
-from imagegw.job import PullJob, image_facts, plan_pull
-from imagegw.publish import PublishedImage, is_published
-from imagegw.registry import ResolvedImage
+from imagegw.store.mongo import open_index
+from imagegw.store.records import Access, PullKey, to_response
+from imagegw.plan import PullJob, image_facts, plan_pull
+from imagegw.publish.local import PublishedImage, is_published
+from imagegw.registry.client import ResolvedImage
 from tasks.retry import transient_failure
 
 

@@ -7,14 +7,14 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from imagegw.arrivals import LayerArrivals
-from imagegw.database import open_index
-from imagegw.flatten import LayerSource, prepare_layer
-from imagegw.index import Status
-from imagegw.job import PullJob
-from imagegw.layercache import LayerCache, fetch_layers
-from imagegw.progress import DownloadProgress
-from imagegw.registry import RegistryClient, ResolvedImage
+from imagegw.build.arrivals import LayerArrivals
+from imagegw.store.mongo import open_index
+from imagegw.build.flatten import LayerSource, prepare_layer
+from imagegw.store.records import Status
+from imagegw.plan import PullJob
+from imagegw.registry.layercache import LayerCache, fetch_layers
+from imagegw.registry.progress import DownloadProgress
+from imagegw.registry.client import RegistryClient, ResolvedImage
 from tasks.retry import transient_failure
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from imagegw.job import PullJob
-from imagegw.squash import ImageStream, SquashResult, build_squashfs_streamed
+from imagegw.plan import PullJob
+from imagegw.build.squash import ImageStream, SquashResult, build_squashfs_streamed
 
 
 @task(name="squash", cache_policy=NONE)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NONE
 
-from imagegw.database import open_index
-from imagegw.index import Access, Status
-from imagegw.job import PullJob, image_meta
-from imagegw.publish import PublishedImage, publish_local
-from imagegw.registry import ResolvedImage
-from imagegw.squash import SquashResult
+from imagegw.store.mongo import open_index
+from imagegw.store.records import Access, Status
+from imagegw.plan import PullJob, image_meta
+from imagegw.publish.local import PublishedImage, publish_local
+from imagegw.registry.client import ResolvedImage
+from imagegw.build.squash import SquashResult
 from tasks.retry import transient_failure
 
 

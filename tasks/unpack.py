@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from imagegw.arrivals import LayerArrivals
-from imagegw.flatten import ImageTree
-from imagegw.squash import ImageStream
-from imagegw.topdown import flatten_top_down
+from imagegw.build.arrivals import LayerArrivals
+from imagegw.build.flatten import ImageTree
+from imagegw.build.squash import ImageStream
+from imagegw.build.stream import flatten_top_down
 
 
 @task(name="unpack", cache_policy=NONE)

@@ -16,8 +16,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from imagegw.config import Location
-from imagegw.reference import ImageRef
-from imagegw.registry import (
+from imagegw.registry.reference import ImageRef
+from imagegw.registry.client import (
     OCI_MANIFEST,
     RegistryClient,
 )

@@ -13,8 +13,8 @@ import pymongo
 import pytest
 
 from imagegw.config import Settings, load_settings
-from imagegw.database import ensure_embedded_server, stop_embedded_server
-from imagegw.index import ImageIndex
+from imagegw.store.mongo import ensure_embedded_server, stop_embedded_server
+from imagegw.store.records import ImageIndex
 from testsupport.registry import RunningRegistry
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegw.flatten import LayerSource
+from imagegw.build.flatten import LayerSource
 
 MTIME = 1_700_000_000
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from imagegw.cli import main
+from cli.main import main
 from tests.gateway_fixtures import Gateway
 from testsupport.images import LayerBuilder, push_image
 

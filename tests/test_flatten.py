@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from imagegw.errors import LayerError, UnsafeLayerEntry
-from imagegw.flatten import ImageTree, LayerSource, flatten_layers
+from imagegw.build.flatten import ImageTree, LayerSource, flatten_layers
 from tests.layer_fixtures import Layers, d, f, hard, member, sym
 
 
@@ -401,7 +401,7 @@ def test_headers_round_trip_whatever_their_encoding(layer: Layers, tmp_path: Pat
 
 
 def test_prepared_layers_are_flattened_from_their_member_files(layer: Layers) -> None:
-    from imagegw.flatten import prepare_layer
+    from imagegw.build.flatten import prepare_layer
 
     source = layer(d("etc"), f("etc/a", b"a"), sym("lib", "usr/lib"))
     expected, _ = flatten(source)
@@ -417,7 +417,7 @@ def test_prepared_layers_are_flattened_from_their_member_files(layer: Layers) ->
 
 
 def test_a_damaged_member_file_is_ignored(layer: Layers) -> None:
-    from imagegw.flatten import prepare_layer
+    from imagegw.build.flatten import prepare_layer
 
     source = layer(f("x", b"x"))
     prepare_layer(source)
@@ -427,7 +427,7 @@ def test_a_damaged_member_file_is_ignored(layer: Layers) -> None:
 
 
 def test_prepare_finds_a_corrupt_layer(layer: Layers) -> None:
-    from imagegw.flatten import prepare_layer
+    from imagegw.build.flatten import prepare_layer
 
     source = layer(f("x", b"x" * 2000), f("y", b"y"))
     source.path.write_bytes(source.path.read_bytes()[:1536])  # cut inside the first file's data

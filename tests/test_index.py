@@ -9,8 +9,8 @@ import uuid
 import pymongo
 import pytest
 
-from imagegw.credentials import RegistryLogin
-from imagegw.index import PUBLIC, STALE_RUNNING, Access, ImageFacts, ImageIndex, PullKey, Status, to_response
+from imagegw.registry.credentials import RegistryLogin
+from imagegw.store.records import PUBLIC, STALE_RUNNING, Access, ImageFacts, ImageIndex, PullKey, Status, to_response
 
 KEY = PullKey("mycluster", "docker", "team/app:1")
 

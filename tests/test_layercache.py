@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from imagegw.arrivals import LayerArrivals
+from imagegw.build.arrivals import LayerArrivals
 from imagegw.config import Location
 from imagegw.errors import DigestMismatch, LayerError, RegistryError, RegistryUnreachable
-from imagegw.layercache import LayerCache, fetch_layers
-from imagegw.reference import ImageRef
-from imagegw.registry import LayerDescriptor, PlatformSpec, RegistryClient, ResolvedImage
+from imagegw.registry.layercache import LayerCache, fetch_layers
+from imagegw.registry.reference import ImageRef
+from imagegw.registry.client import LayerDescriptor, PlatformSpec, RegistryClient, ResolvedImage
 from tests.fake_registry import FakeRegistry, Reply, Seen, registry_error, sha256
 from testsupport.images import LayerBuilder, push_image
 from testsupport.registry import RunningRegistry
@@ -266,10 +266,10 @@ def test_two_threads_download_a_layer_once(fake: FakeRegistry, client: RegistryC
 FETCH_SCRIPT = """
 import sys
 from pathlib import Path
-from imagegw.arrivals import LayerArrivals
+from imagegw.build.arrivals import LayerArrivals
 from imagegw.config import Location
-from imagegw.layercache import LayerCache
-from imagegw.registry import LayerDescriptor, RegistryClient
+from imagegw.registry.layercache import LayerCache
+from imagegw.registry.client import LayerDescriptor, RegistryClient
 root, url, digest, size = sys.argv[1:]
 with RegistryClient(Location(name="test", url=url)) as client:
     LayerCache(Path(root)).fetch(client, "x", LayerDescriptor(digest, int(size), "gzip"))

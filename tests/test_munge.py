@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from imagegw.errors import AuthenticationFailed, ServiceUnavailable
-from imagegw.munge import decode_credential, encode_credential
+from imagegw.service.munge import decode_credential, encode_credential
 from testsupport.munge import MungedStartError, RunningMunged, find_binary
 
 SECRET = "u:p:with:colons"

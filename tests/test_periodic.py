@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from imagegw.periodic import repeated
+from imagegw.background import repeated
 
 
 def test_the_action_repeats_while_the_block_runs_and_not_after() -> None:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from imagegw.errors import TransferError
-from imagegw.meta import render_meta
-from imagegw.publish import is_published, publish_local, unpublish_local
+from imagegw.publish.shifter_meta import render_meta
+from imagegw.publish.local import is_published, publish_local, unpublish_local
 
 
 def test_publish_places_image_and_meta_and_leaves_no_temporaries(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from imagegw.config import Location
 from imagegw.errors import BadImageReference
-from imagegw.reference import normalize_tag, parse_image_reference
+from imagegw.registry.reference import normalize_tag, parse_image_reference
 
 HUB = Location("index.docker.io", "https://registry-1.docker.io")
 SITE = Location("site", "http://127.0.0.1:5000")

@@ -22,9 +22,9 @@ from imagegw.errors import (
     RegistryUnreachable,
     UnsupportedManifest,
 )
-from imagegw.localhost import free_port
-from imagegw.reference import ImageRef
-from imagegw.registry import (
+from imagegw.processes import free_port
+from imagegw.registry.reference import ImageRef
+from imagegw.registry.client import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_INDEX,

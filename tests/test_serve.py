@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from imagegw.localhost import free_port
+from imagegw.processes import free_port
 from testsupport.images import LayerBuilder, push_image
 from testsupport.munge import RunningMunged
 from testsupport.registry import RunningRegistry
@@ -96,7 +96,7 @@ def test_serve_pulls_through_the_deployment_and_stops_everything(
     output = tmp_path / "serve.out"
     with open(output, "wb") as sink:
         serve = subprocess.Popen(
-            [sys.executable, "-m", "imagegw.cli", "serve", "--config", str(config),
+            [sys.executable, "-m", "cli", "serve", "--config", str(config),
              "--port", str(api_port), "--prefect-port", str(prefect_port)],
             stdout=sink, stderr=subprocess.STDOUT, env=gateway_env(),
         )
@@ -132,7 +132,7 @@ def test_serve_pulls_through_the_deployment_and_stops_everything(
 def test_worker_and_api_need_the_prefect_server(tmp_path: Path, command: str) -> None:
     config = write_config(tmp_path)
 
-    result = subprocess.run([sys.executable, "-m", "imagegw.cli", command, "--config", str(config)],
+    result = subprocess.run([sys.executable, "-m", "cli", command, "--config", str(config)],
                             env=gateway_env(), capture_output=True, text=True, timeout=60)
 
     assert result.returncode != 0

@@ -13,8 +13,8 @@ import pytest
 
 from imagegw.config import Compression
 from imagegw.errors import SquashError
-from imagegw.flatten import ImageTree, LayerSource, flatten_layers
-from imagegw.squash import SquashEntry, build_squashfs, list_squashfs
+from imagegw.build.flatten import ImageTree, LayerSource, flatten_layers
+from imagegw.build.squash import SquashEntry, build_squashfs, list_squashfs
 
 MTIME = 1_700_000_000
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegw.tarscan import Header, scan_headers
+from imagegw.build.tarscan import Header, scan_headers
 
 
 def by_tarfile(path: Path) -> list[Header]:

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from imagegw import cli
+from cli.main import main as imagegw
 from testsupport.images import SAMPLE_CMD, SAMPLE_ENTRYPOINT, SAMPLE_ENV, push_image, sample_image_layers
 from testsupport.registry import RunningRegistry
 
@@ -27,7 +27,7 @@ def main() -> int:
         config = _write_config(registry)
         print(f"configuration: {config}", file=sys.stderr)
         print(f"$ imagegw pull demo/hello:1.0 --platform demo --config {config}", file=sys.stderr)
-        return cli.main(["pull", "demo/hello:1.0", "--platform", "demo", "--config", str(config)])
+        return imagegw(["pull", "demo/hello:1.0", "--platform", "demo", "--config", str(config)])
 
 
 def _write_config(registry: RunningRegistry) -> Path:

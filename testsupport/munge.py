@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
-from imagegw.localhost import log_tail
+from imagegw.processes import log_tail
 from testsupport.service import StoppedOnExit, terminate, wait_until_answering
 
 INSTALL_HINT = "apt-get install munge"

@@ -22,7 +22,7 @@ from typing import IO, TYPE_CHECKING, Any
 import bcrypt
 import requests
 
-from imagegw.localhost import free_port, log_tail
+from imagegw.processes import free_port, log_tail
 from testsupport.service import StoppedOnExit, terminate, wait_until_answering
 
 if TYPE_CHECKING:

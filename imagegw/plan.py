@@ -6,12 +6,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from imagegw.config import Platform, Settings
-from imagegw.credentials import RegistryLogin
+from imagegw.registry.credentials import RegistryLogin
 from imagegw.errors import BadImageReference
-from imagegw.index import PUBLIC, Access, ImageFacts, PullKey
-from imagegw.meta import render_meta
-from imagegw.reference import ImageRef, normalize_tag, parse_image_reference
-from imagegw.registry import PlatformSpec, ResolvedImage
+from imagegw.store.records import PUBLIC, Access, ImageFacts, PullKey
+from imagegw.publish.shifter_meta import render_meta
+from imagegw.registry.reference import ImageRef, normalize_tag, parse_image_reference
+from imagegw.registry.client import PlatformSpec, ResolvedImage
 
 PULLABLE_TYPES = ("docker",)
 

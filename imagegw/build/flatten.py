@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Literal, cast, overload
 
 from imagegw.errors import LayerError, UnsafeLayerEntry
-from imagegw.tarscan import Header, byte_sum, scan_headers
+from imagegw.build.tarscan import Header, byte_sum, scan_headers
 
 _log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class ImageTree:
 
         Paths come in sorted pre-order, so every directory precedes its children; a hard
         link group's data is written at its first path, and later paths are links to it.
-        ``written`` are regular files already in the stream (see ``imagegw.topdown``): they
+        ``written`` are regular files already in the stream (see ``imagegw.build.stream``): they
         are skipped, and the hard links to them point at them.
         """
         out.flush()

@@ -15,15 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from imagegw.config import Platform, Settings
-from imagegw.database import open_index
+from imagegw.store.mongo import open_index
 from imagegw.errors import BadRequest, Forbidden, ImageNotFound, ServiceUnavailable
-from imagegw.identity import Caller
-from imagegw.importer import copy_importable
-from imagegw.index import PUBLIC, Access, ImageFacts, ImageIndex, PullKey, Status, to_response
-from imagegw.job import plan_pull, pull_key
-from imagegw.meta import render_meta
-from imagegw.publish import publish_local, unpublish_local
-from imagegw.reference import normalize_tag
+from imagegw.service.identity import Caller
+from imagegw.publish.importer import copy_importable
+from imagegw.store.records import PUBLIC, Access, ImageFacts, ImageIndex, PullKey, Status, to_response
+from imagegw.plan import plan_pull, pull_key
+from imagegw.publish.shifter_meta import render_meta
+from imagegw.publish.local import publish_local, unpublish_local
+from imagegw.registry.reference import normalize_tag
 
 PullLauncher = Callable[[PullKey], str]
 """Starts the flow run of a claimed pull and returns the run's id."""

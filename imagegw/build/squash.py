@@ -23,9 +23,9 @@ from typing import IO, NamedTuple
 
 from imagegw.config import Compression
 from imagegw.errors import ImagegwError, SquashError
-from imagegw.flatten import ImageTree
-from imagegw.topdown import StreamedImage
-from imagegw.writeback import written_back_as_it_grows
+from imagegw.build.flatten import ImageTree
+from imagegw.build.stream import StreamedImage
+from imagegw.build.writeback import written_back_as_it_grows
 
 _STDERR_TAIL = 2000
 _PIPE_SIZE = 1 << 20
@@ -143,7 +143,7 @@ def build_squashfs_streamed(stream: ImageStream, output: Path, compression: Comp
                             jobs: int | None = None, timeout: float = 3600) -> SquashResult:
     """Build the squashfs from ``stream`` as it is written; as build_squashfs once the writer ends.
 
-    A spoiled stream (see ``imagegw.topdown``) is thrown away, and the image built again from
+    A spoiled stream (see ``imagegw.build.stream``) is thrown away, and the image built again from
     the tree the writer hands over.
     """
     command = _tar2sqfs_command(output, compression, block_size, jobs or os.cpu_count() or 1)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from imagegw.periodic import repeated
+from imagegw.background import repeated
 
 _SYNC_FILE_RANGE_WRITE = 2
 

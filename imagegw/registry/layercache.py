@@ -34,10 +34,10 @@ try:
 except ImportError:
     _inflate = zlib  # type: ignore[misc]
 
-from imagegw.arrivals import LayerArrivals
+from imagegw.build.arrivals import LayerArrivals
 from imagegw.errors import DigestMismatch, LayerError, RegistryUnreachable
-from imagegw.registry import LayerDescriptor, RegistryClient, ResolvedImage, describe_network_error
-from imagegw.writeback import start_writeback
+from imagegw.registry.client import LayerDescriptor, RegistryClient, ResolvedImage, describe_network_error
+from imagegw.build.writeback import start_writeback
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _CHUNK = 1024 * 1024
@@ -327,7 +327,7 @@ class _HashingWriter:
         self._written = written
         self._size = 0
         self._flushed = 0
-        """Bytes already handed to the kernel's writeback (see imagegw.writeback)."""
+        """Bytes already handed to the kernel's writeback (see imagegw.build.writeback)."""
         self._hash = hashlib.sha256()
         self._chunks: collections.deque[bytes | None] = collections.deque()
         self._queued = 0

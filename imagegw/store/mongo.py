@@ -26,8 +26,8 @@ from pymongo.errors import PyMongoError
 
 from imagegw.config import MONGODB_URI_ENV, Settings
 from imagegw.errors import IndexUnavailable
-from imagegw.index import ImageIndex
-from imagegw.localhost import free_port, listening, log_tail
+from imagegw.store.records import ImageIndex
+from imagegw.processes import free_port, listening, log_tail
 
 _START_TIMEOUT = 30.0
 _clients: dict[str, pymongo.MongoClient] = {}

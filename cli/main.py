@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from imagegw.config import Settings, load_settings
-from imagegw.database import ensure_embedded_server, open_index
+from imagegw.store.mongo import ensure_embedded_server, open_index
 from imagegw.errors import ConfigError, ImagegwError
-from imagegw.index import ImageIndex, PullKey, Status, to_response
-from imagegw.job import plan_pull, pull_key
-from imagegw.serve import serve
+from imagegw.store.records import ImageIndex, PullKey, Status, to_response
+from imagegw.plan import plan_pull, pull_key
+from cli.serve import serve
 
 
 def run() -> None:
@@ -243,6 +243,3 @@ def _print_json(record: dict[str, Any]) -> None:
 def _when(epoch: Any) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(epoch)) if isinstance(epoch, (int, float)) else "-"
 
-
-if __name__ == "__main__":  # how `imagegw serve` starts its worker and API
-    run()

@@ -27,9 +27,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from urllib.request import urlopen
 
 from imagegw.config import MONGODB_URI_ENV, Settings
-from imagegw.database import ensure_embedded_server
+from imagegw.store.mongo import ensure_embedded_server
 from imagegw.errors import ServiceUnavailable
-from imagegw.localhost import listening, log_tail
+from imagegw.processes import listening, log_tail
 
 STOP_TIMEOUT = 5.0
 """Seconds a child gets to exit after SIGTERM: a Prefect runner may ignore it for 8–16 s."""
@@ -227,7 +227,7 @@ def _start_api(children: Children, settings: Settings, host: str, port: int) -> 
 
 
 def _imagegw(*arguments: str) -> list[str]:
-    return [sys.executable, "-m", "imagegw.cli", *arguments]
+    return [sys.executable, "-m", "cli", *arguments]
 
 
 def _prefect_healthy(api_url: str) -> bool:

@@ -7,9 +7,9 @@ import pwd
 from dataclasses import dataclass, field
 
 from imagegw.config import Location, Platform
-from imagegw.credentials import RegistryLogin, login_for, parse_authorized_locations
-from imagegw.index import Access
-from imagegw.munge import MungeIdentity
+from imagegw.registry.credentials import RegistryLogin, login_for, parse_authorized_locations
+from imagegw.store.records import Access
+from imagegw.service.munge import MungeIdentity
 
 
 @dataclass(frozen=True)

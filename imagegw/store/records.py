@@ -26,7 +26,7 @@ from pymongo.collection import Collection
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from imagegw.credentials import RegistryLogin
+from imagegw.registry.credentials import RegistryLogin
 from imagegw.errors import IndexUnavailable
 
 

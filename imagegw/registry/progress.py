@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from imagegw.registry import LayerDescriptor
+from imagegw.registry.client import LayerDescriptor
 
 
 class DownloadProgress:

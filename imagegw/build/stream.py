@@ -4,7 +4,7 @@ A layer's files can go into the image as soon as every layer above it is known: 
 layers replace, delete or make opaque is then known, and nothing below can hide a file. So
 the top layer is written first, and each layer below follows as it arrives, keeping tar2sqfs
 compressing while lower layers still decompress. Once every layer is in, the rest (lower
-layers' files, directories, links) is written from the exact model of ``imagegw.flatten``;
+layers' files, directories, links) is written from the exact model of ``imagegw.build.flatten``;
 when all layers are cached already, that is the whole image.
 
 What a top-down pass cannot know is checked, not assumed: a symbolic link in a lower layer
@@ -19,8 +19,8 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from imagegw.arrivals import LayerArrivals
-from imagegw.flatten import (
+from imagegw.build.arrivals import LayerArrivals
+from imagegw.build.flatten import (
     OPAQUE,
     WHITEOUT,
     ImageTree,
@@ -32,7 +32,7 @@ from imagegw.flatten import (
     lexical_parts,
     read_members,
 )
-from imagegw.tarscan import Header, ReadWindow, follow_headers
+from imagegw.build.tarscan import Header, ReadWindow, follow_headers
 
 _SMALL_FILE = 16 << 10
 """Files up to this size are copied from the read window; larger ones go to the pipe by sendfile."""

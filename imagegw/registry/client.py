@@ -36,7 +36,7 @@ from imagegw.errors import (
     RegistryUnreachable,
     UnsupportedManifest,
 )
-from imagegw.reference import ImageRef
+from imagegw.registry.reference import ImageRef
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
