@@ -18,12 +18,18 @@ from fastapi.responses import JSONResponse
 
 from api.errors import gateway_error, invalid_request
 from api.launcher import DeploymentLauncher
+from imagegw.access import parse_acl
 from imagegw.config import Settings
-from imagegw.store.mongo import check_reachable, open_database
 from imagegw.errors import AuthenticationFailed, BadRequest, ImagegwError
-from imagegw.service.gateway import Gateway, PullLauncher, parse_acl
-from imagegw.service.identity import Caller, identify
-from imagegw.service.munge import decode_credential, encode_credential
+from imagegw.service import (
+    Caller,
+    Gateway,
+    PullLauncher,
+    decode_credential,
+    encode_credential,
+    identify,
+)
+from imagegw.store import check_reachable, open_database
 
 TAG = "{system}/{itype}/{tag:path}"
 

@@ -14,6 +14,7 @@ from imagegw.errors import (
     Forbidden,
     ImagegwError,
     ImageNotFound,
+    RecordConflict,
     ServiceUnavailable,
     UnknownPlatform,
 )
@@ -24,6 +25,7 @@ HTTP_STATUS: tuple[tuple[type[ImagegwError], int], ...] = (
     (Forbidden, 403),
     (UnknownPlatform, 404),
     (ImageNotFound, 404),
+    (RecordConflict, 409),
     (BadImageReference, 400),
     (BadRequest, 400),
     (ServiceUnavailable, 503),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from imagegw.store.records import PullKey
+from imagegw.store import PullKey
 
 
 def deployment_name(platform: str) -> str:

@@ -144,7 +144,7 @@ class Database:
     every pull through ``MongoDBURI``, so that no pull pays its start-up."""
 
     def __init__(self, state: Path) -> None:
-        from imagegw.store.mongo import ensure_embedded_server
+        from imagegw.store.embedded import ensure_embedded_server
 
         self.state = state
         self.server = ensure_embedded_server(state)
@@ -165,7 +165,7 @@ class Database:
             client.close()
 
     def stop(self) -> None:
-        from imagegw.store.mongo import stop_embedded_server
+        from imagegw.store.embedded import stop_embedded_server
 
         stop_embedded_server(self.server, self.state / "mongo")
 

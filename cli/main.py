@@ -17,12 +17,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from imagegw.config import Settings, load_settings
-from imagegw.store.mongo import ensure_embedded_server, open_index
-from imagegw.errors import ConfigError, ImagegwError
-from imagegw.store.records import ImageIndex, PullKey, Status, to_response
-from imagegw.plan import plan_pull, pull_key
 from cli.serve import serve
+from imagegw.config import Settings, load_settings
+from imagegw.errors import ConfigError, ImagegwError
+from imagegw.plan import plan_pull, pull_key
+from imagegw.store import (
+    ImageStore,
+    PullKey,
+    Status,
+    ensure_embedded_server,
+    open_store,
+    to_response,
+)
 
 
 def run() -> None:
@@ -103,21 +109,23 @@ def pull_command(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     job = plan_pull(settings, pull_key(args.platform, args.image))
     _prepare_prefect(settings, verbose=args.verbose)
-    from flows.pull import pull_image  # Prefect reads its settings at import, so import it late.
+    from flows.pull import (
+        pull_image,  # Prefect reads its settings at import, so import it late.
+    )
     # What is imported lives as long as this one-shot process: frozen, it is left out of the
     # garbage collector's passes, which walked Prefect's ~130k objects (0.3 s of a large pull).
     gc.freeze()
 
-    index = open_index(settings)
-    record, claimed = index.claim_pull(job.key)
+    store = open_store(settings)
+    record, claimed = store.claim_pull(job.key)
     if not claimed:
         raise ImagegwError(f"{job.key.tag} is already being pulled for {job.key.system} "
                            f"({record.get('status')}: {record.get('status_message')})")
-    with _progress_shown(index, job.key, enabled=sys.stderr.isatty()):
+    with _progress_shown(store, job.key, enabled=sys.stderr.isatty()):
         state = asyncio.run(pull_image(args.image, args.platform, str(settings.source), return_state=True))
-    record = index.lookup(job.key) if state.is_completed() else None
+    record = store.lookup(job.key) if state.is_completed() else None
     if record is None:
-        failed = index.pull_record(job.key) or {**job.key.query(), "status": Status.FAILURE.value}
+        failed = store.pull_record(job.key) or {**job.key.query(), "status": Status.FAILURE.value}
         _print_json(to_response(failed))
         print(f"imagegw: pull of {job.key.tag} failed: {failed.get('status_message', state.message)}",
               file=sys.stderr)
@@ -131,7 +139,7 @@ def pull_command(args: argparse.Namespace) -> int:
 def lookup_command(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     job = plan_pull(settings, pull_key(args.platform, args.image))
-    record = open_index(settings).lookup(job.key)
+    record = open_store(settings).lookup(job.key)
     if record is None:
         print(f"imagegw: no READY image {job.key.tag} on {job.key.system}", file=sys.stderr)
         return 1
@@ -142,7 +150,7 @@ def lookup_command(args: argparse.Namespace) -> int:
 def images_command(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     settings.platform(args.platform)
-    records = open_index(settings).list_images(args.platform)
+    records = open_store(settings).list_images(args.platform)
     rows = [("TAG", "ID", "SIZE", "PULLED", "EXPIRES")]
     for record in records:
         for tag in record.get("tag") or ["-"]:
@@ -164,7 +172,9 @@ def api_command(args: argparse.Namespace) -> int:
     _prepare_prefect(settings, verbose=False)
     import uvicorn
 
-    from api.app import create_app  # imports Prefect, which reads its settings at import
+    from api.app import (
+        create_app,  # imports Prefect, which reads its settings at import
+    )
 
     uvicorn.run(create_app(settings), host=args.host, port=args.port)
     return 0
@@ -181,7 +191,9 @@ def worker_command(args: argparse.Namespace) -> int:
     if settings.mongodb_uri is None:
         # Owned by this long-lived process; a flow run starting it would stop it under the other runs.
         ensure_embedded_server(settings.state_dir)
-    from deployments.platforms import serve_platforms  # imports Prefect, which reads its settings at import
+    from deployments.platforms import (
+        serve_platforms,  # imports Prefect, which reads its settings at import
+    )
 
     serve_platforms(settings, args.platform)
     return 0
@@ -207,7 +219,7 @@ def _prepare_prefect(settings: Settings, *, verbose: bool) -> None:
 
 
 @contextmanager
-def _progress_shown(index: ImageIndex, key: PullKey, *, enabled: bool) -> Iterator[None]:
+def _progress_shown(store: ImageStore, key: PullKey, *, enabled: bool) -> Iterator[None]:
     """On a terminal, show the pull record's stage and message while the flow runs."""
     if not enabled:
         yield
@@ -218,7 +230,7 @@ def _progress_shown(index: ImageIndex, key: PullKey, *, enabled: bool) -> Iterat
         shown = ""
         while not stop.wait(0.5):
             try:
-                record = index.pull_record(key) or {}
+                record = store.pull_record(key) or {}
             except ImagegwError:
                 continue
             line = f"{record.get('status', '')}: {record.get('status_message', '')}"[:120]

@@ -27,9 +27,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from urllib.request import urlopen
 
 from imagegw.config import MONGODB_URI_ENV, Settings
-from imagegw.store.mongo import ensure_embedded_server
 from imagegw.errors import ServiceUnavailable
 from imagegw.processes import listening, log_tail
+from imagegw.store import ensure_embedded_server
 
 STOP_TIMEOUT = 5.0
 """Seconds a child gets to exit after SIGTERM: a Prefect runner may ignore it for 8–16 s."""
@@ -164,7 +164,7 @@ def serve(settings: Settings, *, host: str, port: int, prefect_port: int) -> int
     except _Stopped:
         return 0
     finally:
-        # The embedded database stops last, when this process exits (database.py registers that).
+        # The embedded database stops last, when this process exits (imagegw.store.embedded registers that).
         children.stop_all()
 
 

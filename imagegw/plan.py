@@ -1,26 +1,28 @@
-"""One pull, as the pipeline's stages see it: what to pull, for which platform, filed where."""
+"""What one pull needs: the image, the platform it is for, the record it is filed under, who may read it.
+
+A :class:`PullPlan` carries only these: not the configuration, whose other locations'
+passwords no stage needs.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
+from imagegw.access import PUBLIC, Access
 from imagegw.config import Platform, Settings
-from imagegw.registry.credentials import RegistryLogin
 from imagegw.errors import BadImageReference
-from imagegw.store.records import PUBLIC, Access, ImageFacts, PullKey
-from imagegw.publish.shifter_meta import render_meta
+from imagegw.registry.client import PlatformSpec
+from imagegw.registry.credentials import RegistryLogin
 from imagegw.registry.reference import ImageRef, normalize_tag, parse_image_reference
-from imagegw.registry.client import PlatformSpec, ResolvedImage
+from imagegw.store.records import PullKey
 
 PULLABLE_TYPES = ("docker",)
 
 
 @dataclass(frozen=True)
-class PullJob:
-    """Everything a stage needs to know about the pull it works on."""
+class PullPlan:
+    """One pull, as the pipeline's stages see it."""
 
-    settings: Settings
     platform: Platform
     key: PullKey
     ref: ImageRef
@@ -30,6 +32,7 @@ class PullJob:
 
     @property
     def wanted_platform(self) -> PlatformSpec:
+        """The os/architecture whose image to pick from a multi-arch index."""
         return PlatformSpec(os=self.platform.os, architecture=self.platform.arch, variant=self.platform.variant)
 
 
@@ -41,7 +44,7 @@ def pull_key(platform: str, image: str, itype: str = "docker") -> PullKey:
 
 
 def plan_pull(settings: Settings, key: PullKey, login: RegistryLogin | None = None,
-              access: Access = PUBLIC) -> PullJob:
+              access: Access = PUBLIC) -> PullPlan:
     """Resolve the platform and the image name against the configuration.
 
     A requester's registry login replaces the configured one for the image's location.
@@ -50,35 +53,4 @@ def plan_pull(settings: Settings, key: PullKey, login: RegistryLogin | None = No
     ref = parse_image_reference(key.tag, settings.locations, settings.default_location)
     if login is not None:
         ref = replace(ref, location=replace(ref.location, username=login.username, password=login.password))
-    return PullJob(settings=settings, platform=platform, key=key, ref=ref, access=access)
-
-
-def image_facts(image: ResolvedImage, size: int) -> ImageFacts:
-    """What the index records about a pulled image."""
-    config = _runtime_config(image)
-    return ImageFacts(
-        id=image.image_id,
-        manifest_digest=image.manifest_digest,
-        registry=image.ref.location.host,
-        repository=image.ref.repository,
-        arch=image.config.get("architecture", "unknown"),
-        os=image.config.get("os", "unknown"),
-        size=size,
-        layers=[layer.digest for layer in image.layers],
-        env=list(config.get("Env") or []),
-        entry=config.get("Entrypoint") or None,
-        cmd=config.get("Cmd") or None,
-        workdir=config.get("WorkingDir") or None,
-        labels=dict(config.get("Labels") or {}),
-    )
-
-
-def image_meta(image: ResolvedImage, access: Access) -> str:
-    """The ``.meta`` text the runtime reads beside the image (with the ACL of a private image)."""
-    config = _runtime_config(image)
-    return render_meta(env=config.get("Env") or [], entry=config.get("Entrypoint"), cmd=config.get("Cmd"),
-                       workdir=config.get("WorkingDir"), user_acl=access.user_acl, group_acl=access.group_acl)
-
-
-def _runtime_config(image: ResolvedImage) -> dict[str, Any]:
-    return image.config.get("config") or {}
+    return PullPlan(platform=platform, key=key, ref=ref, access=access)

@@ -7,14 +7,13 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from imagegw.plan import PullJob
-from imagegw.build.squash import ImageStream, SquashResult, build_squashfs_streamed
+from imagegw.build import ImageStream, SquashResult, build_squashfs_streamed
+from imagegw.config import Compression
 
 
 @task(name="squash", cache_policy=NONE)
-def squash(job: PullJob, stream: ImageStream, scratch: Path) -> SquashResult:
-    """Build and verify the squashfs in the scratch directory."""
-    compression = job.platform.compression
-    result = build_squashfs_streamed(stream, scratch / "image.squashfs", compression, job.platform.block_size)
+def squash(stream: ImageStream, output: Path, compression: Compression, block_size: int) -> SquashResult:
+    """Build the squashfs at ``output`` from the stream, and check it against the image."""
+    result = build_squashfs_streamed(stream, output, compression, block_size)
     get_run_logger().info("squashfs: %.1f MB, %d entries (%s)", result.size / 1e6, result.entries, compression)
     return result

@@ -13,8 +13,8 @@ import pymongo
 import pytest
 
 from imagegw.config import Settings, load_settings
-from imagegw.store.mongo import ensure_embedded_server, stop_embedded_server
-from imagegw.store.records import ImageIndex
+from imagegw.store.embedded import ensure_embedded_server, stop_embedded_server
+from imagegw.store import ImageStore
 from testsupport.registry import RunningRegistry
 
 
@@ -58,8 +58,8 @@ class Gateway:
     def cache_dir(self) -> Path:
         return self.root / "cache"
 
-    def index(self) -> ImageIndex:
-        return ImageIndex(pymongo.MongoClient(self.mongo_uri)[self.database], 3600)
+    def index(self) -> ImageStore:
+        return ImageStore(pymongo.MongoClient(self.mongo_uri)[self.database], 3600)
 
     def image(self, repository_and_tag: str) -> str:
         """An image name on the test registry, e.g. ``127.0.0.1:PORT/test/app:1``."""

@@ -19,10 +19,10 @@ import zstandard
 
 from imagegw.build.arrivals import LayerArrivals
 from imagegw.config import Location
-from imagegw.errors import DigestMismatch, LayerError, RegistryError, RegistryUnreachable
+from imagegw.errors import DigestMismatch, LayerError, RegistryError, RegistryUnreachable, StorageError
+from imagegw.registry.client import LayerDescriptor, PlatformSpec, RegistryClient, ResolvedImage
 from imagegw.registry.layercache import LayerCache, fetch_layers
 from imagegw.registry.reference import ImageRef
-from imagegw.registry.client import LayerDescriptor, PlatformSpec, RegistryClient, ResolvedImage
 from tests.fake_registry import FakeRegistry, Reply, Seen, registry_error, sha256
 from testsupport.images import LayerBuilder, push_image
 from testsupport.registry import RunningRegistry
@@ -189,6 +189,28 @@ def test_connection_dropped_mid_layer(fake: FakeRegistry, client: RegistryClient
     assert layer_files(cache) == []
 
 
+def test_connection_dropped_after_part_of_the_layer_was_written(fake: FakeRegistry, client: RegistryClient,
+                                                                 cache: LayerCache) -> None:
+    tar = LayerBuilder().file("big", os.urandom(3_000_000)).tar()
+    blob = gzip.compress(tar)
+    layer = serve(fake, blob)
+    fake.routes[f"/v2/x/blobs/{layer.digest}"] = lambda seen: (200, {"Content-Length": str(len(blob))},
+                                                               blob[:len(blob) // 2])
+    arrivals = LayerArrivals([layer.digest])
+    received: list[int] = []
+    try:
+        with pytest.raises(RegistryUnreachable) as caught:
+            cache.fetch(client, "x", layer, sha256(tar), received.append, arrivals)
+        assert arrivals.read(0, 0, 512) == tar[:512], "the start of the layer was in a partial file"
+    finally:
+        arrivals.release()
+    assert str(caught.value) == (f"download of layer {layer.digest} of {fake.host}/x interrupted: "
+                                 "connection broken mid-transfer")
+    assert 0 < sum(received) < len(blob), "the cut came mid-stream"
+    assert not cache.has(layer.digest)
+    assert layer_files(cache) == [], "the partial file is gone"
+
+
 def test_arrivals_follow_a_download_into_its_retry(fake: FakeRegistry, client: RegistryClient,
                                                    cache: LayerCache) -> None:
     tar = LayerBuilder().file("big", os.urandom(3_000_000)).tar()  # the first 1 MiB chunk arrives
@@ -225,6 +247,37 @@ def test_partial_of_a_dead_process_is_removed(fake: FakeRegistry, client: Regist
     stale.write_bytes(b"half a layer")
     cache.fetch(client, "x", layer)
     assert layer_files(cache) == [cache.path(layer.digest).name]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs of its own, to fill up."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mountpoint = tmp_path / "small-disk"
+    mountpoint.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)], check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def test_full_disk_is_a_storage_error_naming_the_directory(fake: FakeRegistry, client: RegistryClient,
+                                                            small_disk: Path) -> None:
+    cache = LayerCache(small_disk)
+    tar = LayerBuilder().file("big", os.urandom(1 << 20)).tar()  # four times the disk
+    layer = serve(fake, gzip.compress(tar))
+    with pytest.raises(StorageError) as caught:
+        cache.fetch(client, "x", layer, sha256(tar))
+    directory = small_disk / "layers" / "sha256"
+    assert str(caught.value) == (f"{directory}: No space left on device "
+                                 f"(storing layer {layer.digest} of {fake.host}/x)")
+    assert not cache.path(layer.digest).exists()
+    assert layer_files(cache) == []
+    # The partial file's space was given back: a layer that fits is stored.
+    small = serve(fake, gzip.compress(LAYER))
+    assert cache.fetch(client, "x", small, sha256(LAYER)).read_bytes() == LAYER
 
 
 def test_digest_that_is_not_sha256_is_refused(cache: LayerCache) -> None:
@@ -387,7 +440,7 @@ def test_real_registry_two_threads_one_download(registry: RunningRegistry, real_
 def test_real_token_registry_parallel_layers(token_registry: RunningRegistry, cache: LayerCache) -> None:
     repository = f"test/parallel-{uuid.uuid4().hex[:8]}"
     tars = [LayerBuilder().file(f"f{i}", uuid.uuid4().bytes * 1000).tar() for i in range(4)]
-    push_image(token_registry, repository, "1.0", tars)
+    push_image(token_registry, repository, "1.0", list[LayerBuilder | bytes](tars))
     with RegistryClient(Location(name="test", url=token_registry.url), timeout=10) as client:
         image = resolve(client, token_registry, repository)
         paths = fetch_layers(client, image, cache, parallel=4)

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from imagegw.errors import TransferError
-from imagegw.publish.shifter_meta import render_meta
-from imagegw.publish.local import is_published, publish_local, unpublish_local
+from imagegw.errors import StorageError
+from imagegw.publish import LocalPublisher, render_meta
 
 
 def test_publish_places_image_and_meta_and_leaves_no_temporaries(tmp_path: Path) -> None:
@@ -19,13 +18,13 @@ def test_publish_places_image_and_meta_and_leaves_no_temporaries(tmp_path: Path)
     built.write_bytes(b"hsqs" + b"\0" * 100)
     image_dir = tmp_path / "images"
 
-    published = publish_local(built, "FORMAT: squashfs\n", image_dir, "ab" * 32)
+    published = LocalPublisher(image_dir).publish(built, "FORMAT: squashfs\n", "ab" * 32)
 
     assert published.squashfs.read_bytes() == built.read_bytes()
     assert published.meta.read_text() == "FORMAT: squashfs\n"
     assert sorted(os.listdir(image_dir)) == [f"{'ab' * 32}.meta", f"{'ab' * 32}.squashfs"]
     assert stat.S_IMODE(published.squashfs.stat().st_mode) == 0o600
-    assert is_published(image_dir, "ab" * 32)
+    assert LocalPublisher(image_dir).is_published("ab" * 32)
 
 
 def test_republish_replaces_files_atomically(tmp_path: Path) -> None:
@@ -33,27 +32,27 @@ def test_republish_replaces_files_atomically(tmp_path: Path) -> None:
     for content in (b"first", b"second"):
         built = tmp_path / "built"
         built.write_bytes(content)
-        publish_local(built, "FORMAT: squashfs\n", image_dir, "cd" * 32)
+        LocalPublisher(image_dir).publish(built, "FORMAT: squashfs\n", "cd" * 32)
 
     assert (image_dir / f"{'cd' * 32}.squashfs").read_bytes() == b"second"
 
 
-def test_unwritable_image_dir_is_a_transfer_error_naming_it(tmp_path: Path) -> None:
+def test_unwritable_image_dir_is_a_storage_error_naming_it(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     built = tmp_path / "built"
     built.write_bytes(b"x")
 
-    with pytest.raises(TransferError, match=str(blocker)):
-        publish_local(built, "FORMAT: squashfs\n", blocker / "images", "ef" * 32)
+    with pytest.raises(StorageError, match=f"^{blocker}/images: Not a directory"):
+        LocalPublisher(blocker / "images").publish(built, "FORMAT: squashfs\n", "ef" * 32)
 
 
 def test_unpublish_removes_both_files(tmp_path: Path) -> None:
     built = tmp_path / "built"
     built.write_bytes(b"x")
-    publish_local(built, "FORMAT: squashfs\n", tmp_path / "images", "01" * 32)
+    LocalPublisher(tmp_path / "images").publish(built, "FORMAT: squashfs\n", "01" * 32)
 
-    unpublish_local(tmp_path / "images", "01" * 32)
+    LocalPublisher(tmp_path / "images").unpublish("01" * 32)
 
     assert os.listdir(tmp_path / "images") == []
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import ssl
 import subprocess
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
 from imagegw.config import Location
 from imagegw.errors import (
@@ -23,7 +27,6 @@ from imagegw.errors import (
     UnsupportedManifest,
 )
 from imagegw.processes import free_port
-from imagegw.registry.reference import ImageRef
 from imagegw.registry.client import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -32,6 +35,7 @@ from imagegw.registry.client import (
     PlatformSpec,
     RegistryClient,
 )
+from imagegw.registry.reference import ImageRef
 from tests.fake_registry import (
     FakeImage,
     FakeRegistry,
@@ -282,8 +286,7 @@ def test_anonymous_token_flow(fake: FakeRegistry, scope_in_challenge: bool) -> N
     bearer_protected(fake, scope_in_challenge)
     with client_for(fake) as client:
         assert client.resolve(ref_to(fake, "x"), PlatformSpec()).manifest_digest == built.digest
-        with client.open_blob("x", sha256(built.blobs[0])) as response:
-            assert response.content == built.blobs[0]
+        assert read_blob(client, "x", sha256(built.blobs[0])) == built.blobs[0]
     token_requests = [seen for seen in fake.seen if seen.path == "/token"]
     assert len(token_requests) == 1, "the token is cached for the repository scope"
     assert token_requests[0].query == {"scope": ["repository:x:pull"], "service": ["fake"]}
@@ -369,8 +372,7 @@ def test_blob_redirect_drops_authorization(fake: FakeRegistry) -> None:
         fake.routes["/v2/x/manifests/1.0"] = lambda seen: registry_error(404, "MANIFEST_UNKNOWN", "")
         basic_protected(fake)
         with client_for(fake, auth_method="basic", username="alice", password="s3cr3t") as client:
-            with client.open_blob("x", digest) as response:
-                assert response.content == data
+            assert read_blob(client, "x", digest) == data
     finally:
         store.stop()
     assert fake.seen[0].headers["authorization"].startswith("Basic ")
@@ -378,26 +380,92 @@ def test_blob_redirect_drops_authorization(fake: FakeRegistry) -> None:
     assert "authorization" not in store.seen[0].headers
 
 
+def redirect(target: str, seen: Seen) -> Reply:
+    return 302, {"Location": target}, b""
+
+
 def test_relative_redirects_are_followed_up_to_five_times(fake: FakeRegistry) -> None:
     data = b"bytes"
     digest = sha256(data)
     for hop in range(5):
-        fake.routes[f"/hop{hop}"] = lambda seen, hop=hop: (302, {"Location": f"/hop{hop + 1}"}, b"")
+        fake.routes[f"/hop{hop}"] = functools.partial(redirect, f"/hop{hop + 1}")
     fake.serve("/hop5", data)
     fake.routes[f"/v2/x/blobs/{digest}"] = lambda seen: (302, {"Location": "/hop1"}, b"")
-    with client_for(fake) as client, client.open_blob("x", digest) as response:
-        assert response.content == data
+    with client_for(fake) as client:
+        assert read_blob(client, "x", digest) == data
     fake.routes[f"/v2/x/blobs/{digest}"] = lambda seen: (302, {"Location": "/hop0"}, b"")
     with client_for(fake) as client, pytest.raises(RegistryError, match="redirected more than 5 times"):
-        client.open_blob("x", digest)
+        read_blob(client, "x", digest)
 
 
 def test_missing_blob(fake: FakeRegistry) -> None:
     digest = "sha256:" + "2" * 64
     fake.routes[f"/v2/x/blobs/{digest}"] = lambda seen: registry_error(404, "BLOB_UNKNOWN", "blob unknown to registry")
     with client_for(fake) as client, pytest.raises(RegistryError) as caught:
-        client.open_blob("x", digest)
+        read_blob(client, "x", digest)
     assert str(caught.value) == f"blob {digest} is missing from {fake.host}/x (BLOB_UNKNOWN: blob unknown to registry)"
+
+
+# --------------------------------------------------------------------------- blob bytes (fake server)
+
+
+def read_blob(client: RegistryClient, repository: str, digest: str) -> bytes:
+    with client.blob_chunks(repository, digest, 1024) as chunks:
+        return b"".join(chunks)
+
+
+def test_blob_chunks_are_the_stored_bytes(fake: FakeRegistry) -> None:
+    data = os.urandom(5000)
+    digest = fake.blob("x", data)
+    with client_for(fake) as client, client.blob_chunks("x", digest, 1024) as chunks:
+        received = list(chunks)
+    assert b"".join(received) == data
+    assert max(len(chunk) for chunk in received) <= 1024
+    (request,) = fake.seen
+    assert request.headers["accept-encoding"] == "identity", "no transfer encoding may alter the digested bytes"
+
+
+def test_blob_cut_mid_stream_is_unreachable(fake: FakeRegistry) -> None:
+    data = os.urandom(300_000)
+    digest = sha256(data)
+    fake.routes[f"/v2/x/blobs/{digest}"] = lambda seen: (200, {"Content-Length": str(len(data))}, data[:200_000])
+    received: list[bytes] = []
+    with client_for(fake) as client, pytest.raises(RegistryUnreachable) as caught, \
+            client.blob_chunks("x", digest, 65536) as chunks:
+        received.extend(chunks)
+    assert str(caught.value) == (f"download of layer {digest} of {fake.host}/x interrupted: "
+                                 "connection broken mid-transfer")
+    arrived = b"".join(received)
+    assert arrived and data.startswith(arrived), "the chunks before the cut did arrive"
+
+
+def recorded_responses(client: RegistryClient, monkeypatch: pytest.MonkeyPatch) -> list[requests.Response]:
+    """The responses ``client`` gets from now on, to see whether their connections were closed."""
+    responses: list[requests.Response] = []
+    get = client._session.get
+
+    def recording_get(*args: Any, **kwargs: Any) -> requests.Response:
+        responses.append(get(*args, **kwargs))
+        return responses[-1]
+    monkeypatch.setattr(client._session, "get", recording_get)
+    return responses
+
+
+def test_blob_connection_is_closed_however_the_block_ends(fake: FakeRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = os.urandom(4 << 20)  # far more than the socket buffers hold: the reply is still being sent
+    digest = fake.blob("x", data)
+    with client_for(fake) as client:
+        responses = recorded_responses(client, monkeypatch)
+        with client.blob_chunks("x", digest, 1024) as chunks:
+            assert next(chunks) == data[:1024]  # the consumer stops early
+        assert responses[-1].raw.closed
+        with pytest.raises(KeyError), client.blob_chunks("x", digest, 1024) as chunks:
+            next(chunks)
+            raise KeyError("the consumer fails")
+        assert responses[-1].raw.closed
+        assert read_blob(client, "x", digest) == data
+        assert responses[-1].raw.closed
+    assert len(responses) == 3
 
 
 # --------------------------------------------------------------------------- the real registry
@@ -482,8 +550,7 @@ def test_real_basic_registry(basic_registry: RunningRegistry) -> None:
     user, password = basic_registry.credentials or ("", "")
     with client_for(basic_registry, username=user, password=password) as client:
         image = client.resolve(ref_to(basic_registry, repository), PlatformSpec())
-        with client.open_blob(repository, image.layers[0].digest) as response:
-            assert sha256(response.content) == built.layer_digests[0]
+        assert sha256(read_blob(client, repository, image.layers[0].digest)) == built.layer_digests[0]
     assert image.manifest_digest == built.manifest_digest
     with client_for(basic_registry) as client, pytest.raises(RegistryUnauthorized, match="requires credentials"):
         client.resolve(ref_to(basic_registry, repository), PlatformSpec())
@@ -500,8 +567,7 @@ def test_real_token_registry(token_registry: RunningRegistry) -> None:
     issued_before = len(token_registry.token_server.requests)
     with client_for(token_registry) as client:
         image = client.resolve(ref_to(token_registry, repository), PlatformSpec())
-        with client.open_blob(repository, image.layers[0].digest) as response:
-            assert sha256(response.content) == built.layer_digests[0]
+        assert sha256(read_blob(client, repository, image.layers[0].digest)) == built.layer_digests[0]
     assert image.manifest_digest == built.manifest_digest
     assert token_registry.token_server.requests[issued_before:] == [(None, f"repository:{repository}:pull")]
     user, password = token_registry.credentials or ("", "")
@@ -520,7 +586,7 @@ def test_kept_configs_spare_the_blob_request_and_are_checked(fake: FakeRegistry,
     fake.image("team/app", "1.0", [tar_of("a", b"1")])
     configs = tmp_path / "configs"
 
-    def resolve() -> dict:
+    def resolve() -> dict[str, Any]:
         with RegistryClient(location_of(fake), timeout=5, config_cache=configs) as client:
             return client.resolve(ref_to(fake, "team/app"), PlatformSpec()).config
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, cast, overload
 
-from imagegw.errors import LayerError, UnsafeLayerEntry
 from imagegw.build.tarscan import Header, byte_sum, scan_headers
+from imagegw.errors import LayerError, UnsafeLayerEntry
 
 _log = logging.getLogger(__name__)
 

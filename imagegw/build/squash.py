@@ -6,7 +6,6 @@ unpacked on disk; the result is listed again before anyone may use it.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import signal
@@ -15,20 +14,18 @@ import tarfile
 import tempfile
 import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
 
+from imagegw.build.flatten import ImageTree
+from imagegw.build.stream import ImageStream, widen_pipe
+from imagegw.build.writeback import written_back_as_it_grows
 from imagegw.config import Compression
 from imagegw.errors import ImagegwError, SquashError
-from imagegw.build.flatten import ImageTree
-from imagegw.build.stream import StreamedImage
-from imagegw.build.writeback import written_back_as_it_grows
 
 _STDERR_TAIL = 2000
-_PIPE_SIZE = 1 << 20
 _QUEUE_BACKLOG = 100
 _MAGIC = b"hsqs"
 _SUPERBLOCK_HEAD = 22
@@ -92,51 +89,6 @@ def _listed(output: Path, tree: ImageTree, timeout: float) -> SquashResult:
     if listed != tree.entries:
         raise SquashError(f"{output} lists {listed} paths, but the image has {tree.entries}")
     return SquashResult(output, output.stat().st_size, listed)
-
-
-class ImageStream:
-    """The pipe that the unpack stage writes the image's tar into while the squash stage compresses it.
-
-    Beside the bytes, the writer hands over how the stream ended: a StreamedImage, or the
-    exception that stopped it.
-    """
-
-    def __init__(self) -> None:
-        self.reader, self.writer = os.pipe()
-        _widen_pipe(self.writer)
-        self._closing = threading.Lock()
-        """Two threads may close an end at once: only one may, or it could close a reused descriptor."""
-        self._ending: Future[StreamedImage] = Future()
-
-    def finish(self, image: StreamedImage) -> None:
-        """The writer is done (``image.intact`` says whether the stream can be used)."""
-        self._close_writer()
-        self._ending.set_result(image)
-
-    def fail(self, failure: BaseException) -> None:
-        """The writer stopped with ``failure``; the stream must be thrown away."""
-        self._close_writer()
-        self._ending.set_exception(failure)
-
-    def outcome(self) -> StreamedImage:
-        """Wait for the writer; raise SquashError if it failed."""
-        try:
-            return self._ending.result()
-        except BaseException as exc:  # the writer's failure, whatever it was
-            raise SquashError(f"the image stream was abandoned: {exc}") from None
-
-    def close_reader(self) -> None:
-        """The reading end is tar2sqfs's now (or nobody's)."""
-        with self._closing:
-            if self.reader >= 0:
-                os.close(self.reader)
-                self.reader = -1
-
-    def _close_writer(self) -> None:
-        with self._closing:
-            if self.writer >= 0:
-                os.close(self.writer)
-                self.writer = -1
 
 
 def build_squashfs_streamed(stream: ImageStream, output: Path, compression: Compression, block_size: int = 131072,
@@ -262,7 +214,7 @@ def _run_tar2sqfs(command: list[str], tree: ImageTree, output: Path, timeout: fl
     with tempfile.TemporaryFile() as stderr:
         process = _start_tar2sqfs(command, subprocess.PIPE, stderr)
         assert process.stdin is not None  # asked for with stdin=PIPE
-        _widen_pipe(process.stdin.fileno())
+        widen_pipe(process.stdin.fileno())
         failures: list[BaseException] = []
         # A thread feeds the pipe so that tar reading and compressing run on different cores.
         feeder = threading.Thread(target=_feed, args=(tree, process.stdin, failures), daemon=True)
@@ -300,13 +252,6 @@ def _wait(process: subprocess.Popen[bytes], timeout: float) -> None:
         process.wait(timeout)
     except subprocess.TimeoutExpired:
         raise SquashError(f"tar2sqfs did not finish within {timeout:g} s and was stopped") from None
-
-
-def _widen_pipe(fd: int) -> None:
-    # A 64 KiB pipe makes feeder and tar2sqfs take turns sixteen times a megabyte; 1 MiB lets
-    # each run longer. Only an optimisation: a host that refuses keeps the default.
-    with suppress(OSError):
-        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)
 
 
 def _feed(tree: ImageTree, pipe: IO[bytes], failures: list[BaseException]) -> None:

@@ -15,8 +15,13 @@ it; if one is not, the stream is spoiled and the image is built again from the m
 
 from __future__ import annotations
 
+import fcntl
 import functools
-from collections.abc import Callable
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from imagegw.build.arrivals import LayerArrivals
@@ -33,7 +38,9 @@ from imagegw.build.flatten import (
     read_members,
 )
 from imagegw.build.tarscan import Header, ReadWindow, follow_headers
+from imagegw.errors import SquashError
 
+_PIPE_SIZE = 1 << 20
 _SMALL_FILE = 16 << 10
 """Files up to this size are copied from the read window; larger ones go to the pipe by sendfile."""
 
@@ -47,6 +54,40 @@ class StreamedImage:
     """Regular files written ahead of the model."""
     intact: bool
     """The stream holds the whole tree, end blocks included; if not, it must be thrown away."""
+
+
+class StreamedBuild:
+    """One image built as its layers download: the layers arriving in the cache, and the tar
+    stream the unpack stage writes from them while the squash stage compresses it."""
+
+    def __init__(self, layer_digests: Sequence[str]) -> None:
+        self.arrivals = LayerArrivals(layer_digests)
+        self.stream = ImageStream()
+
+    def downloads_ended(self, _outcome: object = None) -> None:
+        """The pull stage ended, however: the unpack side stops waiting for layers that did not come."""
+        self.arrivals.close("the pull stage ended without it")
+
+    def write_image(self, warn: Callable[[str], None] | None = None) -> StreamedImage:
+        """Flatten the layers into the stream as they arrive; the reading side learns how it ended."""
+        try:
+            image = flatten_top_down(self.arrivals, self.stream.writer, warn=warn)
+        except BaseException as exc:
+            self.stream.fail(exc)
+            raise
+        self.stream.finish(image)
+        return image
+
+
+@contextmanager
+def streamed_build(layer_digests: Sequence[str]) -> Iterator[StreamedBuild]:
+    """A :class:`StreamedBuild` of the layers (base first) whose files and pipe are released however it ends."""
+    build = StreamedBuild(layer_digests)
+    try:
+        yield build
+    finally:
+        build.arrivals.release()
+        build.stream.close_reader()
 
 
 def flatten_top_down(arrivals: LayerArrivals, out: int, warn: Callable[[str], None] | None = None) -> StreamedImage:
@@ -82,6 +123,51 @@ def flatten_top_down(arrivals: LayerArrivals, out: int, warn: Callable[[str], No
         except BrokenPipeError:
             intact = False
     return StreamedImage(tree, len(streamed), intact)
+
+
+class ImageStream:
+    """The pipe that the unpack stage writes the image's tar into while the squash stage compresses it.
+
+    Beside the bytes, the writer hands over how the stream ended: a StreamedImage, or the
+    exception that stopped it.
+    """
+
+    def __init__(self) -> None:
+        self.reader, self.writer = os.pipe()
+        widen_pipe(self.writer)
+        self._closing = threading.Lock()
+        """Two threads may close an end at once: only one may, or it could close a reused descriptor."""
+        self._ending: Future[StreamedImage] = Future()
+
+    def finish(self, image: StreamedImage) -> None:
+        """The writer is done (``image.intact`` says whether the stream can be used)."""
+        self._close_writer()
+        self._ending.set_result(image)
+
+    def fail(self, failure: BaseException) -> None:
+        """The writer stopped with ``failure``; the stream must be thrown away."""
+        self._close_writer()
+        self._ending.set_exception(failure)
+
+    def outcome(self) -> StreamedImage:
+        """Wait for the writer; raise SquashError if it failed."""
+        try:
+            return self._ending.result()
+        except BaseException as exc:  # the writer's failure, whatever it was
+            raise SquashError(f"the image stream was abandoned: {exc}") from None
+
+    def close_reader(self) -> None:
+        """The reading end is tar2sqfs's now (or nobody's)."""
+        with self._closing:
+            if self.reader >= 0:
+                os.close(self.reader)
+                self.reader = -1
+
+    def _close_writer(self) -> None:
+        with self._closing:
+            if self.writer >= 0:
+                os.close(self.writer)
+                self.writer = -1
 
 
 def _stream_layer(arrivals: LayerArrivals, index: int, writer: TarWriter, above: _Shadow,
@@ -173,3 +259,9 @@ class _Shadow:
 
 def _join(directory: str, name: str) -> str:
     return f"{directory}/{name}" if directory else name
+
+
+def widen_pipe(fd: int) -> None:
+    """Give a pipe 1 MiB: at the default 64 KiB, writer and reader take turns sixteen times a megabyte."""
+    with suppress(OSError):  # only an optimisation: a host that refuses keeps the default
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_SIZE)

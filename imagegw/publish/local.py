@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagegw.errors import TransferError
+from imagegw.disk import disk_errors, fsync_directory
 
 # The runtime reads images as root; Shifter publishes 0600 so private images stay private.
 IMAGE_FILE_MODE = 0o600
@@ -30,43 +30,45 @@ class PublishedImage:
     size: int
 
 
-def published_paths(image_dir: Path, image_id: str) -> tuple[Path, Path]:
-    """Where an image's squashfs and ``.meta`` live."""
-    return image_dir / f"{image_id}.squashfs", image_dir / f"{image_id}.meta"
+class LocalPublisher:
+    """Publishes images into an image directory on this host (``accesstype: local``)."""
 
+    def __init__(self, image_dir: Path) -> None:
+        self.image_dir = image_dir
 
-def is_published(image_dir: Path, image_id: str) -> bool:
-    """Whether both of an image's files are in place."""
-    return all(path.is_file() for path in published_paths(image_dir, image_id))
+    def __str__(self) -> str:
+        return str(self.image_dir)
 
+    def paths(self, image_id: str) -> tuple[Path, Path]:
+        """Where an image's squashfs and ``.meta`` live."""
+        return self.image_dir / f"{image_id}.squashfs", self.image_dir / f"{image_id}.meta"
 
-def publish_local(squashfs: Path | None, meta_text: str, image_dir: Path, image_id: str) -> PublishedImage:
-    """Move a built squashfs and write its ``.meta`` into ``image_dir`` under their final names.
+    def is_published(self, image_id: str) -> bool:
+        """Whether both of an image's files are in place."""
+        return all(path.is_file() for path in self.paths(image_id))
 
-    Without a squashfs, only the ``.meta`` is rewritten (an image already in place whose
-    access changed).
-    """
-    target, meta_target = published_paths(image_dir, image_id)
-    try:
-        image_dir.mkdir(parents=True, exist_ok=True)
-        if squashfs is not None:
-            _place_file(squashfs, target)
-        _write_file(meta_text.encode(), meta_target)
-        _fsync_directory(image_dir)
-        size = target.stat().st_size
-    except OSError as exc:
-        raise TransferError(f"cannot publish image {image_id} into {image_dir}: {exc}") from None
-    return PublishedImage(squashfs=target, meta=meta_target, size=size)
+    def publish(self, squashfs: Path | None, meta_text: str, image_id: str) -> PublishedImage:
+        """Move a built squashfs and write its ``.meta`` into the image directory under their final names.
 
+        Without a squashfs, only the ``.meta`` is rewritten (an image already in place whose
+        access changed).
+        """
+        target, meta_target = self.paths(image_id)
+        with disk_errors(self.image_dir, f"publishing image {image_id}"):
+            self.image_dir.mkdir(parents=True, exist_ok=True)
+            if squashfs is not None:
+                _place_file(squashfs, target)
+            _write_file(meta_text.encode(), meta_target)
+            fsync_directory(self.image_dir)
+            size = target.stat().st_size
+        return PublishedImage(squashfs=target, meta=meta_target, size=size)
 
-def unpublish_local(image_dir: Path, image_id: str) -> None:
-    """Remove an image's files (the ``.meta`` first, so no reader finds a meta without its image)."""
-    squashfs, meta = published_paths(image_dir, image_id)
-    try:
-        meta.unlink(missing_ok=True)
-        squashfs.unlink(missing_ok=True)
-    except OSError as exc:
-        raise TransferError(f"cannot remove image {image_id} from {image_dir}: {exc}") from None
+    def unpublish(self, image_id: str) -> None:
+        """Remove an image's files (the ``.meta`` first, so no reader finds a meta without its image)."""
+        squashfs, meta = self.paths(image_id)
+        with disk_errors(self.image_dir, f"removing image {image_id}"):
+            meta.unlink(missing_ok=True)
+            squashfs.unlink(missing_ok=True)
 
 
 def _place_file(source: Path, target: Path) -> None:
@@ -105,11 +107,3 @@ def _temporary_name(target: Path) -> Path:
     os.close(handle)
     os.unlink(name)
     return Path(name)
-
-
-def _fsync_directory(directory: Path) -> None:
-    handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(handle)
-    finally:
-        os.close(handle)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from imagegw.access import Access
+from imagegw.registry.client import ResolvedImage
+
 
 def render_meta(*, env: Sequence[str], entry: Sequence[str] | None, cmd: Sequence[str] | None,
                 workdir: str | None, user_acl: Sequence[int] = (), group_acl: Sequence[int] = ()) -> str:
@@ -27,3 +30,10 @@ def render_meta(*, env: Sequence[str], entry: Sequence[str] | None, cmd: Sequenc
     # One line per variable: a value with a newline would start a bogus key.
     lines.extend(f"ENV: {variable}" for variable in env if "\n" not in variable)
     return "\n".join(lines) + "\n"
+
+
+def image_meta(image: ResolvedImage, access: Access) -> str:
+    """The ``.meta`` of a pulled image: its runtime config, and the ACL of a private image."""
+    config = image.config.get("config") or {}
+    return render_meta(env=config.get("Env") or [], entry=config.get("Entrypoint"), cmd=config.get("Cmd"),
+                       workdir=config.get("WorkingDir"), user_acl=access.user_acl, group_acl=access.group_acl)

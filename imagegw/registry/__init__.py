@@ -1,0 +1,32 @@
+"""Getting images from Docker v2 / OCI registries: names, logins, manifests, and layers into the cache."""
+
+from imagegw.registry.client import (
+    LayerDescriptor,
+    PlatformSpec,
+    RegistryClient,
+    ResolvedImage,
+)
+from imagegw.registry.credentials import (
+    RegistryLogin,
+    login_for,
+    parse_authorized_locations,
+)
+from imagegw.registry.layercache import LayerCache, fetch_layers
+from imagegw.registry.progress import DownloadProgress
+from imagegw.registry.reference import ImageRef, normalize_tag, parse_image_reference
+
+__all__ = [
+    "DownloadProgress",
+    "ImageRef",
+    "LayerCache",
+    "LayerDescriptor",
+    "PlatformSpec",
+    "RegistryClient",
+    "RegistryLogin",
+    "ResolvedImage",
+    "fetch_layers",
+    "login_for",
+    "normalize_tag",
+    "parse_authorized_locations",
+    "parse_image_reference",
+]

@@ -1,7 +1,7 @@
-"""A Docker Registry v2 / OCI distribution client: resolve an image, open its blobs.
+"""A Docker Registry v2 / OCI distribution client: resolve an image, stream its layers.
 
 ``resolve`` turns a tag or digest into the platform's image manifest and its
-config, verifying every digest on the way; ``open_blob`` streams a layer.
+config, verifying every digest on the way; ``blob_chunks`` streams a layer's bytes.
 Authentication (anonymous or Basic-credential Bearer tokens, plain Basic) is
 negotiated from the registry's 401 challenges, and every failure becomes one of
 the :mod:`imagegw.errors` classes with a message naming the registry and image.
@@ -11,6 +11,7 @@ Credentials and tokens never appear in messages.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -161,7 +162,22 @@ class RegistryClient:
             )
         return image
 
-    def open_blob(self, repository: str, digest: str) -> requests.Response:
+    @contextlib.contextmanager
+    def blob_chunks(self, repository: str, digest: str, chunk_size: int) -> Iterator[Iterator[bytes]]:
+        """The bytes of layer blob ``digest``, in chunks of up to ``chunk_size``, for the ``with`` block.
+
+        The request is made on entering: a missing blob, a refusal or an unreachable registry
+        raise there. A connection lost while the chunks are read raises RegistryUnreachable from
+        the iteration. The connection is closed when the block ends, however it ends: read to
+        the end, left early, or left by an exception.
+        """
+        response = self._open_blob(repository, digest)
+        try:
+            yield _chunks(response, f"layer {digest} of {self.location.host}/{repository}", chunk_size)
+        finally:
+            response.close()
+
+    def _open_blob(self, repository: str, digest: str) -> requests.Response:
         """A streaming response for blob ``digest``, ready for ``iter_content``; the caller closes it."""
         subject = f"{self.location.host}/{repository}@{digest}"
         response = self._get(
@@ -211,7 +227,7 @@ class RegistryClient:
         cached = self._cached_config(descriptor.digest)
         if cached is not None:
             return _parse_json(cached, f"image config of {ref}")
-        response = self.open_blob(ref.repository, descriptor.digest)
+        response = self._open_blob(ref.repository, descriptor.digest)
         body = _read_document(response, f"image config of {ref}")
         if _sha256(body) != descriptor.digest:
             raise DigestMismatch(
@@ -315,7 +331,8 @@ class RegistryClient:
         query = {"scope": params.get("scope") or scope}
         if params.get("service"):
             query["service"] = params["service"]
-        auth = (self.location.username, self.location.password) if self._has_credentials() else None
+        username, password = self.location.username, self.location.password
+        auth = (username, password) if username and password else None
         with self._send(realm, subject, {}, params=query, auth=auth) as response:
             if response.status_code in (401, 403):
                 raise RegistryUnauthorized(
@@ -352,7 +369,7 @@ class RegistryClient:
         return "Basic " + base64.b64encode(pair).decode("ascii")
 
     def _send(self, url: str, subject: str, headers: dict[str, str], *, params: dict[str, str] | None = None,
-              auth: tuple[str | None, str | None] | None = None) -> requests.Response:
+              auth: tuple[str, str] | None = None) -> requests.Response:
         host = urlsplit(url).netloc
         try:
             return self._session.get(url, headers=headers, params=params, auth=auth, stream=True,
@@ -456,6 +473,16 @@ def _registry_message(response: requests.Response) -> str:
     """The registry's own error text (``MANIFEST_UNKNOWN: manifest unknown``), else the HTTP reason."""
     parts = [f"{error.get('code')}: {error.get('message')}" for error in _errors(response)]
     return "; ".join(parts) or response.reason or f"HTTP {response.status_code}"
+
+
+def _chunks(response: requests.Response, subject: str, chunk_size: int) -> Iterator[bytes]:
+    """The body of ``response``; a failure to receive it is RegistryUnreachable, naming ``subject``."""
+    try:
+        yield from response.iter_content(chunk_size)
+    except OSError as exc:
+        # requests' errors are OSErrors; so is a socket error that escaped them. None may reach
+        # the caller as such: the layer cache takes an OSError for a failure of its own disk.
+        raise RegistryUnreachable(f"download of {subject} interrupted: {describe_network_error(exc)}") from None
 
 
 def _read_document(response: requests.Response, what: str) -> bytes:

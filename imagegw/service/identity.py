@@ -6,9 +6,9 @@ import os
 import pwd
 from dataclasses import dataclass, field
 
+from imagegw.access import Access
 from imagegw.config import Location, Platform
-from imagegw.registry.credentials import RegistryLogin, login_for, parse_authorized_locations
-from imagegw.store.records import Access
+from imagegw.registry import RegistryLogin, login_for, parse_authorized_locations
 from imagegw.service.munge import MungeIdentity
 
 
@@ -28,7 +28,8 @@ class Caller:
         return self.user is not None and self.user in platform.admins
 
     def may_read(self, access: Access, platform: Platform) -> bool:
-        return self.is_admin(platform) or access.allows(self.uid, self.groups)
+        """Whether this caller may read an image of ``platform`` with ``access``."""
+        return access.allows(self.uid, self.groups, admin=self.is_admin(platform))
 
     def login_for(self, location: Location) -> RegistryLogin | None:
         return login_for(self.logins, location)

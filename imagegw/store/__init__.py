@@ -1,0 +1,28 @@
+"""The image index in MongoDB: pull progress, finished images, lookups; and the embedded server."""
+
+from imagegw.store.embedded import ensure_embedded_server
+from imagegw.store.mongo import check_reachable, open_database
+from imagegw.store.records import (
+    HEARTBEAT_INTERVAL,
+    ImageFacts,
+    ImageStore,
+    PullKey,
+    Status,
+    open_store,
+    to_response,
+)
+from imagegw.store.tracking import PullTracker
+
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "ImageFacts",
+    "ImageStore",
+    "PullKey",
+    "PullTracker",
+    "Status",
+    "check_reachable",
+    "ensure_embedded_server",
+    "open_database",
+    "open_store",
+    "to_response",
+]

@@ -1,60 +1,27 @@
-"""The MongoDB the image index lives in: a real server, or the embedded SecantusDB.
+"""The MongoDB the image store lives in, and the one translation of pymongo's failures.
 
-With ``MongoDBURI`` set, the gateway talks to that server. Without it, the
-gateway runs SecantusDB (a MongoDB wire-compatible server from PyPI) on a
-loopback port, its data under the state directory. One embedded server serves
-every gateway process on the host: the first one starts it and stops it when
-it exits; later ones find it through ``server.json`` and reuse it.
+With ``MongoDBURI`` set, the gateway talks to that server; without it, to the embedded
+SecantusDB (:mod:`imagegw.store.embedded`).
 """
 
 from __future__ import annotations
 
-import atexit
-import fcntl
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pymongo
 from pymongo.database import Database
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from imagegw.config import MONGODB_URI_ENV, Settings
-from imagegw.errors import IndexUnavailable
-from imagegw.store.records import ImageIndex
-from imagegw.processes import free_port, listening, log_tail
+from imagegw.config import Settings
+from imagegw.errors import IndexUnavailable, RecordConflict
+from imagegw.store.embedded import before_stop, ensure_embedded_server
 
-_START_TIMEOUT = 30.0
-_clients: dict[str, pymongo.MongoClient] = {}
-_indexed: set[tuple[str, str]] = set()
+_clients: dict[str, pymongo.MongoClient[dict[str, Any]]] = {}
 
 
-@dataclass(frozen=True)
-class EmbeddedServer:
-    """A running SecantusDB; ``owned`` when this process started it."""
-
-    uri: str
-    pid: int
-    owned: bool
-
-
-def open_index(settings: Settings) -> ImageIndex:
-    """The image index, its MongoDB indexes created on first use in this process."""
-    database = open_database(settings)
-    index = ImageIndex(database, settings.expiration_timeout)
-    address = (settings.mongodb_uri or os.environ.get(MONGODB_URI_ENV, ""), database.name)
-    if address not in _indexed:
-        index.ensure_indexes()
-        _indexed.add(address)
-    return index
-
-
-def open_database(settings: Settings) -> Database:
+def open_database(settings: Settings) -> Database[dict[str, Any]]:
     """The gateway's database, starting the embedded server if no URI is configured."""
     uri = settings.mongodb_uri or ensure_embedded_server(settings.state_dir).uri
     client = _clients.get(uri)
@@ -62,102 +29,34 @@ def open_database(settings: Settings) -> Database:
         client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000, connectTimeoutMS=5000,
                                      tz_aware=False, appname="imagegw")
         _clients[uri] = client
+        before_stop(uri, lambda: _close_client(uri))
     return client[settings.mongodb_database]
 
 
-def ensure_embedded_server(state_dir: Path) -> EmbeddedServer:
-    """Reuse the host's embedded SecantusDB, or start one owned by this process.
+def check_reachable(database: Database[dict[str, Any]]) -> None:
+    """Raise IndexUnavailable unless the server answers a ping."""
+    with mongo_errors():
+        database.command("ping")
 
-    The started server's URI is exported as ``IMAGEGW_MONGODB_URI`` so that
-    flow runs and workers started from this process use the same server.
+
+@contextmanager
+def mongo_errors(duplicates_allowed: bool = False) -> Iterator[None]:
+    """Translate pymongo's failures into the gateway's vocabulary.
+
+    A duplicate key is a conflict between records, not an outage: retrying cannot help. Callers
+    that expect one (a claim racing another) ask for ``DuplicateKeyError`` itself.
     """
-    home = state_dir / "mongo"
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / "start.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        server = _running_server(home)
-        if server is None:
-            server = _start_server(home)
-            atexit.register(stop_embedded_server, server, home)
-    os.environ[MONGODB_URI_ENV] = server.uri
-    return server
+    try:
+        yield
+    except DuplicateKeyError as exc:
+        if duplicates_allowed:
+            raise
+        raise RecordConflict(f"the image index (MongoDB) refused a duplicate record: {exc.details or exc}") from None
+    except PyMongoError as exc:
+        raise IndexUnavailable(f"the image index (MongoDB) is unavailable: {exc}") from None
 
 
-def stop_embedded_server(server: EmbeddedServer, home: Path) -> None:
-    """Stop a server this process started (a reused one is left to its owner)."""
-    if not server.owned:
-        return
-    client = _clients.pop(server.uri, None)
+def _close_client(uri: str) -> None:
+    client = _clients.pop(uri, None)
     if client is not None:
         client.close()
-    try:
-        os.kill(server.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    else:
-        _wait_for_exit(server.pid, 10.0)
-    (home / "server.json").unlink(missing_ok=True)
-
-
-def _running_server(home: Path) -> EmbeddedServer | None:
-    try:
-        recorded = json.loads((home / "server.json").read_text())
-    except (OSError, ValueError):
-        return None
-    pid, port = recorded.get("pid"), recorded.get("port")
-    if not isinstance(pid, int) or not isinstance(port, int) or not _alive(pid) or not listening("127.0.0.1", port):
-        return None
-    return EmbeddedServer(uri=f"mongodb://127.0.0.1:{port}", pid=pid, owned=False)
-
-
-def _start_server(home: Path) -> EmbeddedServer:
-    port = free_port()
-    log_path = home / "secantus.log"
-    data = home / "data"
-    data.mkdir(exist_ok=True)
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port),
-             "--storage-path", str(data)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-    deadline = time.monotonic() + _START_TIMEOUT
-    while not listening("127.0.0.1", port):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            tail = " | ".join(log_tail(log_path, 5).splitlines()) or "(no log)"
-            raise IndexUnavailable(f"the embedded database (SecantusDB) did not start; see {log_path}: {tail}")
-        time.sleep(0.05)
-    (home / "server.json").write_text(json.dumps({"pid": process.pid, "port": port}))
-    return EmbeddedServer(uri=f"mongodb://127.0.0.1:{port}", pid=process.pid, owned=True)
-
-
-def check_reachable(database: Database) -> None:
-    """Raise IndexUnavailable unless the server answers a ping."""
-    try:
-        database.command("ping")
-    except PyMongoError as exc:
-        raise IndexUnavailable(f"the image index (MongoDB) is unreachable: {exc}") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _wait_for_exit(pid: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
-            if not _alive(pid):
-                return
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)

@@ -12,10 +12,9 @@ Two collections keep what the runtime reads apart from work in progress:
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -24,10 +23,13 @@ from typing import Any
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.collection import Collection
 from pymongo.database import Database
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError
 
+from imagegw.access import PUBLIC, Access, settle_access
+from imagegw.config import MONGODB_URI_ENV, Settings
+from imagegw.registry.client import ResolvedImage
 from imagegw.registry.credentials import RegistryLogin
-from imagegw.errors import IndexUnavailable
+from imagegw.store.mongo import mongo_errors, open_database
 
 
 class Status(str, Enum):
@@ -59,7 +61,7 @@ class PullKey:
 
 @dataclass(frozen=True)
 class ImageFacts:
-    """What a finished pull learned about an image, as the index records it."""
+    """What a finished pull learned about an image, as the store records it."""
 
     id: str
     manifest_digest: str
@@ -75,6 +77,26 @@ class ImageFacts:
     workdir: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def of_image(cls, image: ResolvedImage, size: int) -> ImageFacts:
+        """What the store records of a pulled image whose squashfs has ``size`` bytes."""
+        config = image.config.get("config") or {}
+        return cls(
+            id=image.image_id,
+            manifest_digest=image.manifest_digest,
+            registry=image.ref.location.host,
+            repository=image.ref.repository,
+            arch=image.config.get("architecture", "unknown"),
+            os=image.config.get("os", "unknown"),
+            size=size,
+            layers=[layer.digest for layer in image.layers],
+            env=list(config.get("Env") or []),
+            entry=config.get("Entrypoint") or None,
+            cmd=config.get("Cmd") or None,
+            workdir=config.get("WorkingDir") or None,
+            labels=dict(config.get("Labels") or {}),
+        )
+
 
 # Fields of the API's response record, in Shifter's spelling.
 RESPONSE_FIELDS = ("id", "system", "itype", "tag", "status", "userACL", "groupACL", "ENV", "ENTRY",
@@ -89,28 +111,6 @@ def to_response(record: dict[str, Any]) -> dict[str, Any]:
     return response
 
 
-@dataclass(frozen=True)
-class Access:
-    """Who may read an image: everyone, or (private) the listed uids and gids."""
-
-    private: bool = False
-    user_acl: tuple[int, ...] = ()
-    group_acl: tuple[int, ...] = ()
-
-    def allows(self, uid: int, gids: frozenset[int]) -> bool:
-        return not self.private or uid in self.user_acl or not gids.isdisjoint(self.group_acl)
-
-    @classmethod
-    def of(cls, record: dict[str, Any]) -> Access:
-        return cls(bool(record.get("private")), tuple(record.get("userACL") or ()),
-                   tuple(record.get("groupACL") or ()))
-
-    def fields(self) -> dict[str, Any]:
-        return {"private": self.private, "userACL": list(self.user_acl), "groupACL": list(self.group_acl)}
-
-
-PUBLIC = Access()
-
 ACTIVE_STATES = (Status.INIT, Status.PENDING, Status.PULLING, Status.EXAMINATION, Status.CONVERSION,
                  Status.TRANSFER)
 QUEUED_STATES = (Status.INIT, Status.PENDING)
@@ -123,7 +123,7 @@ STALE_QUEUED = 3600
 LOGIN_LIFETIME = 3600
 
 
-class ImageIndex:
+class ImageStore:
     """Reads and writes image and pull records; every call may raise IndexUnavailable."""
 
     def __init__(self, database: Database, expiration_timeout: int) -> None:
@@ -135,7 +135,7 @@ class ImageIndex:
 
     def ensure_indexes(self) -> None:
         """Create the indexes the lookups use (idempotent)."""
-        with _index_errors():
+        with mongo_errors():
             self._images.create_index([("system", ASCENDING), ("id", ASCENDING)], unique=True)
             self._images.create_index([("system", ASCENDING), ("itype", ASCENDING), ("tag", ASCENDING)])
             self._images.create_index([("status", ASCENDING), ("expiration", ASCENDING)])
@@ -168,7 +168,7 @@ class ImageIndex:
                           "last_pull": now, "heartbeat": now, "pull_id": uuid.uuid4().hex, **access.fields()},
                  "$unset": {"flow_run_id": ""}}
         try:
-            with _index_errors(duplicates_allowed=True):
+            with mongo_errors(duplicates_allowed=True):
                 record = self._pulls.find_one_and_update(claimable, claim, upsert=True,
                                                          return_document=ReturnDocument.AFTER)
             return record, True
@@ -178,7 +178,7 @@ class ImageIndex:
 
     def mark_queued(self, key: PullKey, flow_run_id: str) -> dict[str, Any]:
         """A flow run was created for the pull: PENDING until a worker starts it."""
-        with _index_errors():
+        with mongo_errors():
             return self._pulls.find_one_and_update(
                 {**key.query(), "status": Status.INIT.value},
                 {"$set": {"status": Status.PENDING.value, "status_message": "Waiting for a worker",
@@ -188,7 +188,7 @@ class ImageIndex:
 
     def set_stage(self, key: PullKey, status: Status, message: str) -> dict[str, Any]:
         """Record the stage a pull has reached (creating the pull record if a flow started it)."""
-        with _index_errors():
+        with mongo_errors():
             record = self._pulls.find_one_and_update(
                 key.query(),
                 {"$set": {"status": status.value, "status_message": message, "heartbeat": time.time()},
@@ -200,7 +200,7 @@ class ImageIndex:
 
     def beat(self, key: PullKey) -> None:
         """Show that the pull's run is alive."""
-        with _index_errors():
+        with mongo_errors():
             self._pulls.update_one(key.query(), {"$set": {"heartbeat": time.time()}})
 
     def fail_pull(self, key: PullKey, message: str) -> dict[str, Any]:
@@ -218,13 +218,13 @@ class ImageIndex:
 
     def pulls_in_progress(self, system: str) -> list[dict[str, Any]]:
         """Pulls of a system that are queued, running or failed."""
-        with _index_errors():
+        with mongo_errors():
             return list(self._pulls.find({"system": system, "status": {"$nin": [Status.READY.value,
                                                                                   Status.EXPIRED.value]}}))
 
     def clear_failures(self, system: str, older_than: float) -> int:
         """Forget FAILURE pulls whose last attempt is older than ``older_than`` (epoch)."""
-        with _index_errors():
+        with mongo_errors():
             return self._pulls.delete_many({"system": system, "status": Status.FAILURE.value,
                                             "heartbeat": {"$lt": older_than}}).deleted_count
 
@@ -232,36 +232,23 @@ class ImageIndex:
 
     def store_login(self, key: PullKey, login: RegistryLogin) -> None:
         """Keep a requester's registry login until the pull's run takes it (at most LOGIN_LIFETIME s)."""
-        with _index_errors():
+        with mongo_errors():
             self._logins.replace_one(key.query(), {**key.query(), "username": login.username,
                                                    "password": login.password, "created": datetime.now(UTC)},
                                      upsert=True)
 
     def take_login(self, key: PullKey) -> RegistryLogin | None:
         """The stored login for a pull, removed from the database as it is read."""
-        with _index_errors():
+        with mongo_errors():
             document = self._logins.find_one_and_delete(key.query())
         return RegistryLogin(document["username"], document["password"]) if document else None
 
     # -- images -----------------------------------------------------------------------------------
 
     def settle_access(self, system: str, image_id: str, requested: Access) -> Access:
-        """Who may read an image once this pull publishes it.
-
-        Bytes anyone could pull stay public: a public request, or an image already public,
-        is public. Two private pulls of one image share it: their ACLs are joined.
-        """
-        existing = self._first(self._images, {"system": system, "id": image_id,
-                                              "status": Status.READY.value})
-        if not requested.private:
-            return PUBLIC
-        if existing is None:
-            return requested
-        held = Access.of(existing)
-        if not held.private:
-            return PUBLIC
-        return Access(True, tuple(sorted({*held.user_acl, *requested.user_acl})),
-                      tuple(sorted({*held.group_acl, *requested.group_acl})))
+        """Who may read an image once this pull publishes it (see :func:`imagegw.access.settle_access`)."""
+        published = self.ready_image(system, image_id)
+        return settle_access(Access.of(published) if published else None, requested)
 
     def publish(self, key: PullKey, facts: ImageFacts, access: Access = PUBLIC) -> dict[str, Any]:
         """Record a finished image as READY under the pull's tag and close the pull."""
@@ -282,7 +269,7 @@ class ImageIndex:
             **{name: value for name, value in asdict(facts).items()
                if name not in ("id", "env", "entry", "cmd", "workdir", "labels")},
         }
-        with _index_errors():
+        with mongo_errors():
             # A tag names one image: if it pointed at another digest before, it moves here.
             self._images.update_many(
                 {"system": key.system, "itype": key.itype, "tag": key.tag, "id": {"$ne": facts.id}},
@@ -312,24 +299,24 @@ class ImageIndex:
 
     def renew(self, system: str, image_id: str) -> None:
         """Push an image's expiration out again: somebody still uses it."""
-        with _index_errors():
+        with mongo_errors():
             self._images.update_one({"system": system, "id": image_id},
                                     {"$set": {"expiration": time.time() + self._expiration_timeout}})
 
     def list_images(self, system: str) -> list[dict[str, Any]]:
         """All READY images of a system."""
-        with _index_errors():
+        with mongo_errors():
             return list(self._images.find({"system": system, "status": Status.READY.value}).sort("last_pull", -1))
 
     def due_for_expiry(self, system: str, now: float) -> list[dict[str, Any]]:
         """READY images of a system whose expiration has passed."""
-        with _index_errors():
+        with mongo_errors():
             return list(self._images.find({"system": system, "status": Status.READY.value,
                                            "expiration": {"$lt": now}}))
 
     def set_image_status(self, system: str, image_id: str, status: Status, message: str) -> None:
         """Move a finished image to EXPIRING or EXPIRED (lookups then no longer find it)."""
-        with _index_errors():
+        with mongo_errors():
             self._images.update_one({"system": system, "id": image_id},
                                     {"$set": {"status": status.value, "status_message": message}})
 
@@ -337,31 +324,32 @@ class ImageIndex:
 
     def record_lookup(self, system: str, itype: str, tag: str, image_id: str, uid: int, user: str | None) -> None:
         """One metrics row per lookup, as Shifter's ``/api/metrics`` reports them."""
-        with _index_errors():
+        with mongo_errors():
             self._metrics.insert_one({"user": user, "uid": uid, "system": system, "type": itype, "tag": tag,
                                       "id": image_id, "time": time.time()})
 
     def recent_lookups(self, system: str, limit: int) -> list[dict[str, Any]]:
         """The latest ``limit`` metrics rows of a system, newest first."""
-        with _index_errors():
+        with mongo_errors():
             rows = self._metrics.find({"system": system}, {"_id": False}).sort("time", -1).limit(limit)
             return list(rows)
 
     @staticmethod
     def _first(collection: Collection, query: dict[str, Any]) -> dict[str, Any] | None:
         # find().limit(1) rather than find_one(): SecantusDB answers it ~60x faster.
-        with _index_errors():
+        with mongo_errors():
             return next(iter(collection.find(query).limit(1)), None)
 
 
-@contextmanager
-def _index_errors(duplicates_allowed: bool = False) -> Iterator[None]:
-    """Translate pymongo's failures into the gateway's vocabulary."""
-    try:
-        yield
-    except DuplicateKeyError:
-        if duplicates_allowed:
-            raise
-        raise IndexUnavailable("the image index (MongoDB) refused a duplicate record") from None
-    except PyMongoError as exc:
-        raise IndexUnavailable(f"the image index (MongoDB) is unavailable: {exc}") from None
+_indexed: set[tuple[str, str]] = set()
+
+
+def open_store(settings: Settings) -> ImageStore:
+    """The image store, its MongoDB indexes created on first use in this process."""
+    database = open_database(settings)
+    store = ImageStore(database, settings.expiration_timeout)
+    address = (settings.mongodb_uri or os.environ.get(MONGODB_URI_ENV, ""), database.name)
+    if address not in _indexed:
+        store.ensure_indexes()
+        _indexed.add(address)
+    return store

@@ -9,8 +9,10 @@ import uuid
 import pymongo
 import pytest
 
-from imagegw.registry.credentials import RegistryLogin
-from imagegw.store.records import PUBLIC, STALE_RUNNING, Access, ImageFacts, ImageIndex, PullKey, Status, to_response
+from imagegw.registry import RegistryLogin
+from imagegw.access import PUBLIC, Access
+from imagegw.store import ImageFacts, ImageStore, PullKey, Status, to_response
+from imagegw.store.records import STALE_RUNNING
 
 KEY = PullKey("mycluster", "docker", "team/app:1")
 
@@ -21,8 +23,8 @@ def database(mongo_uri: str):
 
 
 @pytest.fixture
-def index(database) -> ImageIndex:
-    index = ImageIndex(database, expiration_timeout=3600)
+def index(database) -> ImageStore:
+    index = ImageStore(database, expiration_timeout=3600)
     index.ensure_indexes()
     return index
 
@@ -33,7 +35,7 @@ def facts(image_id: str) -> ImageFacts:
                       entry=["/run"], cmd=None, workdir="/", labels={"a": "b"})
 
 
-def test_a_pull_moves_through_its_stages_and_lookups_see_only_ready_images(index: ImageIndex) -> None:
+def test_a_pull_moves_through_its_stages_and_lookups_see_only_ready_images(index: ImageStore) -> None:
     record, claimed = index.claim_pull(KEY)
     assert claimed and record["status"] == "INIT"
     assert index.mark_queued(KEY, "run-1")["status"] == "PENDING"
@@ -48,7 +50,7 @@ def test_a_pull_moves_through_its_stages_and_lookups_see_only_ready_images(index
     assert index.pull_record(KEY)["status"] == "READY"
 
 
-def test_concurrent_claims_of_one_tag_give_exactly_one_winner(index: ImageIndex) -> None:
+def test_concurrent_claims_of_one_tag_give_exactly_one_winner(index: ImageStore) -> None:
     results: list[bool] = []
     barrier = threading.Barrier(12)
 
@@ -65,7 +67,7 @@ def test_concurrent_claims_of_one_tag_give_exactly_one_winner(index: ImageIndex)
     assert sorted(results) == [False] * 11 + [True]
 
 
-def test_a_finished_or_failed_pull_can_be_claimed_again(index: ImageIndex) -> None:
+def test_a_finished_or_failed_pull_can_be_claimed_again(index: ImageStore) -> None:
     index.claim_pull(KEY)
     assert index.claim_pull(KEY)[1] is False
 
@@ -74,7 +76,7 @@ def test_a_finished_or_failed_pull_can_be_claimed_again(index: ImageIndex) -> No
     assert index.claim_pull(KEY)[1] is True
 
 
-def test_a_pull_whose_run_went_silent_is_stale_and_can_be_claimed(index: ImageIndex, database) -> None:
+def test_a_pull_whose_run_went_silent_is_stale_and_can_be_claimed(index: ImageStore, database) -> None:
     index.claim_pull(KEY)
     index.set_stage(KEY, Status.PULLING, "Pulling layers")
     database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - STALE_RUNNING - 1}})
@@ -82,7 +84,7 @@ def test_a_pull_whose_run_went_silent_is_stale_and_can_be_claimed(index: ImageIn
     assert index.claim_pull(KEY)[1] is True
 
 
-def test_failure_keeps_the_message(index: ImageIndex) -> None:
+def test_failure_keeps_the_message(index: ImageStore) -> None:
     index.claim_pull(KEY)
 
     index.fail_pull(KEY, "manifest unknown: r:5000/team/app:1")
@@ -90,7 +92,7 @@ def test_failure_keeps_the_message(index: ImageIndex) -> None:
     assert index.pull_record(KEY)["status_message"] == "manifest unknown: r:5000/team/app:1"
 
 
-def test_response_has_shifter_fields_and_missing_ones_say_missing(index: ImageIndex) -> None:
+def test_response_has_shifter_fields_and_missing_ones_say_missing(index: ImageStore) -> None:
     index.claim_pull(KEY)
 
     response = to_response(index.pull_record(KEY))
@@ -100,7 +102,7 @@ def test_response_has_shifter_fields_and_missing_ones_say_missing(index: ImageIn
     assert "_id" not in response and "pull_id" not in response
 
 
-def test_expiration_is_set_on_publish_and_renewed(index: ImageIndex) -> None:
+def test_expiration_is_set_on_publish_and_renewed(index: ImageStore) -> None:
     record = index.publish(KEY, facts("2" * 64))
     assert record["expiration"] == pytest.approx(record["last_pull"] + 3600)
 
@@ -109,14 +111,14 @@ def test_expiration_is_set_on_publish_and_renewed(index: ImageIndex) -> None:
     assert index.lookup(KEY)["expiration"] >= record["expiration"]
 
 
-def test_a_stored_login_is_handed_out_once(index: ImageIndex) -> None:
+def test_a_stored_login_is_handed_out_once(index: ImageStore) -> None:
     index.store_login(KEY, RegistryLogin("alice", "s3:cr:et"))
 
     assert index.take_login(KEY) == RegistryLogin("alice", "s3:cr:et")
     assert index.take_login(KEY) is None
 
 
-def test_public_images_stay_public_and_private_pulls_share_acls(index: ImageIndex) -> None:
+def test_public_images_stay_public_and_private_pulls_share_acls(index: ImageStore) -> None:
     alice = Access(True, (1000,), (100,))
     bob = Access(True, (2000,), (200,))
     image = "3" * 64
@@ -140,7 +142,7 @@ def test_access_rules() -> None:
     assert PUBLIC.allows(7, frozenset())
 
 
-def test_a_recent_failure_is_held_so_pollers_see_it(index: ImageIndex, database) -> None:
+def test_a_recent_failure_is_held_so_pollers_see_it(index: ImageStore, database) -> None:
     index.claim_pull(KEY)
     index.fail_pull(KEY, "manifest unknown")
 

@@ -1,0 +1,135 @@
+"""The embedded SecantusDB: the gateway's MongoDB when ``MongoDBURI`` names none.
+
+The gateway runs SecantusDB (a MongoDB wire-compatible server from PyPI) on a loopback
+port, its data under the state directory. One embedded server serves every gateway
+process on the host: the first one starts it and stops it when it exits; later ones find
+it through ``server.json`` and reuse it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagegw.config import MONGODB_URI_ENV
+from imagegw.errors import IndexUnavailable
+from imagegw.processes import free_port, listening, log_tail
+
+_START_TIMEOUT = 30.0
+_closers: dict[str, Callable[[], None]] = {}
+
+
+@dataclass(frozen=True)
+class EmbeddedServer:
+    """A running SecantusDB; ``owned`` when this process started it."""
+
+    uri: str
+    pid: int
+    owned: bool
+
+
+def ensure_embedded_server(state_dir: Path) -> EmbeddedServer:
+    """Reuse the host's embedded SecantusDB, or start one owned by this process.
+
+    The started server's URI is exported as ``IMAGEGW_MONGODB_URI`` so that
+    flow runs and workers started from this process use the same server.
+    """
+    home = state_dir / "mongo"
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        server = _running_server(home)
+        if server is None:
+            server = _start_server(home)
+            atexit.register(stop_embedded_server, server, home)
+    os.environ[MONGODB_URI_ENV] = server.uri
+    return server
+
+
+def stop_embedded_server(server: EmbeddedServer, home: Path) -> None:
+    """Stop a server this process started (a reused one is left to its owner)."""
+    if not server.owned:
+        return
+    closer = _closers.pop(server.uri, None)
+    if closer is not None:
+        closer()
+    try:
+        os.kill(server.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    else:
+        _wait_for_exit(server.pid, 10.0)
+    (home / "server.json").unlink(missing_ok=True)
+
+
+def _running_server(home: Path) -> EmbeddedServer | None:
+    try:
+        recorded = json.loads((home / "server.json").read_text())
+    except (OSError, ValueError):
+        return None
+    pid, port = recorded.get("pid"), recorded.get("port")
+    if not isinstance(pid, int) or not isinstance(port, int) or not _alive(pid) or not listening("127.0.0.1", port):
+        return None
+    return EmbeddedServer(uri=f"mongodb://127.0.0.1:{port}", pid=pid, owned=False)
+
+
+def _start_server(home: Path) -> EmbeddedServer:
+    port = free_port()
+    log_path = home / "secantus.log"
+    data = home / "data"
+    data.mkdir(exist_ok=True)
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port),
+             "--storage-path", str(data)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    deadline = time.monotonic() + _START_TIMEOUT
+    while not listening("127.0.0.1", port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            tail = " | ".join(log_tail(log_path, 5).splitlines()) or "(no log)"
+            raise IndexUnavailable(f"the embedded database (SecantusDB) did not start; see {log_path}: {tail}")
+        time.sleep(0.05)
+    (home / "server.json").write_text(json.dumps({"pid": process.pid, "port": port}))
+    return EmbeddedServer(uri=f"mongodb://127.0.0.1:{port}", pid=process.pid, owned=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_for_exit(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            if not _alive(pid):
+                return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+def before_stop(uri: str, close: Callable[[], None]) -> None:
+    """Have ``close`` (a client's) run before this process stops the server at ``uri``.
+
+    A client left open would keep polling a server that is gone while the process exits.
+    """
+    _closers[uri] = close

@@ -1,0 +1,37 @@
+"""One running pull's record, as its stages see it: the stage it reached, a heartbeat, its failure."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+from imagegw.background import repeated
+from imagegw.errors import ImagegwError
+from imagegw.store.records import HEARTBEAT_INTERVAL, ImageStore, PullKey, Status
+
+
+class PullTracker:
+    """Writes a pull's progress to its record in the image store."""
+
+    def __init__(self, store: ImageStore, key: PullKey) -> None:
+        self._store = store
+        self.key = key
+
+    def stage(self, status: Status, message: str) -> None:
+        """Record the stage the pull has reached, with a message for whoever polls it."""
+        self._store.set_stage(self.key, status, message)
+
+    @contextmanager
+    def running(self) -> Iterator[PullTracker]:
+        """While the block runs, beat the record's heartbeat (so a pull whose process died is seen
+        as stale); whatever stops the block is written to the record as FAILURE, with its message."""
+        try:
+            with repeated(self._beat, HEARTBEAT_INTERVAL, f"heartbeat {self.key.tag}"):
+                yield self
+        except Exception as exc:
+            self._store.fail_pull(self.key, str(exc) or type(exc).__name__)
+            raise
+
+    def _beat(self) -> None:
+        with suppress(ImagegwError):  # a missed beat is made up by the next
+            self._store.beat(self.key)
