@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.images import IMAGES  # noqa: E402
-from imagegw.config import Compression  # noqa: E402
 from imagegw.build.flatten import LayerSource, flatten_layers  # noqa: E402
 from imagegw.build.squash import build_squashfs  # noqa: E402
+from imagegw.config import Compression  # noqa: E402
 
 CANDIDATES = ("gzip:1", "gzip:6", "gzip:9", "xz:6", "lz4", "zstd:1", "zstd:3", "zstd:9", "zstd:15")
 

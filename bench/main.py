@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.compare import Comparison, compare_squashfs
-from bench.images import SIZES, BuiltImage, build_and_push, log
-from bench.link import bits_per_second, loopback_limited
-from bench.pipelines import (
+from bench.compare import Comparison, compare_squashfs  # noqa: E402 (after the sys.path line)
+from bench.images import SIZES, BuiltImage, build_and_push, log  # noqa: E402
+from bench.link import bits_per_second, loopback_limited  # noqa: E402
+from bench.pipelines import (  # noqa: E402
     Compressor,
     Database,
     Floor,
@@ -225,7 +225,8 @@ def report(sizes: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "(a new process: Python start-up and Prefect included). CPU is user+system of the command's process "
         "tree; (b)'s also lists, after '+', what the Prefect server and SecantusDB spent meanwhile. Peak RSS "
         "is the largest sum of RSS over the command's process tree (sampled every 50 ms). Floor = max("
-        "decompressing the layer blobs with ISA-L (`python -m isal.igzip -d`), two at a time; `tar2sqfs -j 2` of the final tree "
+        "decompressing the layer blobs with ISA-L (`python -m isal.igzip -d`), two at a time; "
+        "`tar2sqfs -j 2` of the final tree "
         "from a tar in memory" + ("; downloading the blobs at the link's rate" if args.bandwidth else "") + "). "
         f"Floor, cores shared = the same, or the CPU-seconds of both over the {os.cpu_count()} cores if more: "
         "what decompressing and compressing take at the least when one pull must do both on this machine."

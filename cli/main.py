@@ -35,8 +35,8 @@ def run() -> None:
     """The ``imagegw`` command: :func:`main`, then an exit that skips the interpreter's teardown.
 
     Freeing every module's objects one by one after Prefect's import, and pymongo's exit hook
-    waiting up to half a second for its monitor threads to wake, made up a third of a re-pull's
-    time. Exit handlers registered after this one (Prefect's event and log delivery, an embedded
+    waiting up to half a second for its monitor threads to wake, were a large part of a re-pull's
+    time (bench/README.md). Exit handlers registered after this one (Prefect's event and log delivery, an embedded
     server or Prefect's temporary server being stopped) still run first, as atexit runs them
     newest first.
     """
@@ -113,7 +113,7 @@ def pull_command(args: argparse.Namespace) -> int:
         pull_image,  # Prefect reads its settings at import, so import it late.
     )
     # What is imported lives as long as this one-shot process: frozen, it is left out of the
-    # garbage collector's passes, which walked Prefect's ~130k objects (0.3 s of a large pull).
+    # garbage collector's passes, which otherwise walk all of Prefect's objects again and again.
     gc.freeze()
 
     store = open_store(settings)
@@ -214,7 +214,7 @@ def _prepare_prefect(settings: Settings, *, verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
-    # A first ephemeral start runs the database migrations, which can take ~20 s on 2 cores.
+    # A first ephemeral start runs the database migrations, which take long on a small host.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 

@@ -34,7 +34,7 @@ from imagegw.store import ensure_embedded_server
 STOP_TIMEOUT = 5.0
 """Seconds a child gets to exit after SIGTERM: a Prefect runner may ignore it for 8–16 s."""
 PREFECT_START_TIMEOUT = 120.0
-"""A fresh Prefect database takes ~20 s of migrations on 2 cores; leave room for a busy host."""
+"""A fresh Prefect database runs its migrations first; leave room for a small, busy host."""
 EXTERNAL_PREFECT_TIMEOUT = 10.0
 WORKER_START_TIMEOUT = 60.0
 API_START_TIMEOUT = 60.0

@@ -22,7 +22,7 @@ from tasks.unpack import unpack
 
 
 # Async, though every stage blocks: Prefect ends a sync flow run by joining a thread that
-# sleeps in 1 s steps, which alone would be a third of a small pull.
+# sleeps in 1 s steps, a large part of a small pull.
 @flow(name="pull-image", flow_run_name="pull {image} for {platform}")
 async def pull_image(image: str, platform: str, config: str | None = None) -> dict[str, Any]:
     """Pull an image from its registry and publish it as a squashfs on one platform."""

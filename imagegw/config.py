@@ -22,8 +22,8 @@ CONFIG_ENV = "IMAGEGW_CONFIG"
 STATE_DIR_ENV = "IMAGEGW_STATE_DIR"
 MONGODB_URI_ENV = "IMAGEGW_MONGODB_URI"
 
-# Every kernel with squashfs, and every squashfuse, mounts gzip; level 1 builds 2.5x faster than
-# level 6 for images ~10% larger (README, "Compression").
+# Every kernel with squashfs, and every squashfuse, mounts gzip; level 1 builds much faster than
+# level 6 for images only slightly larger (README, "Compression").
 DEFAULT_COMPRESSION = "gzip:1"
 DEFAULT_BLOCK_SIZE = 131072
 COMPRESSORS = {"gzip": range(1, 10), "xz": range(0, 10), "zstd": range(1, 23), "lz4": range(0, 1)}

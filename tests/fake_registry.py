@@ -16,11 +16,11 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from imagegw.config import Location
-from imagegw.registry.reference import ImageRef
 from imagegw.registry.client import (
     OCI_MANIFEST,
     RegistryClient,
 )
+from imagegw.registry.reference import ImageRef
 from testsupport.images import LayerBuilder
 from testsupport.registry import RunningRegistry
 

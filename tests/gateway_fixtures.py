@@ -13,8 +13,8 @@ import pymongo
 import pytest
 
 from imagegw.config import Settings, load_settings
-from imagegw.store.embedded import ensure_embedded_server, stop_embedded_server
 from imagegw.store import ImageStore
+from imagegw.store.embedded import ensure_embedded_server, stop_embedded_server
 from testsupport.registry import RunningRegistry
 
 

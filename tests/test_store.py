@@ -9,8 +9,8 @@ import uuid
 import pymongo
 import pytest
 
-from imagegw.registry import RegistryLogin
 from imagegw.access import PUBLIC, Access
+from imagegw.registry import RegistryLogin
 from imagegw.store import ImageFacts, ImageStore, PullKey, Status, to_response
 from imagegw.store.records import STALE_RUNNING
 
@@ -131,15 +131,6 @@ def test_public_images_stay_public_and_private_pulls_share_acls(index: ImageStor
     index.publish(KEY, facts(image), PUBLIC)
 
     assert index.settle_access("mycluster", image, bob) == PUBLIC
-
-
-def test_access_rules() -> None:
-    private = Access(True, (1000,), (50,))
-
-    assert private.allows(1000, frozenset())
-    assert private.allows(7, frozenset({50, 60}))
-    assert not private.allows(7, frozenset({60}))
-    assert PUBLIC.allows(7, frozenset())
 
 
 def test_a_recent_failure_is_held_so_pollers_see_it(index: ImageStore, database) -> None:

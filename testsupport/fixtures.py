@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from testsupport.munge import MungedStartError, RunningMunged
 from testsupport.registry import RegistryStartError, RunningRegistry
 from testsupport.tokenserver import TokenServer
 
@@ -62,8 +63,6 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
     finally:
         server.stop()
 
-
-from testsupport.munge import MungedStartError, RunningMunged
 
 
 @pytest.fixture(scope="session")

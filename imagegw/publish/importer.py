@@ -13,6 +13,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from imagegw.errors import BadRequest, Forbidden
 
@@ -61,7 +62,7 @@ def _readable_by(info: os.stat_result, uid: int, gids: frozenset[int]) -> bool:
     return bool(info.st_mode & stat.S_IROTH)
 
 
-def _copy(reader, target: Path) -> ImportedFile:
+def _copy(reader: BinaryIO, target: Path) -> ImportedFile:
     digest = hashlib.sha256()
     size = 0
     with open(target, "wb") as writer:

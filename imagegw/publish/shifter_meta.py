@@ -34,6 +34,6 @@ def render_meta(*, env: Sequence[str], entry: Sequence[str] | None, cmd: Sequenc
 
 def image_meta(image: ResolvedImage, access: Access) -> str:
     """The ``.meta`` of a pulled image: its runtime config, and the ACL of a private image."""
-    config = image.config.get("config") or {}
+    config = image.runtime_config
     return render_meta(env=config.get("Env") or [], entry=config.get("Entrypoint"), cmd=config.get("Cmd"),
                        workdir=config.get("WorkingDir"), user_acl=access.user_acl, group_acl=access.group_acl)

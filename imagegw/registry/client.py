@@ -105,6 +105,12 @@ class ResolvedImage:
         """Digests of the uncompressed layers, in layer order."""
         return tuple((self.config.get("rootfs") or {}).get("diff_ids") or ())
 
+    @property
+    def runtime_config(self) -> dict[str, Any]:
+        """How the image wants to be run: ``Env``, ``Entrypoint``, ``Cmd``, ``WorkingDir``, ``Labels``."""
+        config = self.config.get("config")
+        return config if isinstance(config, dict) else {}
+
 
 class _Manifest(NamedTuple):
     media_type: str

@@ -71,7 +71,8 @@ def parse_image_reference(text: str, locations: dict[str, Location], default_loc
                 "letters and digits, separated by '.', '_', '__' or '-'"
             )
     if len(repository) > _MAX_NAME:
-        raise BadImageReference(f"bad image name {original[:80]!r}...: repository names are at most {_MAX_NAME} characters")
+        raise BadImageReference(
+            f"bad image name {original[:80]!r}...: repository names are at most {_MAX_NAME} characters")
     if tag is None and digest is None:
         tag = "latest"
     return ImageRef(location=location, repository=repository, tag=tag, digest=digest)

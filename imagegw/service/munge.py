@@ -3,7 +3,7 @@
 A request carries a credential minted by ``munge`` on a login node; munged vouches
 for the uid/gid that minted it and for the payload inside. We call ``libmunge.so.2``
 through ctypes: pymunge never frees libmunge's buffers, and running ``unmunge``
-costs a process per request (~2 ms against ~60 µs).
+costs a process per request, many times the library call.
 
 Every call creates and destroys its own munge context: a context must not be shared
 between threads, and one left over from a failed decode is unfit for the next call.
@@ -18,6 +18,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from imagegw.errors import AuthenticationFailed, ImagegwError, ServiceUnavailable
 
@@ -110,6 +111,8 @@ def encode_credential(payload: bytes = b"", socket_path: str | None = None, ttl:
                 raise _service_error(lib, ctx, code) or ImagegwError(
                     f"munge could not encode a credential: {_reason(lib, ctx, code)}"
                 )
+            if not cred.value:
+                raise ImagegwError("munge reported success but returned no credential")
             return ctypes.string_at(cred.value).decode("ascii")
         finally:
             _libc_free()(cred)
@@ -144,7 +147,7 @@ def _context(socket_path: str | None) -> Iterator[tuple[ctypes.CDLL, _Context]]:
         lib.munge_ctx_destroy(ctx)
 
 
-def _set(lib: ctypes.CDLL, ctx: _Context, option: int, value: ctypes._SimpleCData) -> None:
+def _set(lib: ctypes.CDLL, ctx: _Context, option: int, value: ctypes._SimpleCData[Any]) -> None:
     """munge_ctx_set, raising ValueError if munge refuses the value."""
     code = lib.munge_ctx_set(ctx, ctypes.c_int(option), value)
     if code != _SUCCESS:

@@ -27,6 +27,7 @@ from pymongo.errors import DuplicateKeyError
 
 from imagegw.access import PUBLIC, Access, settle_access
 from imagegw.config import MONGODB_URI_ENV, Settings
+from imagegw.errors import IndexUnavailable
 from imagegw.registry.client import ResolvedImage
 from imagegw.registry.credentials import RegistryLogin
 from imagegw.store.mongo import mongo_errors, open_database
@@ -80,7 +81,7 @@ class ImageFacts:
     @classmethod
     def of_image(cls, image: ResolvedImage, size: int) -> ImageFacts:
         """What the store records of a pulled image whose squashfs has ``size`` bytes."""
-        config = image.config.get("config") or {}
+        config = image.runtime_config
         return cls(
             id=image.image_id,
             manifest_digest=image.manifest_digest,
@@ -126,11 +127,11 @@ LOGIN_LIFETIME = 3600
 class ImageStore:
     """Reads and writes image and pull records; every call may raise IndexUnavailable."""
 
-    def __init__(self, database: Database, expiration_timeout: int) -> None:
-        self._images: Collection = database["images"]
-        self._pulls: Collection = database["pulls"]
-        self._logins: Collection = database["pull_logins"]
-        self._metrics: Collection = database["metrics"]
+    def __init__(self, database: Database[dict[str, Any]], expiration_timeout: int) -> None:
+        self._images: Collection[dict[str, Any]] = database["images"]
+        self._pulls: Collection[dict[str, Any]] = database["pulls"]
+        self._logins: Collection[dict[str, Any]] = database["pull_logins"]
+        self._metrics: Collection[dict[str, Any]] = database["metrics"]
         self._expiration_timeout = expiration_timeout
 
     def ensure_indexes(self) -> None:
@@ -171,7 +172,7 @@ class ImageStore:
             with mongo_errors(duplicates_allowed=True):
                 record = self._pulls.find_one_and_update(claimable, claim, upsert=True,
                                                          return_document=ReturnDocument.AFTER)
-            return record, True
+            return _upserted(record), True
         except DuplicateKeyError:
             # The record exists and is not claimable: somebody's pull is running.
             return self.pull_record(key) or {**key.query(), "status": Status.PENDING.value}, False
@@ -196,7 +197,7 @@ class ImageStore:
                 upsert=True,
                 return_document=ReturnDocument.AFTER,
             )
-        return record
+        return _upserted(record)
 
     def beat(self, key: PullKey) -> None:
         """Show that the pull's run is alive."""
@@ -287,7 +288,7 @@ class ImageStore:
                           "heartbeat": now}},
                 upsert=True,
             )
-        return record
+        return _upserted(record)
 
     def ready_image(self, system: str, image_id: str) -> dict[str, Any] | None:
         """The READY record of an image id on a system, if any."""
@@ -335,10 +336,17 @@ class ImageStore:
             return list(rows)
 
     @staticmethod
-    def _first(collection: Collection, query: dict[str, Any]) -> dict[str, Any] | None:
-        # find().limit(1) rather than find_one(): SecantusDB answers it ~60x faster.
+    def _first(collection: Collection[dict[str, Any]], query: dict[str, Any]) -> dict[str, Any] | None:
+        # find().limit(1) rather than find_one(): SecantusDB answers it far faster (bench/README.md).
         with mongo_errors():
             return next(iter(collection.find(query).limit(1)), None)
+
+
+def _upserted(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The document an upsert returned: with ``ReturnDocument.AFTER`` there always is one."""
+    if record is None:
+        raise IndexUnavailable("the image index (MongoDB) returned no document for an upsert")
+    return record
 
 
 _indexed: set[tuple[str, str]] = set()
