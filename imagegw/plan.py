@@ -11,10 +11,8 @@ from dataclasses import dataclass, replace
 from imagegw.access import PUBLIC, Access
 from imagegw.config import Platform, Settings
 from imagegw.errors import BadImageReference
-from imagegw.registry.client import PlatformSpec
-from imagegw.registry.credentials import RegistryLogin
-from imagegw.registry.reference import ImageRef, normalize_tag, parse_image_reference
-from imagegw.store.records import PullKey
+from imagegw.registry import ImageRef, PlatformSpec, RegistryLogin, normalize_tag, parse_image_reference
+from imagegw.store import PullKey
 
 PULLABLE_TYPES = ("docker",)
 

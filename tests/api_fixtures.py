@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from imagegw.config import load_settings
-from imagegw.store.records import PullKey
+from imagegw.store import PullKey
 from tests.gateway_fixtures import Gateway
 from testsupport.munge import RunningMunged
 

@@ -9,7 +9,7 @@ import stat
 import pytest
 
 from flows.pull import pull_image
-from imagegw.store.records import PullKey
+from imagegw.store import PullKey
 from tests.gateway_fixtures import Gateway
 from tests.squashfs_reader import read_tree
 from testsupport.images import LayerBuilder, push_image, push_index

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from imagegw.access import Access
-from imagegw.registry.client import ResolvedImage
+from imagegw.registry import ResolvedImage
 
 
 def render_meta(*, env: Sequence[str], entry: Sequence[str] | None, cmd: Sequence[str] | None,

@@ -28,8 +28,7 @@ from pymongo.errors import DuplicateKeyError
 from imagegw.access import PUBLIC, Access, settle_access
 from imagegw.config import MONGODB_URI_ENV, Settings
 from imagegw.errors import IndexUnavailable
-from imagegw.registry.client import ResolvedImage
-from imagegw.registry.credentials import RegistryLogin
+from imagegw.registry import RegistryLogin, ResolvedImage
 from imagegw.store.mongo import mongo_errors, open_database
 
 
