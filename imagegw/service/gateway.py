@@ -19,14 +19,7 @@ from imagegw.plan import plan_pull, pull_key
 from imagegw.publish import copy_importable, publisher_for, render_meta
 from imagegw.registry import normalize_tag
 from imagegw.service.identity import Caller
-from imagegw.store import (
-    ImageFacts,
-    ImageStore,
-    PullKey,
-    Status,
-    open_store,
-    to_response,
-)
+from imagegw.store import ImageFacts, ImageStore, PullKey, Status, open_store, to_response
 
 PullLauncher = Callable[[PullKey], str]
 """Starts the flow run of a claimed pull and returns the run's id."""
