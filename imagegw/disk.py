@@ -16,10 +16,13 @@ from imagegw.errors import StorageError
 
 
 def storage_error(error: OSError, path: Path | str, doing: str = "") -> StorageError:
-    """The gateway's error for a failed filesystem call on ``path``: ``<path>: <reason>[ (doing)]``."""
-    where = error.filename if error.filename is not None else path
+    """The gateway's error for a failed write under ``path``: ``<path>: <reason>[ (doing)]``.
+
+    ``path`` is what the caller was writing to, not ``error.filename``: a copy that fails for a
+    full target names its source there, which would send an operator to the wrong filesystem.
+    """
     reason = error.strerror or str(error)
-    return StorageError(f"{os.fsdecode(where)}: {reason}" + (f" ({doing})" if doing else ""))
+    return StorageError(f"{os.fsdecode(path)}: {reason}" + (f" ({doing})" if doing else ""))
 
 
 @contextmanager

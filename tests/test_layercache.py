@@ -249,20 +249,6 @@ def test_partial_of_a_dead_process_is_removed(fake: FakeRegistry, client: Regist
     assert layer_files(cache) == [cache.path(layer.digest).name]
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 256 KiB tmpfs of its own, to fill up."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mountpoint = tmp_path / "small-disk"
-    mountpoint.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mountpoint)], check=True)
-    try:
-        yield mountpoint
-    finally:
-        subprocess.run(["umount", str(mountpoint)], check=True)
-
-
 def test_full_disk_is_a_storage_error_naming_the_directory(fake: FakeRegistry, client: RegistryClient,
                                                             small_disk: Path) -> None:
     cache = LayerCache(small_disk)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import stat
 
@@ -227,6 +228,25 @@ def test_registry_down_fails_after_retries_with_a_clear_message(gateway: Gateway
     assert state.is_failed()
     assert "unreachable" in record["status_message"] and host in record["status_message"]
     assert published_files(gateway) == []
+
+
+def test_a_full_image_directory_fails_the_pull_at_once_naming_it(gateway: Gateway, small_disk) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    gateway.write_config(Platforms={"mycluster": {"accesstype": "local", "local": {"imageDir": str(small_disk)}}})
+    push_image(gateway.registry, "test/big", "1", [LayerBuilder().file("noise", os.urandom(1 << 20))])
+
+    state, record = pull(gateway, gateway.image("test/big:1"))
+
+    assert state.is_failed()
+    assert record["status"] == "FAILURE"
+    assert record["status_message"].startswith(f"{small_disk}: No space left on device (publishing image ")
+    assert os.listdir(small_disk) == []  # no partial file under any name
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
+            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert [run.run_count for run in runs if run.name.startswith("transfer")] == [1]  # a full disk is not retried
 
 
 def test_hostile_entries_stay_inside_the_image(gateway: Gateway) -> None:

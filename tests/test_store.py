@@ -12,6 +12,8 @@ import pytest
 from imagegw.access import PUBLIC, Access
 from imagegw.registry import RegistryLogin
 from imagegw.store import ImageFacts, ImageStore, PullKey, Status, to_response
+from imagegw.errors import TRANSIENT_ERRORS, IndexUnavailable, RecordConflict
+from imagegw.store.mongo import mongo_errors
 from imagegw.store.records import STALE_RUNNING
 
 KEY = PullKey("mycluster", "docker", "team/app:1")
@@ -142,3 +144,23 @@ def test_a_recent_failure_is_held_so_pollers_see_it(index: ImageStore, database)
 
     database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - 301}})
     assert index.claim_pull(KEY, retry_failures_after=300)[1] is True
+
+
+def test_a_duplicate_record_is_a_conflict_that_is_not_retried(index: ImageStore, database) -> None:
+    index.publish(KEY, facts("5" * 64), PUBLIC)
+    record = database["images"].find_one({"id": "5" * 64}, {"_id": False})
+
+    with pytest.raises(RecordConflict, match="refused a duplicate record") as caught:
+        with mongo_errors():
+            database["images"].insert_one(record)  # the same (system, id) again: the unique index refuses
+
+    assert not isinstance(caught.value, TRANSIENT_ERRORS)
+
+
+def test_an_unreachable_server_is_an_outage_worth_retrying() -> None:
+    unreachable = pymongo.MongoClient("mongodb://127.0.0.1:9", serverSelectionTimeoutMS=200)
+
+    with pytest.raises(IndexUnavailable, match="unavailable") as caught:
+        ImageStore(unreachable["x"], 3600).pull_record(KEY)
+
+    assert isinstance(caught.value, TRANSIENT_ERRORS)
