@@ -10,9 +10,9 @@ import pymongo
 import pytest
 
 from imagegw.access import PUBLIC, Access
+from imagegw.errors import TRANSIENT_ERRORS, IndexUnavailable, RecordConflict
 from imagegw.registry import RegistryLogin
 from imagegw.store import ImageFacts, ImageStore, PullKey, Status, to_response
-from imagegw.errors import TRANSIENT_ERRORS, IndexUnavailable, RecordConflict
 from imagegw.store.mongo import mongo_errors
 from imagegw.store.records import STALE_RUNNING
 

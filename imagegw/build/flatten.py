@@ -9,7 +9,6 @@ say where they land (the same places umoci, containerd and securejoin would put 
 
 from __future__ import annotations
 
-import errno
 import logging
 import marshal
 import os
@@ -21,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, cast, overload
 
-from imagegw.build.tarscan import Header, byte_sum, scan_headers
+from imagegw.build.tarscan import Header, scan_headers
+from imagegw.build.tarwrite import TAR_BLOCK, TarWriter, encode_header
 from imagegw.errors import LayerError, UnsafeLayerEntry
 
 _log = logging.getLogger(__name__)
@@ -34,12 +34,6 @@ WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 """A layer entry of this name in a directory hides everything the layers below have in it."""
 _AUFS_META = ".wh..wh."
-
-_BLOCK = 512
-_BUFFER_LIMIT = 1 << 20
-_SMALL_FILE = 64 << 10
-"""Files up to this size are copied through the write buffer: one pread beats a flush plus a sendfile."""
-_SENDFILE_CHUNK = 1 << 30
 
 
 class _Dir:
@@ -162,8 +156,7 @@ class ImageTree:
                     writer.pad(node.size)
             if written:  # tar2sqfs takes the root's attributes from a late "./" as well
                 writer.write(_header("./", self._root))
-            writer.write(bytes(2 * _BLOCK))
-            writer.flush()
+            writer.end()
 
     def file_at(self, path: str) -> tuple[int, int] | None:
         """(layer index, data offset) of the regular file at ``path`` (no symlinks followed), else None."""
@@ -190,8 +183,7 @@ class ImageTree:
         info.sparse = list(node.sparse or ())  # type: ignore[assignment]  # typeshed says bytes: it is extents
         data = archive.extractfile(info)
         assert data is not None  # a regular member always has a file object
-        while chunk := data.read(_BUFFER_LIMIT):
-            writer.write(chunk)
+        writer.copy_stream(data)
 
 
 def _walk(root: _Dir) -> Iterator[tuple[str, _Node]]:
@@ -216,129 +208,21 @@ def _describe(node: _Node) -> tuple[str, int, int | str | None]:
 
 def _header(path: str, node: _Node) -> bytes:
     if isinstance(node, _Dir):
-        return _encode(path, tarfile.DIRTYPE, node.mode, node.mtime)
+        return encode_header(path, tarfile.DIRTYPE, node.mode, node.mtime)
     if isinstance(node, _File):
-        return _encode(path, tarfile.REGTYPE, node.mode, node.mtime, size=node.size)
+        return encode_header(path, tarfile.REGTYPE, node.mode, node.mtime, size=node.size)
     if isinstance(node, _Symlink):
-        return _encode(path, tarfile.SYMTYPE, 0o777, node.mtime, linkname=node.target)
-    return _encode(path, tarfile.FIFOTYPE, node.mode, node.mtime)
+        return encode_header(path, tarfile.SYMTYPE, 0o777, node.mtime, linkname=node.target)
+    return encode_header(path, tarfile.FIFOTYPE, node.mode, node.mtime)
 
 
 def file_header(path: str, mode: int, mtime: int, size: int) -> bytes:
     """The header ``write_tar`` gives the regular file at ``path`` made from a member with these fields."""
-    return _encode(path, tarfile.REGTYPE, _file_mode(mode), int(mtime), size=size)
+    return encode_header(path, tarfile.REGTYPE, _file_mode(mode), int(mtime), size=size)
 
 
 def _link_header(path: str, node: _File, first_path: str) -> bytes:
-    return _encode(path, tarfile.LNKTYPE, node.mode, node.mtime, linkname=first_path)
-
-
-def _encode(path: str, kind: bytes, mode: int, mtime: int, *, size: int = 0, linkname: str = "") -> bytes:
-    """One entry's header: a plain ustar block when the entry fits one (nearly always), else PAX."""
-    return _ustar(path, kind, mode, mtime, size, linkname) or _pax(path, kind, mode, mtime, size, linkname)
-
-
-_USTAR_MAGIC = b"ustar\x0000"
-_ZERO_ID = b"0000000\x00"
-_MAX_OCTAL_11 = 8**11
-
-
-def _ustar(path: str, kind: bytes, mode: int, mtime: int, size: int, linkname: str) -> bytes | None:
-    # tarfile.TarInfo.tobuf costs ~30 us an entry; images have 10^5 entries, so common headers
-    # are packed here directly. Anything unusual (non-ASCII or long names, huge sizes, odd
-    # times) goes to the PAX path, whose output tar2sqfs reads the same way.
-    if not (path.isascii() and linkname.isascii() and len(linkname) <= 100
-            and 0 <= size < _MAX_OCTAL_11 and 0 <= mtime < _MAX_OCTAL_11):
-        return None
-    name, prefix = path.encode(), b""
-    if len(name) > 100:
-        cut = name.rfind(b"/", 0, 156)
-        if cut <= 0 or len(name) - cut - 1 > 100:
-            return None
-        name, prefix = name[cut + 1:], name[:cut]
-    block = bytearray(_BLOCK)
-    block[0:len(name)] = name
-    block[100:108] = b"%07o\x00" % (mode & 0o7777)
-    block[108:116] = _ZERO_ID
-    block[116:124] = _ZERO_ID
-    block[124:136] = b"%011o\x00" % size
-    block[136:148] = b"%011o\x00" % mtime
-    block[148:156] = b"        "
-    block[156:157] = kind
-    block[157:157 + len(linkname)] = linkname.encode()
-    block[257:265] = _USTAR_MAGIC
-    block[329:337] = _ZERO_ID
-    block[337:345] = _ZERO_ID
-    block[345:345 + len(prefix)] = prefix
-    block[148:156] = b"%06o\x00 " % byte_sum(block)
-    return bytes(block)
-
-
-def _pax(path: str, kind: bytes, mode: int, mtime: int, size: int, linkname: str) -> bytes:
-    info = tarfile.TarInfo(path)
-    info.type, info.mode, info.mtime, info.size, info.linkname = kind, mode, mtime, size, linkname
-    # Layer names are not always UTF-8; surrogateescape gives back the original bytes.
-    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
-def data_cut_short(what: str) -> LayerError:
-    """The error for a layer file that ends inside the data of the member ``what`` names."""
-    return LayerError(f"{what}: the layer file ends inside its data")
-
-
-class TarWriter:
-    """Buffered writes to a file descriptor, with file data moved by sendfile where it can be."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._buffer = bytearray()
-        self._sendfile = True
-
-    def write(self, data: bytes) -> None:
-        self._buffer += data
-        if len(self._buffer) >= _BUFFER_LIMIT:
-            self.flush()
-
-    def flush(self) -> None:
-        written = 0
-        with memoryview(self._buffer) as view:
-            while written < len(view):
-                # A pipe may take only part of a write.
-                written += os.write(self._fd, view[written:])
-        self._buffer.clear()
-
-    def copy(self, source: int, offset: int, size: int, what: str) -> None:
-        """Write ``size`` bytes of ``source`` from ``offset``; ``what`` names them if the source ends early."""
-        end = offset + size
-        if size > _SMALL_FILE and self._sendfile:
-            self.flush()
-            offset = self._send(source, offset, end, what)
-        while offset < end:
-            data = os.pread(source, min(end - offset, _BUFFER_LIMIT), offset)
-            if not data:
-                raise data_cut_short(what)
-            self.write(data)
-            offset += len(data)
-
-    def pad(self, size: int) -> None:
-        """Fill the last block of ``size`` bytes of data."""
-        self.write(bytes(-size % _BLOCK))
-
-    def _send(self, source: int, offset: int, end: int, what: str) -> int:
-        """Send ``source`` bytes from ``offset`` to ``end``; where it had to stop if sendfile cannot."""
-        while offset < end:
-            try:
-                sent = os.sendfile(self._fd, source, offset, min(end - offset, _SENDFILE_CHUNK))
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise
-                # Not every pair of descriptors supports sendfile; reading and writing always works.
-                self._sendfile = False
-                return offset
-            if sent == 0:
-                raise data_cut_short(what)
-            offset += sent
-        return offset
+    return encode_header(path, tarfile.LNKTYPE, node.mode, node.mtime, linkname=first_path)
 
 
 _MEMBERS_FORMAT = 1
@@ -408,7 +292,7 @@ def _check_end(source: LayerSource, offset: int) -> None:
     # (or nothing) may follow the last member, else the layer was cut short or damaged.
     with open(source.path, "rb") as layer:
         layer.seek(offset)
-        rest = layer.read(_BLOCK)
+        rest = layer.read(TAR_BLOCK)
     if rest.strip(b"\0"):
         raise LayerError(f"layer {source.digest}: unreadable tar: invalid header at byte {offset}")
 
@@ -487,7 +371,7 @@ class _LayerApplier:
         self.warn(f"layer {self.source.digest}: dropped {what} {member.name!r}")
         return None
 
-    def _link_target(self, member: tarfile.TarInfo) -> _Node:
+    def _link_target(self, member: Header) -> _Node:
         """What a hard link names: the same inode for a file, a copy for a symlink or FIFO."""
         parts = self._clean(member.linkname, f"hard link {member.name!r} -> {member.linkname!r}")
         target: _Node | None = self.root

@@ -30,14 +30,13 @@ from imagegw.build.flatten import (
     WHITEOUT,
     ImageTree,
     LayerSource,
-    TarWriter,
-    data_cut_short,
     file_header,
     flatten_layers,
     lexical_parts,
     read_members,
 )
 from imagegw.build.tarscan import Header, ReadWindow, follow_headers
+from imagegw.build.tarwrite import TarWriter, data_cut_short
 from imagegw.errors import SquashError
 
 _PIPE_SIZE = 1 << 20
@@ -112,7 +111,7 @@ def flatten_top_down(arrivals: LayerArrivals, out: int, warn: Callable[[str], No
             reader_gone = True  # tar2sqfs stopped: the squash stage reports why
         above.add(read_members(LayerSource(arrivals.wait_stored(index), arrivals.digests[index])))
     # Built only now: building it beside the stream, as layers arrive, cost more in contention
-    # for the interpreter lock than it saved (measured on 2 cores).
+    # for the interpreter lock than it saved.
     tree = flatten_layers([LayerSource(arrivals.wait_stored(index), digest)
                            for index, digest in enumerate(arrivals.digests)], warn)
     intact = not reader_gone and all(tree.file_at(path) == where for path, where in streamed.items())

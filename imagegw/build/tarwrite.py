@@ -34,9 +34,9 @@ _MAX_OCTAL_11 = 8**11
 
 
 def _ustar(path: str, kind: bytes, mode: int, mtime: int, size: int, linkname: str) -> bytes | None:
-    # tarfile.TarInfo.tobuf is slow for a single entry, and images have 10^5 entries, so
-    # common headers are packed here directly. Anything unusual (non-ASCII or long names,
-    # huge sizes, odd times) goes to the PAX path, whose output tar2sqfs reads the same way.
+    # tarfile.TarInfo.tobuf is costly per entry and images have 10^5 entries, so common
+    # headers are packed here directly. Anything unusual (non-ASCII or long names, huge
+    # sizes, odd times) goes to the PAX path, whose output tar2sqfs reads the same way.
     if not (path.isascii() and linkname.isascii() and len(linkname) <= 100
             and 0 <= size < _MAX_OCTAL_11 and 0 <= mtime < _MAX_OCTAL_11):
         return None
