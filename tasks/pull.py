@@ -7,8 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
-from imagegw.build import LayerSource, prepare_layer
-from imagegw.build.arrivals import LayerArrivals
+from imagegw.build import LayerArrivals, LayerSource, prepare_layer
 from imagegw.plan import PullPlan
 from imagegw.registry import (
     DownloadProgress,

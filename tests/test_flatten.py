@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from imagegw.errors import LayerError, UnsafeLayerEntry
 from imagegw.build.flatten import ImageTree, LayerSource, flatten_layers
+from imagegw.errors import LayerError, UnsafeLayerEntry
 from tests.layer_fixtures import Layers, d, f, hard, member, sym
 
 

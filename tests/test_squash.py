@@ -7,24 +7,34 @@ import os
 import re
 import subprocess
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
 
-from imagegw.config import Compression
-from imagegw.errors import SquashError
+import imagegw.build.squash
+from imagegw.build.arrivals import LayerArrivals
 from imagegw.build.flatten import ImageTree, LayerSource, flatten_layers
-from imagegw.build.squash import SquashEntry, build_squashfs, list_squashfs
+from imagegw.build.squash import (
+    SquashEntry,
+    build_squashfs,
+    build_squashfs_streamed,
+    check_squashfs,
+    list_squashfs,
+)
+from imagegw.build.stream import ImageStream, StreamedImage, flatten_top_down
+from imagegw.config import Compression
+from imagegw.errors import SquashError, StorageError
 
 MTIME = 1_700_000_000
 
 
-def write_layer(path: Path, members: list[tuple[str, bytes, dict]]) -> LayerSource:
+def write_layer(path: Path, members: list[tuple[str, bytes, dict]], owner: int = 1000) -> LayerSource:
     """A layer tar; each member is (name, tar type, attributes), a regular file's data in "data"."""
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
         for name, kind, attributes in members:
             info = tarfile.TarInfo(name)
-            info.type, info.mtime, info.uid, info.gid, info.uname = kind, MTIME, 1000, 1000, "user"
+            info.type, info.mtime, info.uid, info.gid, info.uname = kind, MTIME, owner, owner, "user"
             info.mode = attributes.get("mode", 0o755 if kind == tarfile.DIRTYPE else 0o644)
             info.linkname = attributes.get("link", "")
             data = attributes.get("data", b"")
@@ -123,9 +133,9 @@ def test_every_compressor_produces_a_listable_image(tree: ImageTree, tmp_path: P
     assert all(entry.uid == entry.gid == 0 for entry in list_squashfs(image).values())
 
 
-def test_failing_tar2sqfs_raises_and_leaves_nothing(tree: ImageTree, tmp_path: Path) -> None:
+def test_an_output_that_cannot_be_created_raises_storage_error(tree: ImageTree, tmp_path: Path) -> None:
     output = tmp_path / "missing-dir" / "image.sqfs"
-    with pytest.raises(SquashError, match="tar2sqfs failed .*missing-dir"):
+    with pytest.raises(StorageError, match=f"^{re.escape(str(output))}: No such file or directory"):
         build_squashfs(tree, output, Compression("gzip", 1))
     assert not output.exists()
 
@@ -156,3 +166,115 @@ def test_list_squashfs_of_a_damaged_image_raises(tmp_path: Path, content: bytes,
     bogus.write_bytes(content)
     with pytest.raises(SquashError, match=f"cannot list .*bogus.sqfs: {problem}"):
         list_squashfs(bogus)
+
+
+# The image every hand-made squashfs below is checked against.
+IMAGE = [
+    ("usr", tarfile.DIRTYPE, {}),
+    ("usr/bin", tarfile.DIRTYPE, {}),
+    ("usr/bin/x", tarfile.REGTYPE, {"mode": 0o755, "data": b"#!/bin/true\n"}),
+    ("usr/lib", tarfile.DIRTYPE, {}),
+    ("lib", tarfile.SYMTYPE, {"link": "usr/lib"}),
+    ("run", tarfile.DIRTYPE, {}),
+    ("run/pipe", tarfile.FIFOTYPE, {"mode": 0o644}),
+]
+
+
+def replaced(name: str, *members: tuple[str, bytes, dict]) -> list[tuple[str, bytes, dict]]:
+    """IMAGE with the member ``name`` replaced by ``members`` (none: left out)."""
+    at = [member[0] for member in IMAGE].index(name)
+    return IMAGE[:at] + list(members) + IMAGE[at + 1:]
+
+
+def hand_made_squashfs(tmp_path: Path, members: list[tuple[str, bytes, dict]], owner: int = 0) -> Path:
+    """A squashfs that tar2sqfs makes of a tar of ``members``, not through build_squashfs."""
+    tar = write_layer(tmp_path / "hand-made.tar", members, owner).path
+    image = tmp_path / "hand-made.sqfs"
+    with tar.open("rb") as stdin:
+        subprocess.run(["tar2sqfs", "--quiet", "--no-skip", "--force", "--no-xattr", str(image)], stdin=stdin,
+                       check=True)
+    return image
+
+
+def test_a_squashfs_that_holds_the_image_passes_the_check(tmp_path: Path) -> None:
+    tree = flatten_layers([write_layer(tmp_path / "image.tar", IMAGE)])
+    image = hand_made_squashfs(tmp_path, IMAGE)
+    assert check_squashfs(image, tree).entries == tree.entries == 7
+
+
+@pytest.mark.parametrize(("squashfs", "owner", "problem"), [
+    (replaced("usr/bin/x"), 0,
+     "'usr/bin/x' is a file of 12 bytes mode 0755 in the image, missing from the squashfs"),
+    (replaced("usr/bin/x", ("usr/bin/x", tarfile.REGTYPE, {"mode": 0o644, "data": b"#!/bin/true\n"})), 0,
+     "'usr/bin/x' has mode 0755 in the image, mode 0644 in the squashfs"),
+    (replaced("usr/bin/x", ("usr/bin/x", tarfile.REGTYPE, {"mode": 0o755, "data": b"#!/bin/sh\n"})), 0,
+     "'usr/bin/x' has 12 bytes in the image, 10 bytes in the squashfs"),
+    (replaced("usr/bin/x", ("usr/bin/x", tarfile.DIRTYPE, {})), 0,
+     "'usr/bin/x' is a file of 12 bytes mode 0755 in the image, a directory mode 0755 in the squashfs"),
+    (replaced("lib", ("lib", tarfile.SYMTYPE, {"link": "usr/lib64"})), 0,
+     "'lib' has target 'usr/lib' in the image, target 'usr/lib64' in the squashfs"),
+    (replaced("run/pipe", ("run/pipe", tarfile.REGTYPE, {})), 0,
+     "'run/pipe' is a FIFO mode 0644 in the image, a file of 0 bytes mode 0644 in the squashfs"),
+    ([*IMAGE, ("stray", tarfile.REGTYPE, {"data": b"?"})], 0,
+     "'stray' is a file of 1 bytes mode 0644 in the squashfs, not in the image"),
+    (IMAGE, 1000, "'lib' has owner 0:0 in the image, owner 1000:1000 in the squashfs"),
+], ids=["missing", "mode", "size", "type", "target", "fifo", "extra", "owner"])
+def test_a_squashfs_that_differs_from_the_image_fails_the_check_naming_the_path(
+        tmp_path: Path, squashfs: list[tuple[str, bytes, dict]], owner: int, problem: str) -> None:
+    tree = flatten_layers([write_layer(tmp_path / "image.tar", IMAGE)])
+    image = hand_made_squashfs(tmp_path, squashfs, owner)
+    with pytest.raises(SquashError, match=f"^{re.escape(str(image))} does not hold the image: {re.escape(problem)}"):
+        check_squashfs(image, tree)
+
+
+def test_the_check_names_the_first_differences_and_counts_the_rest(tmp_path: Path) -> None:
+    files = [(f"f{n}", tarfile.REGTYPE, {"data": b"x"}) for n in range(8)]
+    tree = flatten_layers([write_layer(tmp_path / "image.tar", files)])
+    image = hand_made_squashfs(tmp_path, files[6:])
+    with pytest.raises(SquashError) as failure:
+        check_squashfs(image, tree)
+    assert str(failure.value) == (
+        f"{image} does not hold the image: "
+        + "; ".join(f"'f{n}' is a file of 1 bytes mode 0644 in the image, missing from the squashfs" for n in range(5))
+        + "; and 1 more")
+
+
+def test_a_full_disk_raises_storage_error_and_leaves_nothing(tmp_path: Path, small_disk: Path) -> None:
+    # small_disk (tests/disk_fixtures.py) is a 256 KiB tmpfs, mounted for the test.
+    big = write_layer(tmp_path / "big.tar", [("big", tarfile.REGTYPE, {"data": os.urandom(1 << 20)})])
+    tree = flatten_layers([big])
+    output = small_disk / "image.squashfs"
+    with pytest.raises(StorageError, match=f"^{re.escape(str(output))}: No space left on device"):
+        build_squashfs(tree, output, Compression("gzip", 1), jobs=2)
+    assert not output.exists() and list(small_disk.iterdir()) == []
+
+
+def test_a_full_disk_stops_a_streamed_build_without_building_again(tmp_path: Path, small_disk: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # More than tar2sqfs's queue and the pipe hold, so that the writer sees tar2sqfs stop.
+    files = [(f"big{n}", tarfile.REGTYPE, {"data": os.urandom(1 << 20)}) for n in range(24)]
+    layer = write_layer(tmp_path / "big.tar", files)
+    arrivals = LayerArrivals([layer.digest])
+    arrivals.stored(layer.digest, layer.path)
+    stream = ImageStream()
+    written: list[StreamedImage] = []
+
+    def write() -> None:
+        written.append(flatten_top_down(arrivals, stream.writer))
+        stream.finish(written[0])
+
+    def build_again(*_: object) -> None:
+        raise AssertionError("the image was built again on a full disk")
+
+    monkeypatch.setattr(imagegw.build.squash, "build_squashfs", build_again)
+    writer = threading.Thread(target=write)
+    writer.start()
+    output = small_disk / "image.squashfs"
+    try:
+        with pytest.raises(StorageError, match=f"^{re.escape(str(output))}: No space left on device"):
+            build_squashfs_streamed(stream, output, Compression("gzip", 1), jobs=2)
+    finally:
+        writer.join()
+        arrivals.release()
+    assert not written[0].intact
+    assert not output.exists() and list(small_disk.iterdir()) == []

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from imagegw.build.arrivals import LayerArrivals
-from imagegw.config import Compression
-from imagegw.errors import LayerError
 from imagegw.build.flatten import LayerSource, flatten_layers
 from imagegw.build.squash import ImageStream, build_squashfs_streamed
 from imagegw.build.stream import StreamedImage, flatten_top_down
+from imagegw.config import Compression
+from imagegw.errors import LayerError
 from tests.layer_fixtures import Layers, d, f, hard, sym
 from tests.squashfs_reader import read_tree
 

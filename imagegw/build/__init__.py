@@ -1,6 +1,7 @@
 """Building an image's squashfs: layers flattened (top down while they download) into one tar stream
 that tar2sqfs compresses, and the result checked."""
 
+from imagegw.build.arrivals import LayerArrivals
 from imagegw.build.flatten import ImageTree, LayerSource, flatten_layers, prepare_layer
 from imagegw.build.squash import (
     SquashResult,
@@ -18,6 +19,7 @@ from imagegw.build.stream import (
 __all__ = [
     "ImageStream",
     "ImageTree",
+    "LayerArrivals",
     "LayerSource",
     "SquashResult",
     "StreamedBuild",

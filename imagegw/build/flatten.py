@@ -118,12 +118,31 @@ class ImageTree:
                 self.file_bytes += node.size
 
     def paths(self) -> dict[str, tuple[str, int, int | str | None]]:
-        """Every path (root excluded) mapped to ``(kind, mode, detail)``.
+        """Every path (root excluded) mapped to ``(kind, mode, detail)``, as ``described`` gives them."""
+        return {path: (kind, mode, detail) for path, kind, mode, detail in self.described()}
 
-        ``kind`` is ``"dir"``, ``"file"``, ``"symlink"`` or ``"fifo"``; ``mode`` the
-        permission bits; ``detail`` a file's size, a symlink's target, else ``None``.
+    def described(self) -> Iterator[tuple[str, str, int, int | str | None]]:
+        """Every path (root excluded) as ``(path, kind, mode, detail)``, in no set order.
+
+        ``kind`` is ``"dir"``, ``"file"`` (each path of a hard link group), ``"symlink"`` or
+        ``"fifo"``; ``mode`` the permission bits ``write_tar`` writes (a symlink's are 0777);
+        ``detail`` a file's size, a symlink's target, else ``None``. Cheaper than ``paths``
+        or a sorted walk: it builds no dictionary and sorts nothing.
         """
-        return {path: _describe(node) for path, node in _walk(self._root)}
+        pending: list[tuple[str, _Dir]] = [("", self._root)]
+        while pending:
+            prefix, directory = pending.pop()
+            for name, node in directory.children.items():
+                path = prefix + name
+                if isinstance(node, _File):
+                    yield path, "file", node.mode, node.size
+                elif isinstance(node, _Dir):
+                    yield path, "dir", node.mode, None
+                    pending.append((path + "/", node))
+                elif isinstance(node, _Symlink):
+                    yield path, "symlink", 0o777, node.target
+                else:
+                    yield path, "fifo", node.mode, None
 
     def write_tar(self, out: IO[bytes], written: Collection[str] = ()) -> None:
         """Write the tree to ``out`` (a file or pipe) as one PAX tar, end blocks included.
@@ -194,16 +213,6 @@ def _walk(root: _Dir) -> Iterator[tuple[str, _Node]]:
         yield path, node
         if isinstance(node, _Dir):
             stack.extend((f"{path}/{name}", child) for name, child in sorted(node.children.items(), reverse=True))
-
-
-def _describe(node: _Node) -> tuple[str, int, int | str | None]:
-    if isinstance(node, _Dir):
-        return ("dir", node.mode, None)
-    if isinstance(node, _File):
-        return ("file", node.mode, node.size)
-    if isinstance(node, _Symlink):
-        return ("symlink", 0o777, node.target)
-    return ("fifo", node.mode, None)
 
 
 def _header(path: str, node: _Node) -> bytes:

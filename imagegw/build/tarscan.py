@@ -1,6 +1,6 @@
 """A fast reader of tar headers, for the common formats layers use.
 
-``tarfile`` spends ~30 us building each TarInfo; a layer holds up to 10^5 entries and
+``tarfile`` builds a costly TarInfo for each entry; a layer holds up to 10^5 entries and
 reading them was the largest Python cost of a pull. This reader handles ustar, GNU
 long names and links, and PAX path/linkpath/size/mtime records. Anything else (GNU
 sparse files, PAX global headers, base-256 numbers, a bad checksum, a damaged end) makes

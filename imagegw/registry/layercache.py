@@ -33,9 +33,8 @@ try:
 except ImportError:
     _inflate = zlib  # type: ignore[misc]
 
-from imagegw.build.arrivals import LayerArrivals
-from imagegw.build.writeback import start_writeback
-from imagegw.disk import disk_errors, fsync_directory
+from imagegw.build import LayerArrivals
+from imagegw.disk import disk_errors, fsync_directory, start_writeback
 from imagegw.errors import DigestMismatch, LayerError
 from imagegw.registry.client import LayerDescriptor, RegistryClient, ResolvedImage
 
@@ -322,7 +321,7 @@ class _HashingWriter:
         self._written = written
         self._size = 0
         self._flushed = 0
-        """Bytes already handed to the kernel's writeback (see imagegw.build.writeback)."""
+        """Bytes already handed to the kernel's writeback (see imagegw.disk)."""
         self._hash = hashlib.sha256()
         self._chunks: collections.deque[bytes | None] = collections.deque()
         self._queued = 0
