@@ -58,7 +58,7 @@ class Gateway:
     def cache_dir(self) -> Path:
         return self.root / "cache"
 
-    def index(self) -> ImageStore:
+    def store(self) -> ImageStore:
         return ImageStore(pymongo.MongoClient(self.mongo_uri)[self.database], 3600)
 
     def image(self, repository_and_tag: str) -> str:

@@ -19,7 +19,7 @@ from testsupport.images import LayerBuilder, push_image, push_index
 def pull(gateway: Gateway, image: str, platform: str = "mycluster"):
     """Run the flow; return (state, pull record)."""
     state = asyncio.run(pull_image(image, platform, str(gateway.config_path), return_state=True))
-    record = gateway.index().pull_record(PullKey(platform, "docker", image if ":" in image.rsplit("/", 1)[-1]
+    record = gateway.store().pull_record(PullKey(platform, "docker", image if ":" in image.rsplit("/", 1)[-1]
                                                  else image + ":latest"))
     return state, record
 
@@ -38,7 +38,7 @@ def test_single_layer_image_becomes_a_ready_squashfs_with_meta(gateway: Gateway)
     assert state.is_completed(), state.message
     image_id = built.manifest_digest.removeprefix("sha256:")
     assert record["status"] == "READY" and record["id"] == image_id
-    ready = gateway.index().lookup(PullKey("mycluster", "docker", gateway.image("test/single:1.0")))
+    ready = gateway.store().lookup(PullKey("mycluster", "docker", gateway.image("test/single:1.0")))
     assert ready["tag"] == [gateway.image("test/single:1.0")]
     assert ready["ENV"] == ["PATH=/bin", "A=b c"] and ready["ENTRY"] == ["/bin/run"]
     assert ready["WORKDIR"] == "/work" and ready["expiration"] > ready["last_pull"]
@@ -145,7 +145,7 @@ def test_second_tag_of_the_same_digest_joins_the_record(gateway: Gateway) -> Non
     pull(gateway, gateway.image("test/tags:1"))
     pull(gateway, gateway.image("test/tags:stable"))
 
-    records = gateway.index().list_images("mycluster")
+    records = gateway.store().list_images("mycluster")
     assert len(records) == 1
     assert records[0]["id"] == built.manifest_digest.removeprefix("sha256:")
     assert sorted(records[0]["tag"]) == [gateway.image("test/tags:1"), gateway.image("test/tags:stable")]
@@ -172,9 +172,9 @@ def test_tag_moved_to_a_new_digest_leaves_the_old_image(gateway: Gateway) -> Non
 
     pull(gateway, gateway.image("test/moving:1"))
 
-    found = gateway.index().lookup(PullKey("mycluster", "docker", gateway.image("test/moving:1")))
+    found = gateway.store().lookup(PullKey("mycluster", "docker", gateway.image("test/moving:1")))
     assert found["id"] == new.manifest_digest.removeprefix("sha256:")
-    old_record = gateway.index().ready_image("mycluster", old.manifest_digest.removeprefix("sha256:"))
+    old_record = gateway.store().ready_image("mycluster", old.manifest_digest.removeprefix("sha256:"))
     assert old_record["tag"] == []
 
 

@@ -1,4 +1,4 @@
-"""The image index on the gateway's embedded SecantusDB: claims, stages, READY records, access."""
+"""The image store on the gateway's embedded SecantusDB: claims, stages, READY records, conflicts."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ def database(mongo_uri: str):
 
 
 @pytest.fixture
-def index(database) -> ImageStore:
-    index = ImageStore(database, expiration_timeout=3600)
-    index.ensure_indexes()
-    return index
+def store(database) -> ImageStore:
+    store = ImageStore(database, expiration_timeout=3600)
+    store.ensure_indexes()
+    return store
 
 
 def facts(image_id: str) -> ImageFacts:
@@ -37,28 +37,28 @@ def facts(image_id: str) -> ImageFacts:
                       entry=["/run"], cmd=None, workdir="/", labels={"a": "b"})
 
 
-def test_a_pull_moves_through_its_stages_and_lookups_see_only_ready_images(index: ImageStore) -> None:
-    record, claimed = index.claim_pull(KEY)
+def test_a_pull_moves_through_its_stages_and_lookups_see_only_ready_images(store: ImageStore) -> None:
+    record, claimed = store.claim_pull(KEY)
     assert claimed and record["status"] == "INIT"
-    assert index.mark_queued(KEY, "run-1")["status"] == "PENDING"
-    index.set_stage(KEY, Status.CONVERSION, "Building squashfs")
+    assert store.mark_queued(KEY, "run-1")["status"] == "PENDING"
+    store.set_stage(KEY, Status.CONVERSION, "Building squashfs")
 
-    assert index.pull_record(KEY)["status"] == "CONVERSION"
-    assert index.lookup(KEY) is None
+    assert store.pull_record(KEY)["status"] == "CONVERSION"
+    assert store.lookup(KEY) is None
 
-    index.publish(KEY, facts("1" * 64))
+    store.publish(KEY, facts("1" * 64))
 
-    assert index.lookup(KEY)["id"] == "1" * 64
-    assert index.pull_record(KEY)["status"] == "READY"
+    assert store.lookup(KEY)["id"] == "1" * 64
+    assert store.pull_record(KEY)["status"] == "READY"
 
 
-def test_concurrent_claims_of_one_tag_give_exactly_one_winner(index: ImageStore) -> None:
+def test_concurrent_claims_of_one_tag_give_exactly_one_winner(store: ImageStore) -> None:
     results: list[bool] = []
     barrier = threading.Barrier(12)
 
     def claim() -> None:
         barrier.wait()
-        results.append(index.claim_pull(KEY)[1])
+        results.append(store.claim_pull(KEY)[1])
 
     threads = [threading.Thread(target=claim) for _ in range(12)]
     for thread in threads:
@@ -69,85 +69,85 @@ def test_concurrent_claims_of_one_tag_give_exactly_one_winner(index: ImageStore)
     assert sorted(results) == [False] * 11 + [True]
 
 
-def test_a_finished_or_failed_pull_can_be_claimed_again(index: ImageStore) -> None:
-    index.claim_pull(KEY)
-    assert index.claim_pull(KEY)[1] is False
+def test_a_finished_or_failed_pull_can_be_claimed_again(store: ImageStore) -> None:
+    store.claim_pull(KEY)
+    assert store.claim_pull(KEY)[1] is False
 
-    index.fail_pull(KEY, "manifest unknown: r:5000/team/app:1")
+    store.fail_pull(KEY, "manifest unknown: r:5000/team/app:1")
 
-    assert index.claim_pull(KEY)[1] is True
+    assert store.claim_pull(KEY)[1] is True
 
 
-def test_a_pull_whose_run_went_silent_is_stale_and_can_be_claimed(index: ImageStore, database) -> None:
-    index.claim_pull(KEY)
-    index.set_stage(KEY, Status.PULLING, "Pulling layers")
+def test_a_pull_whose_run_went_silent_is_stale_and_can_be_claimed(store: ImageStore, database) -> None:
+    store.claim_pull(KEY)
+    store.set_stage(KEY, Status.PULLING, "Pulling layers")
     database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - STALE_RUNNING - 1}})
 
-    assert index.claim_pull(KEY)[1] is True
+    assert store.claim_pull(KEY)[1] is True
 
 
-def test_failure_keeps_the_message(index: ImageStore) -> None:
-    index.claim_pull(KEY)
+def test_failure_keeps_the_message(store: ImageStore) -> None:
+    store.claim_pull(KEY)
 
-    index.fail_pull(KEY, "manifest unknown: r:5000/team/app:1")
+    store.fail_pull(KEY, "manifest unknown: r:5000/team/app:1")
 
-    assert index.pull_record(KEY)["status_message"] == "manifest unknown: r:5000/team/app:1"
+    assert store.pull_record(KEY)["status_message"] == "manifest unknown: r:5000/team/app:1"
 
 
-def test_response_has_shifter_fields_and_missing_ones_say_missing(index: ImageStore) -> None:
-    index.claim_pull(KEY)
+def test_response_has_shifter_fields_and_missing_ones_say_missing(store: ImageStore) -> None:
+    store.claim_pull(KEY)
 
-    response = to_response(index.pull_record(KEY))
+    response = to_response(store.pull_record(KEY))
 
     assert response["id"] == "MISSING" and response["status"] == "INIT"
     assert response["tag"] == ["team/app:1"] and response["ENV"] == "MISSING"
     assert "_id" not in response and "pull_id" not in response
 
 
-def test_expiration_is_set_on_publish_and_renewed(index: ImageStore) -> None:
-    record = index.publish(KEY, facts("2" * 64))
+def test_expiration_is_set_on_publish_and_renewed(store: ImageStore) -> None:
+    record = store.publish(KEY, facts("2" * 64))
     assert record["expiration"] == pytest.approx(record["last_pull"] + 3600)
 
-    index.renew("mycluster", "2" * 64)
+    store.renew("mycluster", "2" * 64)
 
-    assert index.lookup(KEY)["expiration"] >= record["expiration"]
-
-
-def test_a_stored_login_is_handed_out_once(index: ImageStore) -> None:
-    index.store_login(KEY, RegistryLogin("alice", "s3:cr:et"))
-
-    assert index.take_login(KEY) == RegistryLogin("alice", "s3:cr:et")
-    assert index.take_login(KEY) is None
+    assert store.lookup(KEY)["expiration"] >= record["expiration"]
 
 
-def test_public_images_stay_public_and_private_pulls_share_acls(index: ImageStore) -> None:
+def test_a_stored_login_is_handed_out_once(store: ImageStore) -> None:
+    store.store_login(KEY, RegistryLogin("alice", "s3:cr:et"))
+
+    assert store.take_login(KEY) == RegistryLogin("alice", "s3:cr:et")
+    assert store.take_login(KEY) is None
+
+
+def test_public_images_stay_public_and_private_pulls_share_acls(store: ImageStore) -> None:
     alice = Access(True, (1000,), (100,))
     bob = Access(True, (2000,), (200,))
     image = "3" * 64
 
-    assert index.settle_access("mycluster", image, alice) == alice
-    index.publish(KEY, facts(image), alice)
-    assert index.settle_access("mycluster", image, bob) == Access(True, (1000, 2000), (100, 200))
-    assert index.settle_access("mycluster", image, PUBLIC) == PUBLIC
+    assert store.settle_access("mycluster", image, alice) == alice
+    store.publish(KEY, facts(image), alice)
+    assert store.settle_access("mycluster", image, bob) == Access(True, (1000, 2000), (100, 200))
+    assert store.settle_access("mycluster", image, PUBLIC) == PUBLIC
 
-    index.publish(KEY, facts(image), PUBLIC)
+    store.publish(KEY, facts(image), PUBLIC)
 
-    assert index.settle_access("mycluster", image, bob) == PUBLIC
+    assert store.settle_access("mycluster", image, bob) == PUBLIC
 
 
-def test_a_recent_failure_is_held_so_pollers_see_it(index: ImageStore, database) -> None:
-    index.claim_pull(KEY)
-    index.fail_pull(KEY, "manifest unknown")
+def test_a_recent_failure_is_held_so_pollers_see_it(store: ImageStore, database) -> None:
+    store.claim_pull(KEY)
+    store.fail_pull(KEY, "manifest unknown")
 
-    record, claimed = index.claim_pull(KEY, retry_failures_after=300)
+    record, claimed = store.claim_pull(KEY, retry_failures_after=300)
     assert not claimed and record["status"] == "FAILURE"
 
     database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - 301}})
-    assert index.claim_pull(KEY, retry_failures_after=300)[1] is True
+    assert store.claim_pull(KEY, retry_failures_after=300)[1] is True
 
 
-def test_a_duplicate_record_is_a_conflict_that_is_not_retried(index: ImageStore, database) -> None:
-    index.publish(KEY, facts("5" * 64), PUBLIC)
+def test_a_duplicate_record_is_a_conflict_that_is_not_retried(store: ImageStore, database) -> None:
+    store.publish(KEY, facts("5" * 64), PUBLIC)
     record = database["images"].find_one({"id": "5" * 64}, {"_id": False})
 
     with pytest.raises(RecordConflict, match="refused a duplicate record") as caught:
