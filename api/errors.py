@@ -16,6 +16,7 @@ from imagegw.errors import (
     ImageNotFound,
     RecordConflict,
     ServiceUnavailable,
+    TransferError,
     UnknownPlatform,
 )
 
@@ -29,6 +30,7 @@ HTTP_STATUS: tuple[tuple[type[ImagegwError], int], ...] = (
     (BadImageReference, 400),
     (BadRequest, 400),
     (ServiceUnavailable, 503),
+    (TransferError, 503),
     (ConfigError, 500),
 )
 

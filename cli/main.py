@@ -131,7 +131,7 @@ def pull_command(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     _print_json(to_response(record))
-    squashfs = job.platform.image_dir / f"{record['id']}.squashfs"
+    squashfs = f"{job.platform.image_location}/{record['id']}.squashfs"
     print(f"imagegw: {job.key.tag} is READY: {squashfs}", file=sys.stderr)
     return 0
 

@@ -27,7 +27,7 @@ def platform_deployments(settings: Settings, platforms: Collection[str] = ()) ->
             parameters={"platform": name, "config": str(settings.source)},
             tags=[f"platform:{name}"],
             concurrency_limit=RUNS_PER_PLATFORM,
-            description=f"Pull an image and publish it into {settings.platform(name).image_dir}",
+            description=f"Pull an image and publish it into {settings.platform(name).image_location}",
         )
         for name in names
     ]

@@ -31,8 +31,8 @@ async def pull_image(image: str, platform: str, config: str | None = None) -> di
     key = pull_key(platform, image)
     store = open_store(settings)
     cache = LayerCache(settings.cache_dir)
-    publisher = publisher_for(target)
-    with PullTracker(store, key).running() as tracker, scratch_directory(settings.expand_dir, "pull-") as scratch:
+    with PullTracker(store, key).running() as tracker, scratch_directory(settings.expand_dir, "pull-") as scratch, \
+            publisher_for(target) as publisher:
         job = plan(store, settings, key)
         with RegistryClient(job.ref.location, config_cache=cache.config_dir) as client:
             manifest = resolve(client, job, tracker)

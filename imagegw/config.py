@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from imagegw.errors import ConfigError, UnknownPlatform
+from imagegw.sshconfig import RemoteAccess, read_remote_access
 
 CONFIG_ENV = "IMAGEGW_CONFIG"
 STATE_DIR_ENV = "IMAGEGW_STATE_DIR"
@@ -89,6 +90,7 @@ class Platform:
 
     name: str
     image_dir: Path
+    """Where the images are published: on this host, or on the remote hosts when ``remote`` is set."""
     arch: str = "amd64"
     os: str = "linux"
     variant: str | None = None
@@ -96,6 +98,13 @@ class Platform:
     munge_socket: str | None = None
     compression: Compression = Compression("gzip", 1)
     block_size: int = DEFAULT_BLOCK_SIZE
+    remote: RemoteAccess | None = None
+    """How to reach the image directory over SSH (``accesstype: remote``); None: it is local."""
+
+    @property
+    def image_location(self) -> str:
+        """The image directory as an operator would write it: ``/images``, or ``login1:/images``."""
+        return f"{self.remote.hosts[0]}:{self.image_dir}" if self.remote else str(self.image_dir)
 
 
 @dataclass(frozen=True)
@@ -300,18 +309,14 @@ class _Reader:
         if not isinstance(spec, dict):
             raise self.fail(key, "must be an object")
         self._reject_unknown(spec, _PLATFORM_KEYS, key + ".")
-        access = spec.get("accesstype", "local")
-        if access != "local":
-            raise self.fail(key + ".accesstype", f"{access!r} is not supported yet (only 'local')")
-        local = spec.get("local")
-        if not isinstance(local, dict) or not local.get("imageDir"):
-            raise self.fail(key + ".local.imageDir", "is missing: the directory the images are published to")
+        image_dir, remote = self._image_dir(spec, key)
         admins = spec.get("admins", [])
         if not isinstance(admins, list) or not all(isinstance(a, str) for a in admins):
             raise self.fail(key + ".admins", "must be a list of user names")
         return Platform(
             name=name,
-            image_dir=Path(self._string(local["imageDir"], key + ".local.imageDir")).expanduser(),
+            image_dir=image_dir,
+            remote=remote,
             arch=self._string(spec.get("arch", "amd64"), key + ".arch"),
             os=self._string(spec.get("os", "linux"), key + ".os"),
             variant=spec.get("variant"),
@@ -321,3 +326,16 @@ class _Reader:
             if "Compression" in spec else compression,
             block_size=self._block_size(spec["BlockSize"], key + ".BlockSize") if "BlockSize" in spec else block_size,
         )
+
+    def _image_dir(self, spec: dict[str, Any], key: str) -> tuple[Path, RemoteAccess | None]:
+        """Where the platform's images go: ``local.imageDir``, or ``ssh.imageDir`` on its ``host`` list."""
+        access = spec.get("accesstype", "local")
+        if access == "remote":
+            remote, image_dir = read_remote_access(spec, key, self.fail)
+            return Path(image_dir), remote
+        if access != "local":
+            raise self.fail(key + ".accesstype", f"{access!r} must be 'local' or 'remote'")
+        local = spec.get("local")
+        if not isinstance(local, dict) or not local.get("imageDir"):
+            raise self.fail(key + ".local.imageDir", "is missing: the directory the images are published to")
+        return Path(self._string(local["imageDir"], key + ".local.imageDir")).expanduser(), None

@@ -74,7 +74,13 @@ class StorageError(ImagegwError):
 
 
 class TransferError(ImagegwError):
-    """Publishing the image to a platform's image directory on another host failed."""
+    """Publishing to a platform's image directory on another host failed: no host answered, or the
+    connection broke. Retried: hosts come back, and a retry connects afresh."""
+
+
+class RemoteAccessRefused(ImagegwError):
+    """A remote platform's hosts refused the gateway for a reason a retry cannot fix: an unknown or
+    changed host key, or a login key they do not accept."""
 
 
 class ServiceUnavailable(ImagegwError):

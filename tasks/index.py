@@ -10,7 +10,7 @@ from prefect.cache_policies import NONE
 from imagegw.access import Access
 from imagegw.config import Settings
 from imagegw.plan import PullPlan, plan_pull
-from imagegw.publish import LocalPublisher, PublishedImage
+from imagegw.publish import PublishedImage, Publisher
 from imagegw.registry import ResolvedImage
 from imagegw.store import ImageFacts, ImageStore, PullKey, to_response
 from tasks.retry import transient_failure
@@ -30,7 +30,7 @@ def settle_access(store: ImageStore, job: PullPlan, image: ResolvedImage) -> Acc
 
 
 @task(name="check-published", cache_policy=NONE)
-def is_ready(store: ImageStore, publisher: LocalPublisher, job: PullPlan, image: ResolvedImage) -> bool:
+def is_ready(store: ImageStore, publisher: Publisher, job: PullPlan, image: ResolvedImage) -> bool:
     """Whether this digest is already READY on the platform, its files in place."""
     return store.ready_image(job.key.system, image.image_id) is not None and publisher.is_published(image.image_id)
 

@@ -7,7 +7,7 @@ from prefect.cache_policies import NONE
 
 from imagegw.access import Access
 from imagegw.build import SquashResult
-from imagegw.publish import LocalPublisher, PublishedImage, image_meta
+from imagegw.publish import PublishedImage, Publisher, image_meta
 from imagegw.registry import ResolvedImage
 from imagegw.store import PullTracker, Status
 from tasks.retry import transient_failure
@@ -15,7 +15,7 @@ from tasks.retry import transient_failure
 
 @task(name="transfer", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=transient_failure,
       cache_policy=NONE)
-def transfer(publisher: LocalPublisher, image: ResolvedImage, access: Access, squashfs: SquashResult | None,
+def transfer(publisher: Publisher, image: ResolvedImage, access: Access, squashfs: SquashResult | None,
              tracker: PullTracker) -> PublishedImage:
     """Move the image into place under its final names, atomically; without a new squashfs, refresh the .meta."""
     tracker.stage(Status.TRANSFER, f"Publishing into {publisher}")

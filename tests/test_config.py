@@ -78,7 +78,25 @@ def test_unknown_platform_names_the_file_and_the_known_ones(tmp_path: Path) -> N
     ({"BlockSize": 1000}, "BlockSize"),
     ({"PullUpdateTimeout": "5"}, "PullUpdateTimeout"),
     ({"Platforms": {}}, "Platforms"),
-    ({"Platforms": {"c": {"accesstype": "remote", "local": {"imageDir": "/x"}}}}, "Platforms.c.accesstype"),
+    ({"Platforms": {"c": {"accesstype": "ftp", "local": {"imageDir": "/x"}}}}, "Platforms.c.accesstype"),
+    ({"Platforms": {"c": {"accesstype": "remote", "host": ["h"]}}}, "Platforms.c.ssh"),
+    ({"Platforms": {"c": {"accesstype": "remote", "host": [], "ssh": {"username": "s", "imageDir": "/i"}}}},
+     "Platforms.c.host"),
+    ({"Platforms": {"c": {"accesstype": "remote", "host": ["h:99999"], "ssh": {"username": "s", "imageDir": "/i"}}}},
+     "Platforms.c.host"),
+    ({"Platforms": {"c": {"accesstype": "remote", "host": ["h"], "ssh": {"username": "s", "imageDir": "images"}}}},
+     "Platforms.c.ssh.imageDir"),
+    ({"Platforms": {"c": {"accesstype": "remote", "host": ["h"], "ssh": {"imageDir": "/i"}}}},
+     "Platforms.c.ssh.username"),
+    ({"Platforms": {"c": {"accesstype": "remote", "host": ["h"],
+                          "ssh": {"username": "s", "imageDir": "/i", "keyPassphraseEnv": "IMAGEGW_NO_SUCH_VAR"}}}},
+     "Platforms.c.ssh.keyPassphraseEnv"),
+    ({"Platforms": {"c": {"accesstype": "remote", "host": ["h"],
+                          "ssh": {"username": "s", "imageDir": "/i", "sshCmdOptions": ["-A"]}}}},
+     "Platforms.c.ssh.sshCmdOptions"),
+    ({"Platforms": {"c": {"accesstype": "remote", "host": ["h"],
+                          "ssh": {"username": "s", "imageDir": "/i", "scpCmdOptions": ["-o", "Ciphers=aes128-ctr"]}}}},
+     "Platforms.c.ssh.scpCmdOptions"),
 ])
 def test_bad_values_are_errors_naming_key_and_file(tmp_path: Path, change: dict, key: str) -> None:
     path = write(tmp_path, {**SHIFTER_EXAMPLE, **change})
@@ -109,3 +127,43 @@ def test_insecure_location_is_plain_http(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, config))
 
     assert settings.locations["reg:5000"].url == "http://reg:5000"
+
+
+SHIFTER_REMOTE_EXAMPLE = {
+    **SHIFTER_EXAMPLE,
+    "Broker": "redis://localhost/",
+    "Locations": {"registry-1.docker.io": {"remotetype": "dockerv2", "authentication": "http"}},
+    "DefaultImageLocation": "registry-1.docker.io",
+    "Platforms": {"mycluster": {"mungeSocketPath": "/var/run/munge/munge.socket.2", "accesstype": "remote",
+                                "admins": ["root"], "host": ["login1.example.org"],
+                                "ssh": {"username": "shifter", "key": "/home/shifter/.ssh/ssh.key",
+                                        "imageDir": "/images"}}},
+}
+
+
+def test_shifters_remote_example_loads(tmp_path: Path) -> None:
+    platform = load_settings(write(tmp_path, SHIFTER_REMOTE_EXAMPLE)).platform("mycluster")
+
+    assert platform.remote is not None
+    assert [str(host) for host in platform.remote.hosts] == ["login1.example.org"]
+    assert platform.remote.username == "shifter" and platform.remote.key == Path("/home/shifter/.ssh/ssh.key")
+    assert platform.remote.check_host_keys and platform.remote.known_hosts == Path("~/.ssh/known_hosts").expanduser()
+    assert platform.image_dir == Path("/images") and platform.image_location == "login1.example.org:/images"
+
+
+def test_shifters_ssh_options_become_the_keys_they_mean(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SHIFTER_KEY_PASSPHRASE", "correct horse")
+    ssh = {"username": "shifter", "imageDir": "/images", "keyPassphraseEnv": "SHIFTER_KEY_PASSPHRASE",
+           "sshCmdOptions": ["-i", "/keys/id_ed25519", "-oStrictHostKeyChecking=no", "-o", "ConnectTimeout=3", "-q"],
+           "scpCmdOptions": ["-P", "2222", "-o UserKnownHostsFile=/etc/imagegw/known_hosts", "-oBatchMode=yes"]}
+    config = {**SHIFTER_EXAMPLE, "Platforms": {"c": {"accesstype": "remote", "host": ["login1", "login2:2200"],
+                                                     "ssh": ssh}}}
+
+    remote = load_settings(write(tmp_path, config)).platform("c").remote
+
+    assert remote is not None
+    assert [str(host) for host in remote.hosts] == ["login1:2222", "login2:2200"]
+    assert remote.key == Path("/keys/id_ed25519") and remote.key_passphrase == "correct horse"
+    assert not remote.check_host_keys and remote.connect_timeout == 3.0
+    assert remote.known_hosts == Path("/etc/imagegw/known_hosts")
+    assert "correct horse" not in repr(remote)

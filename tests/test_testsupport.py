@@ -6,9 +6,13 @@ import gzip
 import hashlib
 import io
 import json
+import shutil
+import socket
+import subprocess
 import tarfile
 from pathlib import Path
 
+import paramiko
 import pytest
 import requests
 import zstandard
@@ -29,6 +33,7 @@ from testsupport.images import (
     sample_image_layers,
 )
 from testsupport.registry import RegistryStartError, RunningRegistry, find_registry_binary
+from testsupport.sshd import SshServer, UserKeys, dead_address, generate_user_key, refusing_listener
 
 ACCEPT = ", ".join([OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST])
 DECOMPRESS = {
@@ -193,3 +198,105 @@ def test_missing_binary_names_the_package(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(RegistryStartError, match="apt-get install docker-registry"):
         find_registry_binary()
+
+
+def ssh_connect(server: SshServer, key: Path, passphrase: str | None = None,
+                known_hosts: Path | None = None) -> paramiko.SSHClient:
+    """Log in with ``key`` only, trusting only the host keys in ``known_hosts`` (the server's by default)."""
+    client = paramiko.SSHClient()
+    client.load_host_keys(str(known_hosts or server.known_hosts))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    try:
+        client.connect(server.host, server.port, server.user, key_filename=str(key), passphrase=passphrase,
+                       allow_agent=False, look_for_keys=False, timeout=5, banner_timeout=5, auth_timeout=5)
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
+def remote_sha256(client: paramiko.SSHClient, path: str) -> str:
+    _, stdout, stderr = client.exec_command(f"sha256sum {path}", timeout=5)
+    assert stdout.channel.recv_exit_status() == 0, stderr.read()
+    return "sha256:" + stdout.read().decode().split()[0]
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ed25519", "ecdsa", "encrypted"])
+def test_sshd_sftp_put_with_each_key_type(sshd: SshServer, tmp_path: Path, kind: str) -> None:
+    key = getattr(sshd.keys, kind)
+    passphrase = sshd.keys.passphrase if kind == "encrypted" else None
+    data = f"uploaded with {kind}\n".encode() * 1000
+    remote = str(tmp_path / f"{kind}.bin")
+    with ssh_connect(sshd, key, passphrase) as client, client.open_sftp() as sftp:
+        with sftp.open(remote, "wb") as handle:
+            handle.write(data)
+        assert sftp.stat(remote).st_size == len(data)
+        assert remote_sha256(client, remote) == sha256(data)
+    assert sshd.user == "root" and sshd.address == f"127.0.0.1:{sshd.port}"
+
+
+def test_sshd_rejects_unknown_host_and_unauthorized_key(sshd: SshServer, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(paramiko.SSHException, match="not found in known_hosts"):
+        ssh_connect(sshd, sshd.keys.ed25519, known_hosts=empty)
+    stranger = generate_user_key(tmp_path / "id_stranger", "ed25519")
+    assert Path(f"{stranger}.pub").read_text().endswith(" imagegw-test\n")
+    with pytest.raises(paramiko.AuthenticationException):
+        ssh_connect(sshd, stranger)
+    with pytest.raises(paramiko.SSHException):
+        ssh_connect(sshd, sshd.keys.encrypted, passphrase="wrong horse")
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="no OpenSSH client (apt-get install openssh-client)")
+def test_openssh_client_accepts_known_hosts_line(sshd: SshServer) -> None:
+    assert sshd.known_hosts.read_text() == sshd.sshd.known_hosts_line() + "\n"
+    assert sshd.sshd.known_hosts_line().startswith(f"[127.0.0.1]:{sshd.port} ssh-ed25519 AAAA")
+    result = subprocess.run(
+        ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+         "-o", f"UserKnownHostsFile={sshd.known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+         "-o", "IdentitiesOnly=yes", "-i", str(sshd.keys.rsa), "-p", str(sshd.port),
+         f"{sshd.user}@127.0.0.1", "echo", "ok"],
+        capture_output=True, timeout=20, check=False,
+    )
+    assert (result.returncode, result.stdout) == (0, b"ok\n"), result.stderr
+
+
+def test_kill_sessions_cuts_live_sftp_then_stop_refuses(private_sshd: SshServer, ssh_user_keys: UserKeys,
+                                                         tmp_path: Path) -> None:
+    client = ssh_connect(private_sshd, ssh_user_keys.ecdsa)
+    sftp = client.open_sftp()
+    sftp.get_channel().settimeout(5)  # type: ignore[union-attr]
+    handle = sftp.open(str(tmp_path / "partial"), "wb")
+    handle.write(b"x" * 65536)
+    handle.flush()
+    assert private_sshd.sshd.kill_sessions() == 1
+    with pytest.raises((OSError, EOFError, paramiko.SSHException)):
+        handle.write(b"y" * 65536)
+        handle.flush()
+        sftp.stat(str(tmp_path / "partial"))
+    client.close()
+    assert private_sshd.sshd.session_pids() == []
+
+    with ssh_connect(private_sshd, ssh_user_keys.ed25519) as again:  # the listener survived the cut
+        assert remote_sha256(again, "/dev/null") == sha256(b"")
+        assert private_sshd.sshd.running and len(private_sshd.sshd.session_pids()) == 1
+        private_sshd.stop()
+        assert not private_sshd.sshd.running and private_sshd.sshd.session_pids() == []
+    with pytest.raises(paramiko.ssh_exception.NoValidConnectionsError):
+        ssh_connect(private_sshd, ssh_user_keys.ed25519)
+    private_sshd.stop()  # idempotent
+    assert "Accepted publickey" in private_sshd.sshd.log_tail(100)
+
+
+@pytest.mark.parametrize("banner", [b"", b"HTTP/1.1 400 Bad Request\r\n\r\n"])
+def test_refusing_listener_and_dead_address_fail_fast(banner: bytes) -> None:
+    with refusing_listener(banner) as listener:
+        transport = paramiko.Transport(("127.0.0.1", listener.port))
+        with pytest.raises(paramiko.SSHException):
+            transport.start_client(timeout=5)
+        transport.close()
+        assert listener.accepted == 1 and listener.address == f"127.0.0.1:{listener.port}"
+    host, _, port = dead_address().partition(":")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, int(port)), timeout=5)

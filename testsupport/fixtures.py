@@ -7,8 +7,12 @@ Fixtures:
     basic_registry:  htpasswd Basic auth, user alice / s3cr3t (``.credentials``).
     token_registry:  token auth through a :class:`TokenServer` with alice / s3cr3t;
                      anonymous pull allowed (``.token_server`` for assertions).
+    ssh_user_keys:   RSA, ed25519, ECDSA and passphrase-protected ed25519 client keys (session).
+    sshd:            a loopback sshd accepting ``ssh_user_keys``, as an :class:`SshServer` (session).
+    private_sshd:    the same, but a server of the test's own, free to ``kill_sessions()`` or ``stop()``.
 
-Nothing is skipped: a missing ``docker-registry`` fails the tests with the install hint.
+A missing ``docker-registry`` fails the tests with the install hint; only the ssh fixtures
+skip, when ``/usr/sbin/sshd`` is not installed.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import pytest
 
 from testsupport.munge import MungedStartError, RunningMunged
 from testsupport.registry import RegistryStartError, RunningRegistry
+from testsupport.sshd import INSTALL_HINT as SSHD_INSTALL_HINT
+from testsupport.sshd import SSHD_BINARY, SshdStartError, SshServer, UserKeys, sshd_installed
 from testsupport.tokenserver import TokenServer
 
 TEST_USER = "alice"
@@ -72,5 +78,40 @@ def munged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMunged]:
         running = RunningMunged.start(tmp_path_factory.mktemp("munged"))
     except MungedStartError as exc:
         pytest.fail(str(exc), pytrace=False)
+    yield running
+    running.stop()
+
+
+def _start_sshd(workdir: Path, keys: UserKeys) -> SshServer:
+    """Start an sshd for ``keys``, turning start failures into a test failure with the log tail."""
+    try:
+        return SshServer.start(workdir, keys)
+    except SshdStartError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def ssh_user_keys(tmp_path_factory: pytest.TempPathFactory) -> UserKeys:
+    """Client keys for the whole session (RSA-3072 takes a while); skips all ssh tests without sshd."""
+    if not sshd_installed():
+        pytest.skip(f"{SSHD_BINARY} is not installed ({SSHD_INSTALL_HINT})")
+    try:
+        return UserKeys.generate(tmp_path_factory.mktemp("ssh-keys"))
+    except SshdStartError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory, ssh_user_keys: UserKeys) -> Iterator[SshServer]:
+    """A shared loopback sshd accepting every key of ``ssh_user_keys``; do not stop it or kill its sessions."""
+    running = _start_sshd(tmp_path_factory.mktemp("sshd"), ssh_user_keys)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def private_sshd(tmp_path_factory: pytest.TempPathFactory, ssh_user_keys: UserKeys) -> Iterator[SshServer]:
+    """An sshd for one test (other port and host key than ``sshd``), so it may cut connections or go down."""
+    running = _start_sshd(tmp_path_factory.mktemp("private-sshd"), ssh_user_keys)
     yield running
     running.stop()

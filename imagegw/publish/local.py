@@ -12,22 +12,11 @@ import errno
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 
 from imagegw.disk import disk_errors, fsync_directory
-
-# The runtime reads images as root; Shifter publishes 0600 so private images stay private.
-IMAGE_FILE_MODE = 0o600
-
-
-@dataclass(frozen=True)
-class PublishedImage:
-    """An image's files in a platform's image directory."""
-
-    squashfs: Path
-    meta: Path
-    size: int
+from imagegw.publish.publisher import IMAGE_FILE_MODE, PublishedImage
 
 
 class LocalPublisher:
@@ -38,6 +27,13 @@ class LocalPublisher:
 
     def __str__(self) -> str:
         return str(self.image_dir)
+
+    def __enter__(self) -> LocalPublisher:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        """Nothing is held open between calls."""
 
     def paths(self, image_id: str) -> tuple[Path, Path]:
         """Where an image's squashfs and ``.meta`` live."""

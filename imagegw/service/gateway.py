@@ -16,7 +16,7 @@ from imagegw.config import Platform, Settings
 from imagegw.disk import scratch_directory
 from imagegw.errors import BadRequest, Forbidden, ImageNotFound, ServiceUnavailable
 from imagegw.plan import plan_pull, pull_key
-from imagegw.publish import copy_importable, publisher_for, render_meta
+from imagegw.publish import Publisher, copy_importable, publisher_for, render_meta
 from imagegw.registry import normalize_tag
 from imagegw.service.identity import Caller
 from imagegw.store import ImageFacts, ImageStore, PullKey, Status, open_store, to_response
@@ -91,14 +91,19 @@ class Gateway:
             raise BadRequest("doimport needs a 'filepath' in the JSON body")
         if image_format != "squashfs":
             raise BadRequest(f"format {image_format!r} cannot be imported (only 'squashfs')")
+        if platform.remote is not None:
+            # The file would be on the cluster, where the gateway could read it only as its own SSH
+            # account, not as the user: it cannot tell what the user may read there.
+            raise BadRequest(f"{system} publishes over SSH to {platform.image_location}: doimport takes files on "
+                             "the gateway host only, so it is not available for this platform")
         acl = parse_acl(body)
         access = acl.access_for(caller.uid, caller.gid) if acl.uids or acl.gids else PUBLIC
         key = self._lookup_key(system, itype, tag)
-        with scratch_directory(self.settings.expand_dir, "import-") as scratch:
+        with scratch_directory(self.settings.expand_dir, "import-") as scratch, publisher_for(platform) as publisher:
             copied = copy_importable(filepath, caller.uid, caller.groups, scratch)
             meta = render_meta(env=[], entry=None, cmd=None, workdir=None,
                                user_acl=access.user_acl, group_acl=access.group_acl)
-            published = publisher_for(platform).publish(copied.path, meta, copied.image_id)
+            published = publisher.publish(copied.path, meta, copied.image_id)
         facts = ImageFacts(id=copied.image_id, manifest_digest=f"sha256:{copied.image_id}", registry="import",
                            repository=filepath, arch="unknown", os="unknown", size=published.size, layers=[])
         return to_response(self.store().publish(key, facts, access))
@@ -110,7 +115,8 @@ class Gateway:
         record = self.store().lookup(key)
         if record is None:
             raise ImageNotFound(f"no READY image {key.tag} ({itype}) on {system}")
-        self._expire(platform, record["id"])
+        with publisher_for(platform) as publisher:
+            self._expire(platform, publisher, record["id"])
 
     def autoexpire(self, caller: Caller, system: str) -> list[str]:
         """Expire every image past its expiration and forget old failed pulls (admins only)."""
@@ -118,8 +124,10 @@ class Gateway:
         store = self.store()
         now = time.time()
         expired = [record["id"] for record in store.due_for_expiry(system, now)]
-        for image_id in expired:
-            self._expire(platform, image_id)
+        if expired:
+            with publisher_for(platform) as publisher:  # one connection for them all
+                for image_id in expired:
+                    self._expire(platform, publisher, image_id)
         store.clear_failures(system, now - self.settings.pull_update_timeout)
         return expired
 
@@ -137,10 +145,10 @@ class Gateway:
             raise BadRequest(f"limit must be from 1 to {MAX_METRICS}, not {limit}")
         return self.store().recent_lookups(system, limit)
 
-    def _expire(self, platform: Platform, image_id: str) -> None:
+    def _expire(self, platform: Platform, publisher: Publisher, image_id: str) -> None:
         store = self.store()
         store.set_image_status(platform.name, image_id, Status.EXPIRING, "Removing image files")
-        publisher_for(platform).unpublish(image_id)
+        publisher.unpublish(image_id)
         store.set_image_status(platform.name, image_id, Status.EXPIRED, "Expired")
 
     def _admin_platform(self, caller: Caller, system: str, action: str) -> Platform:
