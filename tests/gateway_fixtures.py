@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import pymongo
 import pytest
 
 from imagegw.config import Settings, load_settings
-from imagegw.store import ImageStore
+from imagegw.store import ImageStore, PullKey
 from imagegw.store.embedded import ensure_embedded_server, stop_embedded_server
 from testsupport.registry import RunningRegistry
 
@@ -95,3 +96,13 @@ def gateway(tmp_path: Path, registry: RunningRegistry, mongo_uri: str, prefect_a
                       mongo_uri=mongo_uri, database=f"test_{uuid.uuid4().hex[:12]}")
     gateway.write_config()
     return gateway
+
+
+def pull(gateway: Gateway, image: str, platform: str = "mycluster"):
+    """Run the flow; return (state, pull record)."""
+    from flows.pull import pull_image  # imports Prefect, which conftest.py has configured by now
+
+    state = asyncio.run(pull_image(image, platform, str(gateway.config_path), return_state=True))
+    record = gateway.store().pull_record(PullKey(platform, "docker", image if ":" in image.rsplit("/", 1)[-1]
+                                                 else image + ":latest"))
+    return state, record

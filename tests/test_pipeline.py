@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import stat
 
 import pytest
 
-from flows.pull import pull_image
 from imagegw.store import PullKey
-from tests.gateway_fixtures import Gateway
+from tests.gateway_fixtures import Gateway, pull
 from tests.squashfs_reader import read_tree
 from testsupport.images import LayerBuilder, push_image, push_index
-
-
-def pull(gateway: Gateway, image: str, platform: str = "mycluster"):
-    """Run the flow; return (state, pull record)."""
-    state = asyncio.run(pull_image(image, platform, str(gateway.config_path), return_state=True))
-    record = gateway.store().pull_record(PullKey(platform, "docker", image if ":" in image.rsplit("/", 1)[-1]
-                                                 else image + ":latest"))
-    return state, record
 
 
 def published_files(gateway: Gateway) -> list[str]:
