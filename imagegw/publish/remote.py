@@ -25,7 +25,7 @@ import socket
 import stat
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +33,7 @@ from typing import BinaryIO
 
 import paramiko
 
+from imagegw.disk import disk_errors
 from imagegw.errors import RemoteAccessRefused, StorageError, TransferError
 from imagegw.publish.publisher import IMAGE_FILE_MODE, PublishedImage
 from imagegw.sshconfig import RemoteAccess, SshHost
@@ -106,12 +107,16 @@ class RemotePublisher:
         """Copy a built squashfs and write its ``.meta`` into the remote image directory, each verified
         and renamed into place; without a squashfs, only the ``.meta`` is rewritten."""
         target, meta_target = self.paths(image_id)
-        with self._operation(f"publishing image {image_id}") as sftp:
-            if squashfs is not None:
-                with open(squashfs, "rb") as source:
+        with ExitStack() as files:
+            source = None
+            if squashfs is not None:  # opened first: a local failure is not the remote side's
+                with disk_errors(squashfs, f"reading the squashfs of image {image_id}"):
+                    source = files.enter_context(open(squashfs, "rb"))
+            with self._operation(f"publishing image {image_id}") as sftp:
+                if source is not None:
                     self._place(sftp, source, target)
-            self._place(sftp, io.BytesIO(meta_text.encode()), meta_target)
-            size = sftp.stat(target).st_size or 0
+                self._place(sftp, io.BytesIO(meta_text.encode()), meta_target)
+                size = sftp.stat(target).st_size or 0
         return PublishedImage(squashfs=Path(target), meta=Path(meta_target), size=size)
 
     def unpublish(self, image_id: str) -> None:
