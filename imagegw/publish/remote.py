@@ -25,6 +25,7 @@ import socket
 import stat
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,25 +149,33 @@ class RemotePublisher:
     def _write(sftp: paramiko.SFTPClient, source: BinaryIO, temporary: str) -> tuple[str, int]:
         digest = hashlib.sha256()
         size = 0
-        with sftp.open(temporary, "wb") as remote:
+        # Each chunk is hashed in another thread while it is encrypted and sent (hashlib lets go
+        # of the interpreter lock), so the digest costs the copy next to nothing.
+        with sftp.open(temporary, "wb") as remote, ThreadPoolExecutor(1, "sha256") as hasher:
             sftp.chmod(temporary, IMAGE_FILE_MODE)  # before any byte: a private image is never readable
             # Pipelined: writes are sent without waiting for each one's answer; errors come at close.
             remote.set_pipelined(True)
             remote.MAX_REQUEST_SIZE = _WRITE_REQUEST  # paramiko's per-request cap, a class attribute
+            hashing: Future[None] | None = None
             while chunk := source.read(_CHUNK):
+                if hashing is not None:
+                    hashing.result()
+                hashing = hasher.submit(digest.update, chunk)
                 remote.write(chunk)
-                digest.update(chunk)
                 size += len(chunk)
+            if hashing is not None:
+                hashing.result()
         return digest.hexdigest(), size
 
     def _verify(self, sftp: paramiko.SFTPClient, path: str, digest: str, size: int) -> None:
-        """The remote file has the bytes we sent: its size, and its SHA-256 computed over there."""
+        """The remote file has the bytes we sent: its size, and its SHA-256 computed over there
+        (a small file, such as a ``.meta``, is read back instead: cheaper than a remote command)."""
         remote_size = sftp.stat(path).st_size
         if remote_size != size:
             # Pipelined writes that the server failed are not always reported at close: a short
             # file is how a full disk shows, so it is judged as a refused write.
             raise OSError(errno.EIO, f"the copy holds {remote_size} of {size} bytes")
-        remote_digest = self._remote_sha256(sftp, path)
+        remote_digest = self._read_back_sha256(sftp, path) if size <= _CHUNK else self._remote_sha256(sftp, path)
         if remote_digest != digest:
             raise TransferError(f"{self}: {path} has SHA-256 {remote_digest} after the copy, not {digest}")
 
@@ -179,6 +188,10 @@ class RemotePublisher:
             return output.split(maxsplit=1)[0]
         if status != _COMMAND_NOT_FOUND:
             raise TransferError(f"{self}: hashing {path} failed (exit status {status}): {output.strip()}")
+        return self._read_back_sha256(sftp, path)
+
+    @staticmethod
+    def _read_back_sha256(sftp: paramiko.SFTPClient, path: str) -> str:
         digest = hashlib.sha256()
         with sftp.open(path, "rb") as remote:
             remote.prefetch()
