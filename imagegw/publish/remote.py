@@ -18,6 +18,7 @@ import base64
 import errno
 import hashlib
 import io
+import logging
 import os
 import posixpath
 import shlex
@@ -52,6 +53,10 @@ _NEARLY_FULL = 64 << 20
 """Bytes free below which a write the server failed is taken to have failed for want of space
 (SFTP version 3, which OpenSSH speaks, has no error code for a full disk)."""
 _COMMAND_NOT_FOUND = 127
+
+# paramiko logs a failed connection with a traceback; each failure reaches the operator as this
+# module's error naming the host and the reason, so its own log would only repeat it, noisily.
+logging.getLogger("paramiko.transport").setLevel(logging.CRITICAL)
 
 
 @dataclass
