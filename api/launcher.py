@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
+from deployments import deployment_name
 from imagegw.store import PullKey
-
-
-def deployment_name(platform: str) -> str:
-    """The deployment that runs pulls for ``platform`` (see deployments/platforms.py)."""
-    return f"pull-image/{platform}"
 
 
 class DeploymentLauncher:

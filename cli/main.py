@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.serve import serve
+from deployments import deployment_name, work_pool_name
 from imagegw.config import Settings, load_settings
 from imagegw.errors import ConfigError, ImagegwError
 from imagegw.plan import plan_pull, pull_key
@@ -98,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     gateway.add_argument("--prefect-port", type=int, default=4200,
                          help="port of the Prefect server and UI, on 127.0.0.1 only (default: %(default)s)")
     service("api", api_command, "Run only the REST API; PREFECT_API_URL names the Prefect server.")
+    service("deploy", deploy_command, "Register every platform's work pool and pull deployment with the Prefect "
+            "server in PREFECT_API_URL; remove the deployments of platforms no longer configured.", listens=False)
     worker = service("worker", worker_command, "Run only a worker for the platforms' pull deployments; "
                      "PREFECT_API_URL names the Prefect server.", listens=False)
     worker.add_argument("--platform", "-p", action="extend", nargs="+", default=[], metavar="P",
@@ -172,9 +175,8 @@ def api_command(args: argparse.Namespace) -> int:
     _prepare_prefect(settings, verbose=False)
     import uvicorn
 
-    from api.app import (
-        create_app,  # imports Prefect, which reads its settings at import
-    )
+    # Imported only now: it imports Prefect, which reads its settings at import.
+    from api.app import create_app
 
     uvicorn.run(create_app(settings), host=args.host, port=args.port)
     return 0
@@ -186,16 +188,31 @@ def worker_command(args: argparse.Namespace) -> int:
         settings.platform(name)
     _require_prefect_api()
     _prepare_prefect(settings, verbose=True)
-    # The runner's default 10 s poll would leave a triggered pull waiting that long to start.
-    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")
+    # The worker's default 10 s poll would leave a triggered pull waiting that long to start.
+    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "1")
     if settings.mongodb_uri is None:
         # Owned by this long-lived process; a flow run starting it would stop it under the other runs.
         ensure_embedded_server(settings.state_dir)
-    from deployments.platforms import (
-        serve_platforms,  # imports Prefect, which reads its settings at import
-    )
+    # Imported only now: it imports Prefect, which reads its settings at import.
+    from deployments.platforms import run_workers
 
-    serve_platforms(settings, args.platform)
+    run_workers(settings, args.platform)
+    return 0
+
+
+def deploy_command(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    _require_prefect_api()
+    _prepare_prefect(settings, verbose=False)
+    # Imported only now: it imports Prefect, which reads its settings at import.
+    from deployments.platforms import deploy_platforms
+
+    done = deploy_platforms(settings)
+    for name in done.deployed:
+        print(f"deployed {deployment_name(name)} on work pool {work_pool_name(name)} "
+              f"(at most {settings.platform(name).max_concurrent_pulls} at once)")
+    for name in done.removed:
+        print(f"removed {deployment_name(name)}: the platform is no longer configured (its work pool stays)")
     return 0
 
 

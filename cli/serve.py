@@ -2,7 +2,8 @@
 
 The parts start in dependency order: the embedded database (unless ``MongoDBURI``
 names one), a Prefect server with its UI (unless ``PREFECT_API_URL`` names one),
-a worker serving the per-platform deployments, and the REST API. Each child runs
+the per-platform work pools and deployments (``imagegw deploy``), a worker on every
+platform's pool, and the REST API. Each child runs
 in its own session, so a Ctrl-C on the terminal reaches only this process, which
 then stops the children in reverse order.
 
@@ -12,6 +13,7 @@ whose settings this module passes through their environment.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -24,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from urllib.parse import quote, urlsplit, urlunsplit
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
+from deployments import work_pool_name
 from imagegw.config import MONGODB_URI_ENV, Settings
 from imagegw.errors import ServiceUnavailable
 from imagegw.processes import listening, log_tail
@@ -38,8 +41,8 @@ PREFECT_START_TIMEOUT = 120.0
 EXTERNAL_PREFECT_TIMEOUT = 10.0
 WORKER_START_TIMEOUT = 60.0
 API_START_TIMEOUT = 60.0
-FLOW_NAME = "pull-image"
-"""The ``@flow`` name in ``flows/pull.py``, spelled out so this module need not import Prefect."""
+DEPLOY_TIMEOUT = 120.0
+"""Registering the deployments imports Prefect and talks to the server: seconds on a busy small host."""
 
 
 class _Stopped(Exception):
@@ -155,6 +158,7 @@ def serve(settings: Settings, *, host: str, port: int, prefect_port: int) -> int
             api_url = _start_prefect_server(children, settings, prefect_port)
             print(f"Prefect UI {_ui_url(api_url)}", flush=True)
         os.environ["PREFECT_API_URL"] = api_url
+        _deploy(children, settings)
         _start_worker(children, settings)
         print(f"worker for platforms {', '.join(settings.platforms)}", flush=True)
         _start_api(children, settings, host, port)
@@ -209,14 +213,23 @@ def _start_prefect_server(children: Children, settings: Settings, port: int) -> 
     return api_url
 
 
+def _deploy(children: Children, settings: Settings) -> None:
+    """``imagegw deploy``: every platform's work pool and deployment registered before any worker starts."""
+    deploy = children.spawn("imagegw deploy", _imagegw("deploy", "--config", str(settings.source)),
+                            _log_dir(settings) / "deploy.log", dict(os.environ))
+    children.wait_until(lambda: deploy.exited(), DEPLOY_TIMEOUT, "the deployments to be registered")
+    if deploy.process.returncode != 0:
+        raise deploy.failure(f"exited with status {deploy.process.returncode}")
+    children.started.remove(deploy)
+
+
 def _start_worker(children: Children, settings: Settings) -> None:
     api_url = os.environ["PREFECT_API_URL"]
     worker = children.spawn("the worker", _imagegw("worker", "--config", str(settings.source)),
                             _log_dir(settings) / "worker.log", dict(os.environ))
-    # Ready once every platform's deployment exists, so a triggered pull finds it. On a warm start they
-    # exist already; a run created before the worker's first poll just waits for that poll.
-    children.wait_until(lambda: all(_deployment_exists(api_url, name) for name in settings.platforms),
-                        WORKER_START_TIMEOUT, f"the {FLOW_NAME}/<platform> deployments", worker)
+    # Ready once a worker polls every platform's pool: a triggered pull then starts within a poll.
+    children.wait_until(lambda: all(_pool_ready(api_url, name) for name in settings.platforms),
+                        WORKER_START_TIMEOUT, "a worker on every platform's work pool", worker)
 
 
 def _start_api(children: Children, settings: Settings, host: str, port: int) -> None:
@@ -234,14 +247,18 @@ def _prefect_healthy(api_url: str) -> bool:
     return _get(f"{api_url}/health") == b"true"
 
 
-def _deployment_exists(api_url: str, platform: str) -> bool:
-    return _get(f"{api_url}/deployments/name/{FLOW_NAME}/{quote(platform, safe='')}") is not None
+def _pool_ready(api_url: str, platform: str) -> bool:
+    """Whether the Prefect server counts a worker of ``platform``'s pool as online."""
+    answer = _get(f"{api_url}/work_pools/{quote(work_pool_name(platform), safe='')}/workers/filter", b"{}")
+    return answer is not None and any(worker.get("status") == "ONLINE" for worker in json.loads(answer))
 
 
-def _get(url: str) -> bytes | None:
-    """The body of a 200 answer, or None for anything else (refused, error status, timeout)."""
+def _get(url: str, query: bytes | None = None) -> bytes | None:
+    """The body of a 200 answer to a GET (a POST of a JSON ``query``), or None for anything else
+    (refused, error status, timeout)."""
+    request = Request(url, data=query, headers={"Content-Type": "application/json"} if query else {})
     try:
-        with urlopen(url, timeout=2) as response:
+        with urlopen(request, timeout=2) as response:
             return response.read().strip()
     except (OSError, ValueError):  # URLError and HTTPError are OSErrors
         return None

@@ -1,41 +1,107 @@
-"""One Prefect deployment of the pull flow per platform, so each cluster's pulls can be
-watched, started and limited on its own in the Prefect UI.
+"""One Prefect work pool and one deployment of the pull flow per platform, so each cluster's pulls can be
+watched, started and limited on its own in the Prefect UI, and run by workers on any host.
 
-``imagegw worker`` serves them (``imagegw serve`` starts one such worker).
+``imagegw deploy`` registers them from the configuration; ``imagegw worker --platform P`` runs a
+process worker on P's pool (any number of them, on any hosts that have this package, the
+configuration, and reach the Prefect API and MongoDB). The pool's concurrency limit is the
+platform's ``maxConcurrentPulls``: Prefect holds every worker of the pool to it together.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
 
-from prefect import serve
-from prefect.deployments.runner import RunnerDeployment
+import anyio
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+from prefect.exceptions import ObjectNotFound
+from prefect.workers.process import ProcessWorker
 
+import flows
+from deployments import work_pool_name
+from flows import PULL_FLOW
 from flows.pull import pull_image
-from imagegw.config import Settings
+from imagegw.config import Platform, Settings
+from imagegw.errors import ConfigError
 
-RUNS_PER_PLATFORM = 2
-"""Concurrent pulls per platform: each converts on both of a small gateway host's cores."""
-
-
-def platform_deployments(settings: Settings, platforms: Collection[str] = ()) -> list[RunnerDeployment]:
-    """A ``pull-image/<platform>`` deployment for each of ``platforms`` (default: every configured one)."""
-    names = platforms or list(settings.platforms)
-    return [
-        pull_image.to_deployment(
-            name=name,
-            parameters={"platform": name, "config": str(settings.source)},
-            tags=[f"platform:{name}"],
-            concurrency_limit=RUNS_PER_PLATFORM,
-            description=f"Pull an image and publish it into {settings.platform(name).image_location}",
-        )
-        for name in names
-    ]
+_CODE_ROOT = Path(flows.__file__).resolve().parent.parent
+"""Where the flow's code is on this host; a worker's host must have it at the same path."""
+_ENTRYPOINT = "flows/pull.py:pull_image"
 
 
-def serve_platforms(settings: Settings, platforms: Collection[str] = ()) -> None:
-    """Run the deployments of ``platforms`` in this process until SIGINT or SIGTERM."""
-    deployments = platform_deployments(settings, platforms)
-    # Not paused on shutdown: a paused deployment keeps its schedules stopped on the server until
-    # someone resumes it, while a restarted worker (or one on another host) should find it as it was.
-    serve(*deployments, pause_on_shutdown=False, limit=RUNS_PER_PLATFORM * len(deployments))
+@dataclass(frozen=True)
+class Deployed:
+    """What ``deploy_platforms`` did."""
+
+    deployed: list[str]
+    """Platforms whose pool and deployment are in place."""
+    removed: list[str]
+    """Deployments of platforms no longer in the configuration, deleted."""
+
+
+def deploy_platforms(settings: Settings) -> Deployed:
+    """Create or update every platform's work pool and deployment; delete the deployments of platforms
+    the configuration no longer has (their pools stay, empty, for an operator to remove)."""
+    with get_client(sync_client=True) as client:
+        for platform in settings.platforms.values():
+            _ensure_pool(client, platform)
+        flow = pull_image.from_source(source=str(_CODE_ROOT), entrypoint=_ENTRYPOINT)
+        for name, platform in settings.platforms.items():
+            flow.deploy(
+                name=name,
+                work_pool_name=work_pool_name(name),
+                parameters={"platform": name, "config": str(settings.source)},
+                tags=[f"platform:{name}"],
+                description=f"Pull an image and publish it into {platform.image_location}",
+                build=False, push=False, print_next_steps=False,
+            )
+        removed = []
+        for deployment in client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[PULL_FLOW]))):
+            if deployment.name not in settings.platforms:
+                client.delete_deployment(deployment.id)
+                removed.append(deployment.name)
+    return Deployed(deployed=list(settings.platforms), removed=sorted(removed))
+
+
+def _ensure_pool(client: SyncPrefectClient, platform: Platform) -> None:
+    name = work_pool_name(platform.name)
+    try:
+        client.read_work_pool(name)
+    except ObjectNotFound:
+        client.create_work_pool(WorkPoolCreate(
+            name=name, type=ProcessWorker.type, concurrency_limit=platform.max_concurrent_pulls,
+            description=f"Pulls of the platform {platform.name}",
+            base_job_template=ProcessWorker.get_default_base_job_template()))
+    else:
+        client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=platform.max_concurrent_pulls))
+
+
+def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
+    """Run a process worker on the pool of each of ``platforms`` (default: every one) until SIGINT or SIGTERM."""
+    names = list(platforms) or list(settings.platforms)
+    with get_client(sync_client=True) as client:
+        for name in names:
+            try:
+                client.read_work_pool(work_pool_name(name))
+            except ObjectNotFound:
+                raise ConfigError(f"the work pool {work_pool_name(name)} does not exist on the Prefect server: "
+                                  "run `imagegw deploy` first") from None
+
+    async def work() -> None:
+        async with anyio.create_task_group() as workers:
+            for name in names:
+                worker = ProcessWorker(
+                    work_pool_name=work_pool_name(name), name=f"{socket.gethostname()}-{name}",
+                    create_pool_if_not_found=False, limit=settings.platform(name).max_concurrent_pulls)
+                workers.start_soon(_serve, worker)
+
+    anyio.run(work)
+
+
+async def _serve(worker: ProcessWorker) -> None:
+    async with worker:
+        await worker.start()

@@ -1,0 +1,4 @@
+"""The flows: what happens in what order. Importing this package does not import Prefect."""
+
+PULL_FLOW = "pull-image"
+"""The name of the pull flow (flows/pull.py), which its deployments are named under."""

@@ -7,6 +7,7 @@ from typing import Any
 
 from prefect import flow
 
+from flows import PULL_FLOW
 from imagegw.build import SquashResult, streamed_build
 from imagegw.config import Platform, load_settings
 from imagegw.disk import scratch_directory
@@ -23,7 +24,7 @@ from tasks.unpack import unpack
 
 # Async, though every stage blocks: Prefect ends a sync flow run by joining a thread that
 # sleeps in 1 s steps, a large part of a small pull.
-@flow(name="pull-image", flow_run_name="pull {image} for {platform}")
+@flow(name=PULL_FLOW, flow_run_name="pull {image} for {platform}")
 async def pull_image(image: str, platform: str, config: str | None = None) -> dict[str, Any]:
     """Pull an image from its registry and publish it as a squashfs on one platform."""
     settings = load_settings(config)

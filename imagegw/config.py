@@ -27,6 +27,9 @@ MONGODB_URI_ENV = "IMAGEGW_MONGODB_URI"
 # level 6 for images only slightly larger (README, "Compression").
 DEFAULT_COMPRESSION = "gzip:1"
 DEFAULT_BLOCK_SIZE = 131072
+# Each pull converts on every core of the host that runs it: two at a time keep a small host busy
+# without making each pull wait for the others.
+DEFAULT_MAX_CONCURRENT_PULLS = 2
 COMPRESSORS = {"gzip": range(1, 10), "xz": range(0, 10), "zstd": range(1, 23), "lz4": range(0, 1)}
 
 # Keys Shifter's gateway reads (or once read) that we accept and do not use, so
@@ -44,7 +47,8 @@ _TOP_LEVEL_KEYS = {
 _LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
                   "authentication"}
 _PLATFORM_KEYS = {"mungeSocketPath", "accesstype", "admins", "local", "ssh", "host", "use_external",
-                  "policy_file", "arch", "os", "variant", "Compression", "BlockSize", "usergroupService"}
+                  "policy_file", "arch", "os", "variant", "Compression", "BlockSize", "usergroupService",
+                  "maxConcurrentPulls"}
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ class Platform:
     block_size: int = DEFAULT_BLOCK_SIZE
     remote: RemoteAccess | None = None
     """How to reach the image directory over SSH (``accesstype: remote``); None: it is local."""
+    max_concurrent_pulls: int = DEFAULT_MAX_CONCURRENT_PULLS
+    """Pulls of this platform running at once, across all its workers (Prefect enforces it)."""
 
     @property
     def image_location(self) -> str:
@@ -226,6 +232,11 @@ class _Reader:
             raise self.fail("ImportUsers", f"must be 'all', 'none' or a list of user names, not {value!r}")
         return frozenset(value)
 
+    def _count(self, value: Any, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise self.fail(key, f"must be a whole number from 1 up, not {value!r}")
+        return value
+
     def _seconds(self, value: Any, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self.fail(key, f"must be a whole number of seconds, not {value!r}")
@@ -317,6 +328,8 @@ class _Reader:
             name=name,
             image_dir=image_dir,
             remote=remote,
+            max_concurrent_pulls=self._count(spec.get("maxConcurrentPulls", DEFAULT_MAX_CONCURRENT_PULLS),
+                                             key + ".maxConcurrentPulls"),
             arch=self._string(spec.get("arch", "amd64"), key + ".arch"),
             os=self._string(spec.get("os", "linux"), key + ".os"),
             variant=spec.get("variant"),

@@ -1,20 +1,42 @@
-"""Per-platform deployments of the pull flow."""
+"""Per-platform work pools and deployments of the pull flow, registered with a real Prefect server."""
 
 from __future__ import annotations
 
-from deployments.platforms import platform_deployments
+from prefect.client.orchestration import get_client
+
+from deployments import deployment_name, work_pool_name
+from deployments.platforms import deploy_platforms
 from tests.gateway_fixtures import Gateway
 
 
-def test_every_platform_gets_a_deployment_bound_to_it(gateway: Gateway) -> None:
-    deployments = {deployment.name: deployment for deployment in platform_deployments(gateway.settings)}
+def test_every_platform_gets_a_limited_pool_and_a_deployment_bound_to_it(gateway: Gateway) -> None:
+    platforms = {"mycluster": {"accesstype": "local", "local": {"imageDir": str(gateway.image_dir)}},
+                 "armcluster": {"accesstype": "local", "local": {"imageDir": str(gateway.root / "arm")},
+                                "maxConcurrentPulls": 3}}
+    gateway.write_config(Platforms=platforms)
 
-    assert set(deployments) == {"mycluster", "armcluster"}
-    assert deployments["armcluster"].parameters == {"platform": "armcluster", "config": str(gateway.config_path)}
-    assert deployments["mycluster"].tags == ["platform:mycluster"]
+    done = deploy_platforms(gateway.settings)
+    again = deploy_platforms(gateway.settings)  # idempotent
+
+    assert sorted(done.deployed) == sorted(again.deployed) == ["armcluster", "mycluster"]
+    with get_client(sync_client=True) as client:
+        arm = client.read_deployment_by_name(deployment_name("armcluster"))
+        assert arm.parameters == {"platform": "armcluster", "config": str(gateway.config_path)}
+        assert arm.work_pool_name == work_pool_name("armcluster") and arm.tags == ["platform:armcluster"]
+        assert client.read_work_pool(work_pool_name("armcluster")).concurrency_limit == 3
+        assert client.read_work_pool(work_pool_name("mycluster")).concurrency_limit == 2
 
 
-def test_a_worker_can_serve_only_some_platforms(gateway: Gateway) -> None:
-    deployments = platform_deployments(gateway.settings, ["armcluster"])
+def test_a_platform_removed_from_the_configuration_loses_its_deployment(gateway: Gateway) -> None:
+    gateway.write_config(Platforms={
+        "keep": {"accesstype": "local", "local": {"imageDir": str(gateway.image_dir)}},
+        "drop": {"accesstype": "local", "local": {"imageDir": str(gateway.image_dir)}}})
+    deploy_platforms(gateway.settings)
+    gateway.write_config(Platforms={"keep": {"accesstype": "local", "local": {"imageDir": str(gateway.image_dir)}}})
 
-    assert [deployment.name for deployment in deployments] == ["armcluster"]
+    done = deploy_platforms(gateway.settings)
+
+    assert "drop" in done.removed
+    with get_client(sync_client=True) as client:
+        names = {deployment.name for deployment in client.read_deployments()}
+    assert "keep" in names and "drop" not in names

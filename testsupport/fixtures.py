@@ -10,9 +10,11 @@ Fixtures:
     ssh_user_keys:   RSA, ed25519, ECDSA and passphrase-protected ed25519 client keys (session).
     sshd:            a loopback sshd accepting ``ssh_user_keys``, as an :class:`SshServer` (session).
     private_sshd:    the same, but a server of the test's own, free to ``kill_sessions()`` or ``stop()``.
+    postgres:        a throw-away PostgreSQL on a loopback port with a ``prefect`` database (session);
+                     ``.url`` is the SQLAlchemy URL a Prefect server takes.
 
 A missing ``docker-registry`` fails the tests with the install hint; only the ssh fixtures
-skip, when ``/usr/sbin/sshd`` is not installed.
+skip, when ``/usr/sbin/sshd`` is not installed, and ``postgres``, when PostgreSQL is not.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from pathlib import Path
 import pytest
 
 from testsupport.munge import MungedStartError, RunningMunged
+from testsupport.postgres import INSTALL_HINT as POSTGRES_INSTALL_HINT
+from testsupport.postgres import INSTALL_ROOT as POSTGRES_INSTALL_ROOT
+from testsupport.postgres import PostgresStartError, RunningPostgres, postgres_installed
 from testsupport.registry import RegistryStartError, RunningRegistry
 from testsupport.sshd import INSTALL_HINT as SSHD_INSTALL_HINT
 from testsupport.sshd import SSHD_BINARY, SshdStartError, SshServer, UserKeys, sshd_installed
@@ -113,5 +118,18 @@ def sshd(tmp_path_factory: pytest.TempPathFactory, ssh_user_keys: UserKeys) -> I
 def private_sshd(tmp_path_factory: pytest.TempPathFactory, ssh_user_keys: UserKeys) -> Iterator[SshServer]:
     """An sshd for one test (other port and host key than ``sshd``), so it may cut connections or go down."""
     running = _start_sshd(tmp_path_factory.mktemp("private-sshd"), ssh_user_keys)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPostgres]:
+    """A private PostgreSQL for the whole session, with a ``prefect`` database; skips when it is not installed."""
+    if not postgres_installed():
+        pytest.skip(f"PostgreSQL is not installed in {POSTGRES_INSTALL_ROOT} ({POSTGRES_INSTALL_HINT})")
+    try:
+        running = RunningPostgres.start(tmp_path_factory.mktemp("postgres"))
+    except PostgresStartError as exc:
+        pytest.fail(str(exc), pytrace=False)
     yield running
     running.stop()
