@@ -9,6 +9,7 @@ platform's ``maxConcurrentPulls``: Prefect holds every worker of the pool to it 
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ def deploy_platforms(settings: Settings) -> Deployed:
                 parameters={"platform": name, "config": str(settings.source)},
                 tags=[f"platform:{name}"],
                 description=f"Pull an image and publish it into {platform.image_location}",
-                build=False, push=False, print_next_steps=False,
+                build=False, push=False, print_next_steps=False, ignore_warnings=True,
             )
         removed = []
         for deployment in client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[PULL_FLOW]))):
@@ -95,7 +96,8 @@ def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
         async with anyio.create_task_group() as workers:
             for name in names:
                 worker = ProcessWorker(
-                    work_pool_name=work_pool_name(name), name=f"{socket.gethostname()}-{name}",
+                    # Named by host and process: two workers of one pool on one host are two workers.
+                    work_pool_name=work_pool_name(name), name=f"{socket.gethostname()}-{os.getpid()}-{name}",
                     create_pool_if_not_found=False, limit=settings.platform(name).max_concurrent_pulls)
                 workers.start_soon(_serve, worker)
 

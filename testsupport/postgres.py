@@ -265,7 +265,8 @@ class RunningPostgres(StoppedOnExit):
 
     def _accepts_connections(self) -> bool:
         result = subprocess.run(
-            [str(self.bindir / "pg_isready"), "-q", "-h", str(self.socket_dir), "-p", str(self.port), "-t", "1"],
+            [str(self.bindir / "pg_isready"), "-q", "-h", str(self.socket_dir), "-p", str(self.port),
+             "-U", SUPERUSER, "-d", "postgres", "-t", "1"],
             stdin=subprocess.DEVNULL, capture_output=True, env=_clean_env(), check=False,
         )
         return result.returncode == 0

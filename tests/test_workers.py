@@ -1,0 +1,125 @@
+"""Two workers (standing in for two hosts) share one platform's work pool: every pull runs once, and
+never more at once than the platform allows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+import requests
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+
+from api.launcher import DeploymentLauncher
+from deployments import deployment_name, work_pool_name
+from deployments.platforms import deploy_platforms
+from imagegw.access import AclRequest
+from imagegw.service import Caller, Gateway
+from imagegw.store import PullKey
+from tests.gateway_fixtures import Gateway as GatewayFixture
+from testsupport.images import LayerBuilder, push_image
+
+IMAGES = 10
+LIMIT = 2
+ROOT = Caller(uid=0, gid=0, user="root", groups=frozenset({0}))
+
+
+def online_workers(api_url: str, platform: str) -> int:
+    response = requests.post(f"{api_url}/work_pools/{work_pool_name(platform)}/workers/filter", json={}, timeout=5)
+    return sum(1 for worker in response.json() if worker["status"] == "ONLINE")
+
+
+def peak_overlap(spans: list[tuple[datetime, datetime]]) -> int:
+    """The most runs that were running at one moment, from their (start, end) times."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = peak = 0
+    for _, change in edges:  # an end sorts before a start at the same instant
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
+@pytest.fixture
+def two_workers(gateway: GatewayFixture) -> Iterator[list[subprocess.Popen[bytes]]]:
+    api_url = PREFECT_API_URL.value()
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "IMAGEGW_"))}
+    workers = []
+    for number in (1, 2):
+        log = open(gateway.root / f"worker-{number}.log", "wb")
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "cli", "worker", "--platform", "mycluster", "--config", str(gateway.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**environment, "PREFECT_API_URL": api_url,
+                 "IMAGEGW_STATE_DIR": str(gateway.root / f"worker-{number}-state")}))
+        log.close()
+    try:
+        deadline = time.monotonic() + 90
+        while online_workers(api_url, "mycluster") < 2:
+            assert time.monotonic() < deadline, "the two workers did not come online"
+            assert all(worker.poll() is None for worker in workers), "a worker exited"
+            time.sleep(0.5)
+        yield workers
+    finally:
+        for worker in workers:
+            with_group_killed(worker)
+
+
+def with_group_killed(process: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+@pytest.fixture
+def deployed(gateway: GatewayFixture) -> GatewayFixture:
+    gateway.write_config(Platforms={"mycluster": {"accesstype": "local", "local": {"imageDir": str(gateway.image_dir)},
+                                                  "admins": ["root"], "maxConcurrentPulls": LIMIT}})
+    deploy_platforms(gateway.settings)
+    return gateway
+
+
+def test_two_workers_share_a_platform_and_never_exceed_its_limit(
+        deployed: GatewayFixture, two_workers: list[subprocess.Popen[bytes]]) -> None:
+    gateway = deployed
+    tags = []
+    for number in range(IMAGES):
+        push_image(gateway.registry, f"workers/image{number}", "1", [LayerBuilder().file("n", str(number).encode())])
+        tags.append(gateway.image(f"workers/image{number}:1"))
+    service = Gateway(gateway.settings, DeploymentLauncher(str(gateway.config_path)))
+
+    for tag in tags:  # at once: each request only creates a flow run
+        service.pull(ROOT, "mycluster", "docker", tag, AclRequest())
+
+    store = gateway.store()
+    deadline = time.monotonic() + 300
+    records = {}
+    while time.monotonic() < deadline:
+        records = {tag: store.pull_record(PullKey("mycluster", "docker", tag)) or {} for tag in tags}
+        if all(record.get("status") in ("READY", "FAILURE") for record in records.values()):
+            break
+        time.sleep(1)
+    assert {tag: record.get("status") for tag, record in records.items()} == {tag: "READY" for tag in tags}, \
+        {tag: record.get("status_message") for tag, record in records.items()}
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(deployment_name("mycluster"))
+        runs = [run for run in client.read_flow_runs() if run.deployment_id == deployment.id]
+        squashes = [run for run in client.read_task_runs() if run.name.startswith("squash")]
+    assert sorted(run.parameters["image"] for run in runs) == sorted(tags)  # one run an image
+    assert {run.state_type.value for run in runs} == {"COMPLETED"}
+    assert len(squashes) == IMAGES  # each image converted exactly once
+    peak = peak_overlap([(run.start_time, run.end_time) for run in runs])
+    print(f"peak concurrent pulls: {peak} (limit {LIMIT}, {IMAGES} images, 2 workers)")
+    assert 1 <= peak <= LIMIT
+
+    submitted = [(gateway.root / f"worker-{number}.log").read_text().count("submitted to infrastructure")
+                 for number in (1, 2)]
+    print(f"flow runs each worker started: {submitted}")
