@@ -14,6 +14,7 @@ from datetime import datetime
 import pytest
 import requests
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL
 
 from api.launcher import DeploymentLauncher
@@ -111,8 +112,10 @@ def test_two_workers_share_a_platform_and_never_exceed_its_limit(
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(deployment_name("mycluster"))
-        runs = [run for run in client.read_flow_runs() if run.deployment_id == deployment.id]
-        squashes = [run for run in client.read_task_runs() if run.name.startswith("squash")]
+        # The session's server also holds other tests' runs: only this deployment's are read.
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs])))
+        squashes = [run for run in task_runs if run.name.startswith("squash")]
     assert sorted(run.parameters["image"] for run in runs) == sorted(tags)  # one run an image
     assert {run.state_type.value for run in runs} == {"COMPLETED"}
     assert len(squashes) == IMAGES  # each image converted exactly once
