@@ -19,8 +19,8 @@ skip, when ``/usr/sbin/sshd`` is not installed, and ``postgres``, when PostgreSQ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 
@@ -29,6 +29,7 @@ from testsupport.postgres import INSTALL_HINT as POSTGRES_INSTALL_HINT
 from testsupport.postgres import INSTALL_ROOT as POSTGRES_INSTALL_ROOT
 from testsupport.postgres import PostgresStartError, RunningPostgres, postgres_installed
 from testsupport.registry import RegistryStartError, RunningRegistry
+from testsupport.service import StoppedOnExit
 from testsupport.sshd import INSTALL_HINT as SSHD_INSTALL_HINT
 from testsupport.sshd import SSHD_BINARY, SshdStartError, SshServer, UserKeys, sshd_installed
 from testsupport.tokenserver import TokenServer
@@ -37,29 +38,42 @@ TEST_USER = "alice"
 TEST_PASSWORD = "s3cr3t"
 TEST_USERS = {TEST_USER: TEST_PASSWORD}
 
+T = TypeVar("T")
+S = TypeVar("S", bound=StoppedOnExit)
 
-def _start(workdir: Path, **kwargs: object) -> RunningRegistry:
-    """Start a registry, turning start failures into a test failure with the reason."""
+
+def _started(start: Callable[[], T], error: type[Exception]) -> T:
+    """``start()``, its ``error`` turned into a test failure with the message alone.
+
+    The message says what went wrong (install hint, log tail); a traceback into
+    testsupport would only hide it.
+    """
     try:
-        return RunningRegistry.start(workdir, **kwargs)  # type: ignore[arg-type]
-    except RegistryStartError as exc:
+        return start()
+    except error as exc:
         pytest.fail(str(exc), pytrace=False)
+
+
+def _serving(start: Callable[[], S], error: type[Exception]) -> Iterator[S]:
+    """A fixture's body: the service from ``start()`` (as :func:`_started`) for the test(s), then stopped."""
+    running = _started(start, error)
+    yield running
+    running.stop()
 
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
     """An anonymous plain-HTTP registry for the whole session."""
-    running = _start(tmp_path_factory.mktemp("registry"))
-    yield running
-    running.stop()
+    yield from _serving(lambda: RunningRegistry.start(tmp_path_factory.mktemp("registry")), RegistryStartError)
 
 
 @pytest.fixture(scope="session")
 def basic_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegistry]:
     """A registry requiring HTTP Basic auth (alice / s3cr3t)."""
-    running = _start(tmp_path_factory.mktemp("basic-registry"), htpasswd_users=TEST_USERS)
-    yield running
-    running.stop()
+    yield from _serving(
+        lambda: RunningRegistry.start(tmp_path_factory.mktemp("basic-registry"), htpasswd_users=TEST_USERS),
+        RegistryStartError,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -68,31 +82,17 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running
     workdir = tmp_path_factory.mktemp("token-registry")
     server = TokenServer.start(workdir / "token-server", TEST_USERS)
     try:
-        running = _start(workdir / "registry", token_server=server)
-        yield running
-        running.stop()
+        yield from _serving(
+            lambda: RunningRegistry.start(workdir / "registry", token_server=server), RegistryStartError
+        )
     finally:
         server.stop()
-
 
 
 @pytest.fixture(scope="session")
 def munged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningMunged]:
     """A private munged for the whole session; ``.mint()`` credentials, decode on ``.socket_path``."""
-    try:
-        running = RunningMunged.start(tmp_path_factory.mktemp("munged"))
-    except MungedStartError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    yield running
-    running.stop()
-
-
-def _start_sshd(workdir: Path, keys: UserKeys) -> SshServer:
-    """Start an sshd for ``keys``, turning start failures into a test failure with the log tail."""
-    try:
-        return SshServer.start(workdir, keys)
-    except SshdStartError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    yield from _serving(lambda: RunningMunged.start(tmp_path_factory.mktemp("munged")), MungedStartError)
 
 
 @pytest.fixture(scope="session")
@@ -100,26 +100,21 @@ def ssh_user_keys(tmp_path_factory: pytest.TempPathFactory) -> UserKeys:
     """Client keys for the whole session (RSA-3072 takes a while); skips all ssh tests without sshd."""
     if not sshd_installed():
         pytest.skip(f"{SSHD_BINARY} is not installed ({SSHD_INSTALL_HINT})")
-    try:
-        return UserKeys.generate(tmp_path_factory.mktemp("ssh-keys"))
-    except SshdStartError as exc:
-        pytest.fail(str(exc), pytrace=False)
+    return _started(lambda: UserKeys.generate(tmp_path_factory.mktemp("ssh-keys")), SshdStartError)
 
 
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory: pytest.TempPathFactory, ssh_user_keys: UserKeys) -> Iterator[SshServer]:
     """A shared loopback sshd accepting every key of ``ssh_user_keys``; do not stop it or kill its sessions."""
-    running = _start_sshd(tmp_path_factory.mktemp("sshd"), ssh_user_keys)
-    yield running
-    running.stop()
+    yield from _serving(lambda: SshServer.start(tmp_path_factory.mktemp("sshd"), ssh_user_keys), SshdStartError)
 
 
 @pytest.fixture
 def private_sshd(tmp_path_factory: pytest.TempPathFactory, ssh_user_keys: UserKeys) -> Iterator[SshServer]:
     """An sshd for one test (other port and host key than ``sshd``), so it may cut connections or go down."""
-    running = _start_sshd(tmp_path_factory.mktemp("private-sshd"), ssh_user_keys)
-    yield running
-    running.stop()
+    yield from _serving(
+        lambda: SshServer.start(tmp_path_factory.mktemp("private-sshd"), ssh_user_keys), SshdStartError
+    )
 
 
 @pytest.fixture(scope="session")
@@ -127,9 +122,4 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningPostgr
     """A private PostgreSQL for the whole session, with a ``prefect`` database; skips when it is not installed."""
     if not postgres_installed():
         pytest.skip(f"PostgreSQL is not installed in {POSTGRES_INSTALL_ROOT} ({POSTGRES_INSTALL_HINT})")
-    try:
-        running = RunningPostgres.start(tmp_path_factory.mktemp("postgres"))
-    except PostgresStartError as exc:
-        pytest.fail(str(exc), pytrace=False)
-    yield running
-    running.stop()
+    yield from _serving(lambda: RunningPostgres.start(tmp_path_factory.mktemp("postgres")), PostgresStartError)

@@ -21,10 +21,8 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import IO
 
-from imagegw.processes import log_tail
-from testsupport.service import StoppedOnExit, terminate, wait_until_answering
+from testsupport.service import ChildService
 
 INSTALL_HINT = "apt-get install munge"
 START_TIMEOUT = 10.0
@@ -64,7 +62,7 @@ def _answers(socket_path: str) -> bool:
         return True
 
 
-class RunningMunged(StoppedOnExit):
+class RunningMunged(ChildService):
     """A munged process with a private key and socket.
 
     Attributes:
@@ -72,15 +70,13 @@ class RunningMunged(StoppedOnExit):
         workdir: holds munge.key, munged.pid, munged.seed and munged.log.
     """
 
-    def __init__(
-        self, *, workdir: Path, socket_dir: Path, process: subprocess.Popen[bytes], log_file: IO[bytes]
-    ) -> None:
+    stop_timeout = STOP_TIMEOUT
+
+    def __init__(self, *, workdir: Path, socket_dir: Path) -> None:
+        super().__init__(workdir / "munged.log")
         self.workdir = workdir
-        self.log_path = workdir / "munged.log"
         self.socket_path = str(socket_dir / "munge.sock")
         self._socket_dir: Path | None = socket_dir
-        self._process: subprocess.Popen[bytes] | None = process
-        self._log_file: IO[bytes] | None = log_file
 
     @classmethod
     def start(cls, workdir: Path) -> RunningMunged:
@@ -99,44 +95,27 @@ class RunningMunged(StoppedOnExit):
             _run_mungekey(mungekey, key)
         socket_dir = Path(tempfile.mkdtemp(prefix="munged-", dir=_SOCKET_PARENT))
         socket_dir.chmod(0o755)
-        log_file = open(workdir / "munged.log", "ab")  # noqa: SIM115 - closed in stop()
-        process = subprocess.Popen(
-            [
-                munged,
-                "--foreground",
-                f"--socket={socket_dir / 'munge.sock'}",
-                f"--key-file={key}",
-                f"--pid-file={workdir / 'munged.pid'}",
-                f"--seed-file={workdir / 'munged.seed'}",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        running = cls(workdir=workdir, socket_dir=socket_dir, process=process, log_file=log_file)
+        running = cls(workdir=workdir, socket_dir=socket_dir)
+        running._spawn([
+            munged,
+            "--foreground",
+            f"--socket={running.socket_path}",
+            f"--key-file={key}",
+            f"--pid-file={workdir / 'munged.pid'}",
+            f"--seed-file={workdir / 'munged.seed'}",
+        ])
         running._wait_ready()
         return running
 
     def _wait_ready(self) -> None:
         """Poll the socket until it answers, munged exits, or time runs out."""
-        if wait_until_answering(lambda: _answers(self.socket_path), self._process, START_TIMEOUT, 0.02):
+        failure = self._wait_answering(lambda: _answers(self.socket_path), START_TIMEOUT, 0.02)
+        if failure is None:
             return
-        returncode = self._process.poll() if self._process is not None else None
-        self.stop()
-        state = (
-            f"exited with code {returncode}"
-            if returncode is not None
-            else f"did not answer within {START_TIMEOUT:.0f} s"
-        )
+        state = failure.state(f"did not answer within {START_TIMEOUT:.0f} s")
         raise MungedStartError(
-            f"munged on {self.socket_path} {state}; last lines of {self.log_path}:\n{log_tail(self.log_path, 30)}"
+            f"munged on {self.socket_path} {state}; last lines of {self.log_path}:\n{failure.log_tail}"
         )
-
-    @property
-    def running(self) -> bool:
-        """True while munged is alive."""
-        return self._process is not None and self._process.poll() is None
 
     def mint(
         self,
@@ -166,19 +145,10 @@ class RunningMunged(StoppedOnExit):
 
     def stop(self) -> None:
         """Stop munged (SIGTERM, then SIGKILL after 5 s) and remove its socket directory. Idempotent."""
-        process, self._process = self._process, None
-        terminate(process, STOP_TIMEOUT)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        super().stop()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines of this munged's log."""
-        return log_tail(self.log_path, lines)
-
 
     def __repr__(self) -> str:
         return f"<RunningMunged {self.socket_path} running={self.running}>"

@@ -35,10 +35,9 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from imagegw.processes import free_port, log_tail
-from testsupport.service import StoppedOnExit, wait_until_answering
+from testsupport.service import ChildService, retry_port_taken
 
 INSTALL_HINT = "apt-get install postgresql"
 INSTALL_ROOT = Path("/usr/lib/postgresql")
@@ -125,7 +124,7 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-class RunningPostgres(StoppedOnExit):
+class RunningPostgres(ChildService):
     """A ``postgres`` process serving a fresh cluster with a ``prefect`` database.
 
     Attributes:
@@ -138,20 +137,12 @@ class RunningPostgres(StoppedOnExit):
         workdir: holds postgres.log and initdb.log.
     """
 
-    def __init__(
-        self,
-        *,
-        workdir: Path,
-        bindir: Path,
-        base_dir: Path,
-        port: int,
-        password: str,
-        process: subprocess.Popen[bytes],
-        log_file: IO[bytes],
-    ) -> None:
+    stop_timeout = STOP_TIMEOUT
+
+    def __init__(self, *, workdir: Path, bindir: Path, base_dir: Path, port: int, password: str) -> None:
+        super().__init__(workdir / "postgres.log")
         self.workdir = workdir
         self.bindir = bindir
-        self.log_path = workdir / "postgres.log"
         self.data_dir = base_dir / "data"
         self.socket_dir = base_dir / "socket"
         self.host = "127.0.0.1"
@@ -160,8 +151,6 @@ class RunningPostgres(StoppedOnExit):
         self.user = USER
         self.password = password
         self._base_dir: Path | None = base_dir
-        self._process: subprocess.Popen[bytes] | None = process
-        self._log_file: IO[bytes] | None = log_file
 
     @property
     def url(self) -> str:
@@ -192,15 +181,13 @@ class RunningPostgres(StoppedOnExit):
         except BaseException:
             shutil.rmtree(base_dir, ignore_errors=True)
             raise
-        last_error: PostgresStartError | None = None
-        for _ in range(_BIND_ATTEMPTS):
-            try:
-                return cls._start_once(workdir, bindir, server_user, base_dir)
-            except _PortTaken as exc:
-                last_error = exc
-        shutil.rmtree(base_dir, ignore_errors=True)
-        assert last_error is not None
-        raise last_error
+        try:
+            return retry_port_taken(
+                lambda: cls._start_once(workdir, bindir, server_user, base_dir), _PortTaken, _BIND_ATTEMPTS
+            )
+        except _PortTaken:
+            shutil.rmtree(base_dir, ignore_errors=True)
+            raise
 
     @classmethod
     def _start_once(cls, workdir: Path, bindir: Path, server_user: _ServerUser, base_dir: Path) -> RunningPostgres:
@@ -214,19 +201,8 @@ class RunningPostgres(StoppedOnExit):
         command = [str(bindir / "postgres"), "-D", str(base_dir / "data"), "-p", str(port)]
         for name, value in settings.items():
             command += ["-c", f"{name}={value}"]
-        log_file = open(workdir / "postgres.log", "ab")  # noqa: SIM115 - closed in stop()
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=base_dir,
-            env=_clean_env(),
-            start_new_session=True,
-            **server_user.popen_arguments(),  # type: ignore[call-overload]
-        )
-        running = cls(workdir=workdir, bindir=bindir, base_dir=base_dir, port=port,
-                      password=secrets.token_hex(16), process=process, log_file=log_file)
+        running = cls(workdir=workdir, bindir=bindir, base_dir=base_dir, port=port, password=secrets.token_hex(16))
+        running._spawn(command, cwd=base_dir, env=_clean_env(), **server_user.popen_arguments())
         running._wait_ready()
         try:
             running._create_database()
@@ -240,22 +216,17 @@ class RunningPostgres(StoppedOnExit):
 
         The socket, in a directory of ours, tells that it is our server that answers.
         """
-        if wait_until_answering(self._accepts_connections, self._process, START_TIMEOUT, 0.05):
+        # Stop only the server at first: a retry on another port reuses the cluster.
+        failure = self._wait_answering(self._accepts_connections, START_TIMEOUT, 0.05, stop=super().stop)
+        if failure is None:
             return
-        returncode = self._process.poll() if self._process is not None else None
-        self._stop_server()
-        tail = log_tail(self.log_path, 30)
-        if "Address already in use" in tail[-2000:]:
-            raise _PortTaken(f"port {self.port} was taken:\n{tail}")
+        if failure.says("Address already in use"):
+            raise _PortTaken(f"port {self.port} was taken:\n{failure.log_tail}")
         self.stop()
-        state = (
-            f"exited with code {returncode}"
-            if returncode is not None
-            else f"did not accept connections within {START_TIMEOUT:.0f} s"
-        )
+        state = failure.state(f"did not accept connections within {START_TIMEOUT:.0f} s")
         raise PostgresStartError(
             f"postgres on {self.host}:{self.port} {state} (data {self.data_dir}); "
-            f"last lines of {self.log_path}:\n{tail}"
+            f"last lines of {self.log_path}:\n{failure.log_tail}"
         )
 
     def _accepts_connections(self) -> bool:
@@ -295,44 +266,30 @@ class RunningPostgres(StoppedOnExit):
         """The rows of one query as lists of text fields (``NULL`` is the empty string)."""
         return [line.split("\t") for line in self.psql(sql, database=database).splitlines() if line]
 
-    @property
-    def running(self) -> bool:
-        """True while the postmaster is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    def _stop_server(self) -> None:
+    def _terminate(self, process: subprocess.Popen[bytes]) -> None:
         """Fast shutdown (SIGINT: disconnect clients, checkpoint), then SIGKILL to the whole process group."""
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
+        if process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
-                process.wait(timeout=STOP_TIMEOUT)
+                process.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
                 pass
-        if process is not None:
-            # Backends outlive a killed postmaster for a moment; they share its session.
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            process.wait()
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+        # Backends outlive a killed postmaster for a moment; they share its session.
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        process.wait()
 
     def stop(self) -> None:
         """Stop the server and remove its data and socket directories. Idempotent.
 
         The work directory (postgres.log, initdb.log) is left in place.
         """
-        self._stop_server()
+        super().stop()
         if self._base_dir is not None:
             shutil.rmtree(self._base_dir, ignore_errors=True)
             self._base_dir = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines of this server's log."""
-        return log_tail(self.log_path, lines)
 
     def __repr__(self) -> str:
         return f"<RunningPostgres {self.host}:{self.port}/{self.database} running={self.running}>"

@@ -15,15 +15,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import bcrypt
 import requests
 
-from imagegw.processes import free_port, log_tail
-from testsupport.service import StoppedOnExit, terminate, wait_until_answering
+from imagegw.processes import free_port
+from testsupport.service import ChildService, retry_port_taken
 
 if TYPE_CHECKING:
     from testsupport.tokenserver import TokenServer
@@ -119,7 +118,7 @@ def _answers(url: str) -> bool:
     return response.status_code in (200, 401)
 
 
-class RunningRegistry(StoppedOnExit):
+class RunningRegistry(ChildService):
     """A ``docker-registry serve`` process listening on 127.0.0.1.
 
     Attributes:
@@ -133,26 +132,24 @@ class RunningRegistry(StoppedOnExit):
         workdir: directory holding config.yml, registry.log and the storage.
     """
 
+    stop_timeout = STOP_TIMEOUT
+
     def __init__(
         self,
         *,
         workdir: Path,
         port: int,
-        process: subprocess.Popen[bytes],
-        log_file: IO[bytes],
         credentials: tuple[str, str] | None,
         token_server: TokenServer | None,
     ) -> None:
+        super().__init__(workdir / "registry.log")
         self.workdir = workdir
         self.port = port
         self.host = f"127.0.0.1:{port}"
         self.url = f"http://{self.host}"
         self.storage = workdir / "storage"
-        self.log_path = workdir / "registry.log"
         self.credentials = credentials
         self.token_server = token_server
-        self._process: subprocess.Popen[bytes] | None = process
-        self._log_file: IO[bytes] | None = log_file
 
     @classmethod
     def start(
@@ -182,14 +179,9 @@ class RunningRegistry(StoppedOnExit):
             credentials = next(iter(htpasswd_users.items()))
         elif token_server is not None and token_server.users:
             credentials = next(iter(token_server.users.items()))
-        last_error: RegistryStartError | None = None
-        for _ in range(_BIND_ATTEMPTS):
-            try:
-                return cls._start_once(binary, workdir, htpasswd, token_server, credentials)
-            except _PortTaken as exc:
-                last_error = exc
-        assert last_error is not None
-        raise last_error
+        return retry_port_taken(
+            lambda: cls._start_once(binary, workdir, htpasswd, token_server, credentials), _PortTaken, _BIND_ATTEMPTS
+        )
 
     @classmethod
     def _start_once(
@@ -207,58 +199,25 @@ class RunningRegistry(StoppedOnExit):
             config_path,
             registry_config(port, workdir / "storage", htpasswd=htpasswd, token_server=token_server),
         )
-        log_file = open(workdir / "registry.log", "ab")  # noqa: SIM115 - closed in stop()
-        process = subprocess.Popen(
-            [binary, "serve", str(config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-            env=_clean_env(),
-            start_new_session=True,
-        )
-        registry = cls(
-            workdir=workdir,
-            port=port,
-            process=process,
-            log_file=log_file,
-            credentials=credentials,
-            token_server=token_server,
-        )
+        registry = cls(workdir=workdir, port=port, credentials=credentials, token_server=token_server)
+        registry._spawn([binary, "serve", str(config_path)], cwd=workdir, env=_clean_env())
         registry._wait_ready()
         return registry
 
     def _wait_ready(self) -> None:
         """Poll ``/v2/`` until it answers, the process dies, or time runs out."""
-        if wait_until_answering(lambda: _answers(self.url), self._process, START_TIMEOUT, 0.05):
+        failure = self._wait_answering(lambda: _answers(self.url), START_TIMEOUT, 0.05)
+        if failure is None:
             return
-        returncode = self._process.poll() if self._process is not None else None
-        self.stop()
-        tail = log_tail(self.log_path, 30)
-        if "address already in use" in tail[-2000:]:
-            raise _PortTaken(f"port {self.port} was taken:\n{tail}")
-        state = (
-            f"exited with code {returncode} before answering"
-            if returncode is not None
-            else f"did not answer GET /v2/ within {START_TIMEOUT:.0f} s"
+        if failure.says("address already in use"):
+            raise _PortTaken(f"port {self.port} was taken:\n{failure.log_tail}")
+        state = failure.state(
+            f"did not answer GET /v2/ within {START_TIMEOUT:.0f} s", exited_suffix=" before answering"
         )
         raise RegistryStartError(
             f"docker-registry on {self.host} {state} "
-            f"(config {self.workdir / 'config.yml'}); last lines of {self.log_path}:\n{tail}"
+            f"(config {self.workdir / 'config.yml'}); last lines of {self.log_path}:\n{failure.log_tail}"
         )
-
-    @property
-    def running(self) -> bool:
-        """True while the registry process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    def stop(self) -> None:
-        """Stop the process (SIGTERM, then SIGKILL after 5 s). Safe to call twice."""
-        process, self._process = self._process, None
-        terminate(process, STOP_TIMEOUT)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
 
     def blob_path(self, digest: str) -> Path:
         """The file holding the blob ``digest`` (``sha256:<hex>``) in the storage."""
@@ -269,11 +228,6 @@ class RunningRegistry(StoppedOnExit):
             self.storage / "docker" / "registry" / "v2" / "blobs"
             / algorithm / hexdigest[:2] / hexdigest / "data"
         )
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines of this registry's log."""
-        return log_tail(self.log_path, lines)
-
 
     def __repr__(self) -> str:
         auth = "token" if self.token_server else ("basic" if self.credentials else "anonymous")

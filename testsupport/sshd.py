@@ -31,10 +31,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
-from imagegw.processes import free_port, log_tail
-from testsupport.service import StoppedOnExit, terminate, wait_until_answering
+from imagegw.processes import free_port
+from testsupport.service import ChildService, StoppedOnExit, retry_port_taken
 
 SSHD_BINARY = "/usr/sbin/sshd"
 """Absolute, as sshd demands (it re-executes itself for every connection)."""
@@ -169,7 +168,7 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-class RunningSshd(StoppedOnExit):
+class RunningSshd(ChildService):
     """An sshd listening on 127.0.0.1 with its own host key and authorized keys.
 
     Attributes:
@@ -182,9 +181,10 @@ class RunningSshd(StoppedOnExit):
         workdir: holds the host key, sshd_config, authorized_keys, sshd.pid and sshd.log.
     """
 
-    def __init__(
-        self, *, workdir: Path, port: int, process: subprocess.Popen[bytes], log_file: IO[bytes]
-    ) -> None:
+    stop_timeout = STOP_TIMEOUT
+
+    def __init__(self, *, workdir: Path, port: int) -> None:
+        super().__init__(workdir / "sshd.log")
         self.workdir = workdir
         self.host = "127.0.0.1"
         self.port = port
@@ -193,9 +193,6 @@ class RunningSshd(StoppedOnExit):
         self.host_key_public = workdir / "ssh_host_ed25519_key.pub"
         self.authorized_keys = workdir / "authorized_keys"
         self.config_path = workdir / "sshd_config"
-        self.log_path = workdir / "sshd.log"
-        self._process: subprocess.Popen[bytes] | None = process
-        self._log_file: IO[bytes] | None = log_file
 
     @classmethod
     def start(cls, workdir: Path, authorized_keys: Sequence[Path]) -> RunningSshd:
@@ -219,14 +216,7 @@ class RunningSshd(StoppedOnExit):
             lines.append(public.read_text().strip() + "\n")
         (workdir / "authorized_keys").write_text("".join(lines))
         _ensure_privsep_dir()
-        last_error: SshdStartError | None = None
-        for _ in range(_BIND_ATTEMPTS):
-            try:
-                return cls._start_once(workdir, host_key)
-            except _PortTaken as exc:
-                last_error = exc
-        assert last_error is not None
-        raise last_error
+        return retry_port_taken(lambda: cls._start_once(workdir, host_key), _PortTaken, _BIND_ATTEMPTS)
 
     @classmethod
     def _start_once(cls, workdir: Path, host_key: Path) -> RunningSshd:
@@ -241,16 +231,8 @@ class RunningSshd(StoppedOnExit):
                 authorized_keys=workdir / "authorized_keys",
             )
         )
-        log_file = open(workdir / "sshd.log", "ab")  # noqa: SIM115 - closed in stop()
-        process = subprocess.Popen(
-            [SSHD_BINARY, "-D", "-e", "-f", str(config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=workdir,
-            start_new_session=True,
-        )
-        running = cls(workdir=workdir, port=port, process=process, log_file=log_file)
+        running = cls(workdir=workdir, port=port)
+        running._spawn([SSHD_BINARY, "-D", "-e", "-f", str(config_path)], cwd=workdir)
         running._wait_ready()
         return running
 
@@ -260,27 +242,16 @@ class RunningSshd(StoppedOnExit):
         The banner, not just an open port, tells that it is our sshd that listens.
         """
         answers = lambda: _banner(self.host, self.port).startswith(b"SSH-")  # noqa: E731
-        if wait_until_answering(answers, self._process, START_TIMEOUT, 0.02):
+        failure = self._wait_answering(answers, START_TIMEOUT, 0.02)
+        if failure is None:
             return
-        returncode = self._process.poll() if self._process is not None else None
-        self.stop()
-        tail = log_tail(self.log_path, 30)
-        if "Address already in use" in tail[-2000:]:
-            raise _PortTaken(f"port {self.port} was taken:\n{tail}")
-        state = (
-            f"exited with code {returncode}"
-            if returncode is not None
-            else f"did not send an SSH banner within {START_TIMEOUT:.0f} s"
-        )
+        if failure.says("Address already in use"):
+            raise _PortTaken(f"port {self.port} was taken:\n{failure.log_tail}")
+        state = failure.state(f"did not send an SSH banner within {START_TIMEOUT:.0f} s")
         raise SshdStartError(
             f"sshd on {self.address} {state} (config {self.config_path}); "
-            f"last lines of {self.log_path}:\n{tail}"
+            f"last lines of {self.log_path}:\n{failure.log_tail}"
         )
-
-    @property
-    def running(self) -> bool:
-        """True while the listening sshd is alive."""
-        return self._process is not None and self._process.poll() is None
 
     @property
     def pid(self) -> int | None:
@@ -341,15 +312,7 @@ class RunningSshd(StoppedOnExit):
         The work directory (host key, log) is left in place.
         """
         self.kill_sessions()
-        process, self._process = self._process, None
-        terminate(process, STOP_TIMEOUT)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The last lines of this sshd's log."""
-        return log_tail(self.log_path, lines)
+        super().stop()
 
     def __repr__(self) -> str:
         return f"<RunningSshd {self.address} running={self.running}>"
