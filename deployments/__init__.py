@@ -7,9 +7,9 @@ deployment (the supervisor, the API's launcher) need not import Prefect.
 from flows import PULL_FLOW
 
 
-def deployment_name(platform: str) -> str:
-    """The deployment that runs ``platform``'s pulls: ``pull-image/<platform>``."""
-    return f"{PULL_FLOW}/{platform}"
+def deployment_name(platform: str, flow: str = PULL_FLOW) -> str:
+    """The deployment of ``flow`` (the pull flow by default) for ``platform``: ``pull-image/<platform>``."""
+    return f"{flow}/{platform}"
 
 
 def work_pool_name(platform: str) -> str:

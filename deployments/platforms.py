@@ -1,5 +1,6 @@
-"""One Prefect work pool and one deployment of the pull flow per platform, so each cluster's pulls can be
-watched, started and limited on its own in the Prefect UI, and run by workers on any host.
+"""One Prefect work pool per platform, with a deployment of the pull flow and one of the scheduled expire
+flow, so each cluster's pulls can be watched, started and limited on its own in the Prefect UI, and run
+by workers on any host.
 
 ``imagegw deploy`` registers them from the configuration; ``imagegw worker --platform P`` runs a
 process worker on P's pool (any number of them, on any hosts that have this package, the
@@ -24,14 +25,16 @@ from prefect.workers.process import ProcessWorker
 
 import flows
 from deployments import work_pool_name
-from flows import PULL_FLOW
+from flows import EXPIRE_FLOW, PULL_FLOW
+from flows.expire import expire_images
 from flows.pull import pull_image
 from imagegw.config import Platform, Settings
 from imagegw.errors import ConfigError
 
 _CODE_ROOT = Path(flows.__file__).resolve().parent.parent
 """Where the flow's code is on this host; a worker's host must have it at the same path."""
-_ENTRYPOINT = "flows/pull.py:pull_image"
+_PULL_ENTRYPOINT = "flows/pull.py:pull_image"
+_EXPIRE_ENTRYPOINT = "flows/expire.py:expire_images"
 
 
 @dataclass(frozen=True)
@@ -50,22 +53,22 @@ def deploy_platforms(settings: Settings) -> Deployed:
     with get_client(sync_client=True) as client:
         for platform in settings.platforms.values():
             _ensure_pool(client, platform)
-        flow = pull_image.from_source(source=str(_CODE_ROOT), entrypoint=_ENTRYPOINT)
+        pull = pull_image.from_source(source=str(_CODE_ROOT), entrypoint=_PULL_ENTRYPOINT)
+        expire = expire_images.from_source(source=str(_CODE_ROOT), entrypoint=_EXPIRE_ENTRYPOINT)
         for name, platform in settings.platforms.items():
-            flow.deploy(
-                name=name,
-                work_pool_name=work_pool_name(name),
-                parameters={"platform": name, "config": str(settings.source)},
-                tags=[f"platform:{name}"],
-                description=f"Pull an image and publish it into {platform.image_location}",
-                build=False, push=False, print_next_steps=False, ignore_warnings=True,
-            )
+            common = {"name": name, "work_pool_name": work_pool_name(name), "tags": [f"platform:{name}"],
+                      "parameters": {"platform": name, "config": str(settings.source)},
+                      "build": False, "push": False, "print_next_steps": False, "ignore_warnings": True}
+            pull.deploy(description=f"Pull an image and publish it into {platform.image_location}", **common)
+            expire.deploy(description=f"Remove the images of {name} past their expiration",
+                          cron=settings.expire_schedule, **common)
         removed = []
-        for deployment in client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[PULL_FLOW]))):
+        ours = FlowFilter(name=FlowFilterName(any_=[PULL_FLOW, EXPIRE_FLOW]))
+        for deployment in client.read_deployments(flow_filter=ours):
             if deployment.name not in settings.platforms:
                 client.delete_deployment(deployment.id)
                 removed.append(deployment.name)
-    return Deployed(deployed=list(settings.platforms), removed=sorted(removed))
+    return Deployed(deployed=list(settings.platforms), removed=sorted(set(removed)))
 
 
 def _ensure_pool(client: SyncPrefectClient, platform: Platform) -> None:

@@ -2,3 +2,5 @@
 
 PULL_FLOW = "pull-image"
 """The name of the pull flow (flows/pull.py), which its deployments are named under."""
+EXPIRE_FLOW = "expire-images"
+"""The name of the scheduled expire flow (flows/expire.py)."""

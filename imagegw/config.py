@@ -30,6 +30,8 @@ DEFAULT_BLOCK_SIZE = 131072
 # Each pull converts on every core of the host that runs it: two at a time keep a small host busy
 # without making each pull wait for the others.
 DEFAULT_MAX_CONCURRENT_PULLS = 2
+DEFAULT_EXPIRE_SCHEDULE = "0 * * * *"
+"""Hourly: an expired image's files go within the hour, and each pass has little to do."""
 COMPRESSORS = {"gzip": range(1, 10), "xz": range(0, 10), "zstd": range(1, 23), "lz4": range(0, 1)}
 
 # Keys Shifter's gateway reads (or once read) that we accept and do not use, so
@@ -43,6 +45,7 @@ _TOP_LEVEL_KEYS = {
     "DefaultImageLocation", "DefaultImageFormat", "PullUpdateTimeout", "PullUpdateTime",
     "ImageExpirationTimeout", "MongoDBURI", "MongoDB", "CacheDirectory", "ExpandDirectory",
     "StateDirectory", "Compression", "BlockSize", "Locations", "Platforms", "Metrics", "ImportUsers",
+    "ExpireSchedule",
 } | _SHIFTER_KEYS_IGNORED
 _LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
                   "authentication"}
@@ -134,6 +137,8 @@ class Settings:
     import_users: frozenset[str] = frozenset()
     """Users who may import squashfs files (``ImportUsers``); see ``import_all_users``."""
     import_all_users: bool = False
+    expire_schedule: str = DEFAULT_EXPIRE_SCHEDULE
+    """Cron schedule of every platform's expire flow (``ExpireSchedule``)."""
 
     def may_import(self, user: str | None) -> bool:
         return self.import_all_users or (user is not None and user in self.import_users)
@@ -208,6 +213,7 @@ class _Reader:
             metrics=self._flag(raw.get("Metrics", False), "Metrics"),
             import_users=self._import_users(raw.get("ImportUsers", "none")),
             import_all_users=raw.get("ImportUsers") == "all",
+            expire_schedule=self._cron(raw.get("ExpireSchedule", DEFAULT_EXPIRE_SCHEDULE), "ExpireSchedule"),
         )
 
     def _reject_unknown(self, raw: dict[str, Any], known: set[str], prefix: str) -> None:
@@ -231,6 +237,11 @@ class _Reader:
         if not isinstance(value, list) or not all(isinstance(user, str) for user in value):
             raise self.fail("ImportUsers", f"must be 'all', 'none' or a list of user names, not {value!r}")
         return frozenset(value)
+
+    def _cron(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or len(value.split()) != 5:
+            raise self.fail(key, f"must be a cron schedule of five fields (e.g. '0 * * * *'), not {value!r}")
+        return value
 
     def _count(self, value: Any, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

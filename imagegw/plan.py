@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from imagegw.access import PUBLIC, Access
 from imagegw.config import Platform, Settings
-from imagegw.errors import BadImageReference
+from imagegw.errors import BadImageReference, RegistryUnauthorized
 from imagegw.registry import ImageRef, PlatformSpec, RegistryLogin, normalize_tag, parse_image_reference
 from imagegw.store import PullKey
 
@@ -48,6 +48,11 @@ def plan_pull(settings: Settings, key: PullKey, login: RegistryLogin | None = No
     A requester's registry login replaces the configured one for the image's location.
     """
     platform = settings.platform(key.system)
+    if access.private and login is None:
+        # A re-run of a private pull (from the Prefect UI, say): its login was for one run only, and an
+        # anonymous pull would quietly publish something else than what was asked.
+        raise RegistryUnauthorized(f"{key.tag} was asked for with the requester's registry login, which serves one "
+                                   "pull only: the requester must pull it again with their login")
     ref = parse_image_reference(key.tag, settings.locations, settings.default_location)
     if login is not None:
         ref = replace(ref, location=replace(ref.location, username=login.username, password=login.password))

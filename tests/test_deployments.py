@@ -6,6 +6,7 @@ from prefect.client.orchestration import get_client
 
 from deployments import deployment_name, work_pool_name
 from deployments.platforms import deploy_platforms
+from flows import EXPIRE_FLOW
 from tests.gateway_fixtures import Gateway
 
 
@@ -25,6 +26,9 @@ def test_every_platform_gets_a_limited_pool_and_a_deployment_bound_to_it(gateway
         assert arm.work_pool_name == work_pool_name("armcluster") and arm.tags == ["platform:armcluster"]
         assert client.read_work_pool(work_pool_name("armcluster")).concurrency_limit == 3
         assert client.read_work_pool(work_pool_name("mycluster")).concurrency_limit == 2
+        expire = client.read_deployment_by_name(deployment_name("mycluster", EXPIRE_FLOW))
+        assert expire.work_pool_name == work_pool_name("mycluster")
+        assert [schedule.schedule.cron for schedule in expire.schedules] == ["0 * * * *"]  # hourly by default
 
 
 def test_a_platform_removed_from_the_configuration_loses_its_deployment(gateway: Gateway) -> None:

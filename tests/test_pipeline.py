@@ -8,6 +8,7 @@ import stat
 
 import pytest
 
+from imagegw.access import Access
 from imagegw.store import PullKey
 from tests.gateway_fixtures import Gateway, pull
 from tests.squashfs_reader import read_tree
@@ -237,6 +238,20 @@ def test_a_full_image_directory_fails_the_pull_at_once_naming_it(gateway: Gatewa
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     assert [run.run_count for run in runs if run.name.startswith("transfer")] == [1]  # a full disk is not retried
+
+
+def test_a_private_pull_run_again_without_its_login_fails_at_once(gateway: Gateway) -> None:
+    push_image(gateway.registry, "test/private", "1", [LayerBuilder().file("x", b"x")])
+    image = gateway.image("test/private:1")
+    # A private request whose one-time login a first run has taken: as a re-run from the Prefect UI finds it.
+    gateway.store().claim_pull(PullKey("mycluster", "docker", image), Access(True, (1000,), (1000,)))
+
+    state, record = pull(gateway, image)
+
+    assert state.is_failed()
+    assert record["status"] == "FAILURE"
+    assert "must pull it again with their login" in record["status_message"]
+    assert published_files(gateway) == []
 
 
 def test_hostile_entries_stay_inside_the_image(gateway: Gateway) -> None:

@@ -12,7 +12,7 @@ import pytest
 from imagegw.access import PUBLIC, Access
 from imagegw.errors import TRANSIENT_ERRORS, IndexUnavailable, RecordConflict
 from imagegw.registry import RegistryLogin
-from imagegw.store import ImageFacts, ImageStore, PullKey, Status, to_response
+from imagegw.store import ImageFacts, ImageStore, PullKey, PullTracker, Status, to_response
 from imagegw.store.mongo import mongo_errors
 from imagegw.store.records import STALE_RUNNING
 
@@ -164,3 +164,14 @@ def test_an_unreachable_server_is_an_outage_worth_retrying() -> None:
         ImageStore(unreachable["x"], 3600).pull_record(KEY)
 
     assert isinstance(caught.value, TRANSIENT_ERRORS)
+
+
+def test_a_pull_stopped_from_outside_is_recorded_as_failure_at_once(store: ImageStore) -> None:
+    store.claim_pull(KEY)
+
+    with pytest.raises(KeyboardInterrupt):  # as a cancelled run's SIGTERM or a Ctrl-C arrives
+        with PullTracker(store, KEY).running():
+            raise KeyboardInterrupt
+
+    record = store.pull_record(KEY)
+    assert record["status"] == "FAILURE" and record["status_message"].startswith("cancelled by an operator")

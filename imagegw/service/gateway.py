@@ -15,11 +15,12 @@ from imagegw.access import PUBLIC, Access, AclRequest, parse_acl
 from imagegw.config import Platform, Settings
 from imagegw.disk import scratch_directory
 from imagegw.errors import BadRequest, Forbidden, ImageNotFound, ServiceUnavailable
+from imagegw.expiry import expire_due, expire_image
 from imagegw.plan import plan_pull, pull_key
-from imagegw.publish import Publisher, copy_importable, publisher_for, render_meta
+from imagegw.publish import copy_importable, publisher_for, render_meta
 from imagegw.registry import normalize_tag
 from imagegw.service.identity import Caller
-from imagegw.store import ImageFacts, ImageStore, PullKey, Status, open_store, to_response
+from imagegw.store import ImageFacts, ImageStore, PullKey, open_store, to_response
 
 PullLauncher = Callable[[PullKey], str]
 """Starts the flow run of a claimed pull and returns the run's id."""
@@ -116,20 +117,13 @@ class Gateway:
         if record is None:
             raise ImageNotFound(f"no READY image {key.tag} ({itype}) on {system}")
         with publisher_for(platform) as publisher:
-            self._expire(platform, publisher, record["id"])
+            expire_image(self.store(), platform, publisher, record)
 
     def autoexpire(self, caller: Caller, system: str) -> list[str]:
         """Expire every image past its expiration and forget old failed pulls (admins only)."""
         platform = self._admin_platform(caller, system, "autoexpire")
-        store = self.store()
-        now = time.time()
-        expired = [record["id"] for record in store.due_for_expiry(system, now)]
-        if expired:
-            with publisher_for(platform) as publisher:  # one connection for them all
-                for image_id in expired:
-                    self._expire(platform, publisher, image_id)
-        store.clear_failures(system, now - self.settings.pull_update_timeout)
-        return expired
+        report = expire_due(self.store(), platform, self.settings.pull_update_timeout)
+        return [image.id for image in report.expired]
 
     def queue(self, caller: Caller, system: str) -> list[dict[str, str]]:
         """Pulls of a system not yet READY (queued, running or failed) that the caller may see."""
@@ -144,12 +138,6 @@ class Gateway:
         if not 1 <= limit <= MAX_METRICS:
             raise BadRequest(f"limit must be from 1 to {MAX_METRICS}, not {limit}")
         return self.store().recent_lookups(system, limit)
-
-    def _expire(self, platform: Platform, publisher: Publisher, image_id: str) -> None:
-        store = self.store()
-        store.set_image_status(platform.name, image_id, Status.EXPIRING, "Removing image files")
-        publisher.unpublish(image_id)
-        store.set_image_status(platform.name, image_id, Status.EXPIRED, "Expired")
 
     def _admin_platform(self, caller: Caller, system: str, action: str) -> Platform:
         platform = self.settings.platform(system)

@@ -28,8 +28,15 @@ class PullTracker:
         try:
             with repeated(self._beat, HEARTBEAT_INTERVAL, f"heartbeat {self.key.tag}"):
                 yield self
+        except GeneratorExit:
+            raise
         except Exception as exc:
             self._store.fail_pull(self.key, str(exc) or type(exc).__name__)
+            raise
+        except BaseException:
+            # Not an error of the pull's own: a cancellation from the Prefect UI (its worker stops the
+            # run's process), SIGTERM or Ctrl-C. Recorded now, not when the heartbeat goes stale.
+            self._store.fail_pull(self.key, "cancelled by an operator, or its process was stopped, before it finished")
             raise
 
     def _beat(self) -> None:
