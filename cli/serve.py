@@ -76,28 +76,64 @@ class Child:
         return ServiceUnavailable(f"{self.name} {problem}; the end of {self.log}:\n{tail}")
 
     def stop(self) -> None:
-        """SIGTERM the whole group, then SIGKILL whatever is left after STOP_TIMEOUT."""
-        self._signal_group(signal.SIGTERM)
+        """SIGTERM the part's process groups, then SIGKILL whatever is left after STOP_TIMEOUT.
+
+        A Prefect worker starts each flow run in a session of its own, which a signal to the
+        worker's group would miss: the groups of all its descendants are signalled too.
+        """
+        groups = {self.process.pid, *_process_groups(_descendants(self.process.pid))}
+        _signal_groups(groups, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
-        while self._group_alive() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            self.process.poll()  # reap the leader, or its group never looks empty
+            if not any(_group_alive(group) for group in groups):
+                break
             time.sleep(0.05)
-        # Also reaches the group's other members (flow runs, server workers) if the leader left them.
-        self._signal_group(signal.SIGKILL)
+        # Also reaches what the leader left behind (flow runs, server workers), and what started meanwhile.
+        _signal_groups(groups | _process_groups(_descendants(self.process.pid)), signal.SIGKILL)
         self.process.wait()
 
-    def _signal_group(self, signum: int) -> None:
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, from Linux's /proc children lists."""
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = {int(child) for child in (task / "children").read_text().split()}
+            except OSError:  # exited meanwhile
+                continue
+            pending.extend(children - found)
+            found |= children
+    return found
+
+
+def _process_groups(pids: set[int]) -> set[int]:
+    groups = set()
+    for pid in pids:
         try:
-            os.killpg(self.process.pid, signum)
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    return groups
+
+
+def _signal_groups(groups: set[int], signum: int) -> None:
+    for group in groups:
+        try:
+            os.killpg(group, signum)
         except ProcessLookupError:
             pass
 
-    def _group_alive(self) -> bool:
-        self.process.poll()  # reap the leader, or the group never looks empty
-        try:
-            os.killpg(self.process.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 class Children:

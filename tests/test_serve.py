@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from flows import PULL_FLOW
+from flows import EXPIRE_FLOW, PULL_FLOW
 from imagegw.processes import free_port
 from testsupport.images import LayerBuilder, push_image
 from testsupport.munge import RunningMunged
@@ -23,10 +23,11 @@ from testsupport.registry import RunningRegistry
 START_TIMEOUT = 150.0
 """A cold Prefect server alone may take ~20 s on 2 cores; serve allows it 120 s."""
 STOP_TIMEOUT = 20.0
+COMPLETED = "COMPLETED"
 
 
 def write_config(root: Path, registry: RunningRegistry | None = None,
-                 munged: RunningMunged | None = None) -> Path:
+                 munged: RunningMunged | None = None, **settings: str) -> Path:
     """A configuration whose state (embedded database, Prefect home, logs) lives under ``root``."""
     platform = {"accesstype": "local", "local": {"imageDir": str(root / "images")}}
     if munged is not None:
@@ -36,6 +37,7 @@ def write_config(root: Path, registry: RunningRegistry | None = None,
         "StateDirectory": str(root / "state"),
         "Locations": {registry.host: {"url": registry.url}} if registry else {},
         "Platforms": {"servecluster": platform},
+        **settings,
     }))
     return config
 
@@ -84,9 +86,9 @@ def pull_until_done(api: str, image: str, munged: RunningMunged, timeout: float)
         time.sleep(0.5)
 
 
-def flow_run_states(prefect_api: str) -> list[str]:
-    """The states of the pull flow's runs (the expire flow's scheduled runs are not counted)."""
-    response = requests.post(f"{prefect_api}/flow_runs/filter", json={"flows": {"name": {"any_": [PULL_FLOW]}}},
+def flow_run_states(prefect_api: str, flow: str = PULL_FLOW) -> list[str]:
+    """The states of one flow's runs (by default the pull flow's, not the expire flow's scheduled ones)."""
+    response = requests.post(f"{prefect_api}/flow_runs/filter", json={"flows": {"name": {"any_": [flow]}}},
                              timeout=10)
     return [run["state_type"] for run in response.json()]
 
@@ -94,7 +96,8 @@ def flow_run_states(prefect_api: str) -> list[str]:
 def test_serve_pulls_through_the_deployment_and_stops_everything(
         tmp_path: Path, registry: RunningRegistry, munged: RunningMunged) -> None:
     push_image(registry, "serve/app", "1", [LayerBuilder().file("x", b"x")])
-    config = write_config(tmp_path, registry, munged)
+    # Images live 10 s, and the expire flow runs every minute: the pulled image is expired by a scheduled run.
+    config = write_config(tmp_path, registry, munged, ImageExpirationTimeout="0:00:00:10", ExpireSchedule="* * * * *")
     api_port, prefect_port = free_port(), free_port()
     output = tmp_path / "serve.out"
     with open(output, "wb") as sink:
@@ -119,6 +122,13 @@ def test_serve_pulls_through_the_deployment_and_stops_everything(
         while flow_run_states(prefect_api) != ["COMPLETED"] and time.monotonic() < deadline:
             time.sleep(0.3)
         assert flow_run_states(prefect_api) == ["COMPLETED"]
+
+        squashfs = tmp_path / "images" / f"{record['id']}.squashfs"
+        deadline = time.monotonic() + 150  # the next minute's run, once the image is 10 s old
+        while squashfs.exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not squashfs.exists(), "no scheduled expire run removed the image"
+        assert COMPLETED in flow_run_states(prefect_api, EXPIRE_FLOW)
     finally:
         serve.send_signal(signal.SIGINT)
         try:
