@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import time
 
 import pytest
 
@@ -234,10 +235,16 @@ def test_a_full_image_directory_fails_the_pull_at_once_naming_it(gateway: Gatewa
     assert record["status"] == "FAILURE"
     assert record["status_message"].startswith(f"{small_disk}: No space left on device (publishing image ")
     assert os.listdir(small_disk) == []  # no partial file under any name
+    this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    deadline = time.monotonic() + 20  # the server records task runs from events, a moment later
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
-            id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    assert [run.run_count for run in runs if run.name.startswith("transfer")] == [1]  # a full disk is not retried
+        while True:
+            transfers = [run for run in client.read_task_runs(flow_run_filter=this_run)
+                         if run.name.startswith("transfer") and run.state_type and run.state_type.value == "FAILED"]
+            if transfers or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+    assert [run.run_count for run in transfers] == [1]  # a full disk is not retried
 
 
 def test_a_private_pull_run_again_without_its_login_fails_at_once(gateway: Gateway) -> None:

@@ -114,8 +114,13 @@ def test_two_workers_share_a_platform_and_never_exceed_its_limit(
         deployment = client.read_deployment_by_name(deployment_name("mycluster"))
         # The session's server also holds other tests' runs: only this deployment's are read.
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[r.id for r in runs])))
-        squashes = [run for run in task_runs if run.name.startswith("squash")]
+        ours = FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in runs]))
+        deadline = time.monotonic() + 20  # the server records task runs from events, a moment later
+        while True:
+            squashes = [run for run in client.read_task_runs(flow_run_filter=ours) if run.name.startswith("squash")]
+            if len(squashes) >= IMAGES or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     assert sorted(run.parameters["image"] for run in runs) == sorted(tags)  # one run an image
     assert {run.state_type.value for run in runs} == {"COMPLETED"}
     assert len(squashes) == IMAGES  # each image converted exactly once
