@@ -35,6 +35,19 @@ def storage_error(error: OSError, path: Path | str, doing: str = "") -> StorageE
     return StorageError(f"{os.fsdecode(path)}: {reason}" + (f" ({doing})" if doing else ""))
 
 
+_NEARLY_FULL = 64 << 20
+
+
+def full_disk_likely(free_bytes: int | None) -> bool:
+    """Whether a write that failed without saying why (tar2sqfs's "I/O error", an SFTP v3 server's
+    "Failure") failed for want of space, judged by the bytes still free on its disk (None: unknown).
+
+    Filesystems hold back space they do not count as available, or count allocations late, so a
+    write can fail before the count reaches zero; 64 MiB is far more than either writes at once.
+    """
+    return free_bytes is not None and free_bytes < _NEARLY_FULL
+
+
 @contextmanager
 def disk_errors(path: Path | str, doing: str = "") -> Iterator[None]:
     """Raise a StorageError for any OSError in the block; ``doing`` says what the gateway was at."""

@@ -24,7 +24,7 @@ from typing import IO, NamedTuple, cast
 from imagegw.build.flatten import ImageTree
 from imagegw.build.stream import ImageStream, widen_pipe
 from imagegw.config import Compression
-from imagegw.disk import disk_errors, storage_error, written_back_as_it_grows
+from imagegw.disk import disk_errors, full_disk_likely, storage_error, written_back_as_it_grows
 from imagegw.errors import ImagegwError, SquashError
 
 _STDERR_TAIL = 2000
@@ -39,12 +39,6 @@ _KIND_NAMES = {"-": "a file", "d": "a directory", "l": "a symlink", "p": "a FIFO
 _SHOWN_DIFFERENCES = 5
 """Differing paths a failed check names; it counts the rest."""
 _NO_SPACE = os.strerror(errno.ENOSPC)
-_NEARLY_FULL = 64 << 20
-"""Bytes free below which a write that failed is taken to have failed for want of space.
-
-Filesystems hold back some space they do not count as available, or count allocations late,
-so a write can fail before the count reaches zero; this is far more than tar2sqfs writes at once.
-"""
 
 # One line of `unsquashfs -lln -UTC`: type and permissions, uid/gid, size (or a device's
 # "major, minor"), date and time, then the path. A name may hold newlines, so a line
@@ -418,7 +412,7 @@ def _check_space(stderr: str, output: Path, held: int) -> None:
             disk = os.fstatvfs(held)
         except OSError:
             return
-        if disk.f_bavail * disk.f_frsize >= _NEARLY_FULL:
+        if not full_disk_likely(disk.f_bavail * disk.f_frsize):
             return
     raise storage_error(OSError(errno.ENOSPC, _NO_SPACE), output, f"tar2sqfs says: {stderr}")
 

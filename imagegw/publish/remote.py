@@ -35,7 +35,7 @@ from typing import BinaryIO
 
 import paramiko
 
-from imagegw.disk import disk_errors
+from imagegw.disk import disk_errors, full_disk_likely
 from imagegw.errors import RemoteAccessRefused, StorageError, TransferError
 from imagegw.publish.publisher import IMAGE_FILE_MODE, PublishedImage
 from imagegw.sshconfig import RemoteAccess, SshHost
@@ -49,9 +49,6 @@ _WINDOW_SIZE = 64 << 20
 _WRITE_REQUEST = 255 << 10
 _CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "aes128-ctr", "aes192-ctr", "aes256-ctr")
 _KEEPALIVE = 30
-_NEARLY_FULL = 64 << 20
-"""Bytes free below which a write the server failed is taken to have failed for want of space
-(SFTP version 3, which OpenSSH speaks, has no error code for a full disk)."""
 _COMMAND_NOT_FOUND = 127
 
 # paramiko logs a failed connection with a traceback; each failure reaches the operator as this
@@ -238,17 +235,18 @@ class RemotePublisher:
     def _refused_write(self, error: BaseException, doing: str) -> StorageError:
         """The server refused an SFTP call: say why, and say so plainly when its disk is full."""
         reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
-        if self._free_bytes() < _NEARLY_FULL:
+        # SFTP version 3, which OpenSSH speaks, has no error code for a full disk.
+        if full_disk_likely(self._free_bytes()):
             reason = "No space left on device"
         return StorageError(f"{self}: {reason} ({doing})")
 
-    def _free_bytes(self) -> int:
+    def _free_bytes(self) -> int | None:
+        """Bytes free in the remote image directory's filesystem, by ``df``; None if it cannot tell."""
         try:
             status, output = self._run(f"df -Pk -- {shlex.quote(self.image_dir)}")
-            available_kib = int(output.splitlines()[-1].split()[3]) if status == 0 else _NEARLY_FULL
+            return int(output.splitlines()[-1].split()[3]) * 1024 if status == 0 else None
         except (OSError, EOFError, paramiko.SSHException, ValueError, IndexError):
-            return _NEARLY_FULL  # unknown: not taken for a full disk
-        return available_kib * 1024
+            return None
 
     def _connected(self) -> bool:
         if self._session is None:
