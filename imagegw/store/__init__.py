@@ -3,7 +3,6 @@
 from imagegw.store.embedded import ensure_embedded_server
 from imagegw.store.mongo import check_reachable, open_database
 from imagegw.store.records import (
-    HEARTBEAT_INTERVAL,
     ImageFacts,
     ImageStore,
     PullKey,
@@ -14,7 +13,6 @@ from imagegw.store.records import (
 from imagegw.store.tracking import PullTracker
 
 __all__ = [
-    "HEARTBEAT_INTERVAL",
     "ImageFacts",
     "ImageStore",
     "PullKey",
