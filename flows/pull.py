@@ -13,10 +13,12 @@ from imagegw.config import Platform, load_settings
 from imagegw.disk import scratch_directory
 from imagegw.plan import pull_key
 from imagegw.publish import publisher_for
+from imagegw.pullreport import PullRecorder
 from imagegw.registry import LayerCache, RegistryClient, ResolvedImage
 from imagegw.store import PullTracker, open_store
 from tasks.index import index, is_ready, plan, settle_access
 from tasks.pull import pull, resolve
+from tasks.report import report_pull
 from tasks.squash import squash
 from tasks.transfer import transfer
 from tasks.unpack import unpack
@@ -32,30 +34,35 @@ async def pull_image(image: str, platform: str, config: str | None = None) -> di
     key = pull_key(platform, image)
     store = open_store(settings)
     cache = LayerCache(settings.cache_dir)
+    recorder = PullRecorder()
     with PullTracker(store, key).running() as tracker, scratch_directory(settings.expand_dir, "pull-") as scratch, \
             publisher_for(target) as publisher:
         job = plan(store, settings, key)
         with RegistryClient(job.ref.location, config_cache=cache.config_dir) as client:
-            manifest = resolve(client, job, tracker)
+            manifest = resolve(client, job, tracker, recorder)
             access = settle_access(store, job, manifest)
             squashfs = None
             if not is_ready(store, publisher, job, manifest):  # an unchanged digest is not downloaded again
-                squashfs = pull_unpack_squash(client, manifest, cache, target, scratch, tracker)
-        published = transfer(publisher, manifest, access, squashfs, tracker)
-        return index(store, key, manifest, published, access)
+                squashfs = pull_unpack_squash(client, manifest, cache, target, scratch, tracker, recorder)
+        published = transfer(publisher, manifest, access, squashfs, tracker, recorder)
+        record = index(store, key, manifest, published, access, recorder)
+    # Outside the tracker: a report that cannot be written does not turn a READY image into a FAILURE.
+    report_pull(recorder.report(key.tag, target, manifest, squashfs, published))
+    return record
 
 
 def pull_unpack_squash(client: RegistryClient, manifest: ResolvedImage, cache: LayerCache, target: Platform,
-                       scratch: Path, tracker: PullTracker) -> SquashResult:
+                       scratch: Path, tracker: PullTracker, recorder: PullRecorder) -> SquashResult:
     """The three stages run side by side, like a shell pipeline: each layer is flattened into
     the tar stream as it downloads, and tar2sqfs compresses the stream as it is written."""
     with streamed_build([layer.digest for layer in manifest.layers]) as build:
-        pulling = pull.submit(client, manifest, cache, build.arrivals, tracker)
+        pulling = pull.submit(client, manifest, cache, build.arrivals, tracker, recorder)
         # Whatever becomes of the pull (retries included), the unpack stage must stop waiting for layers.
         pulling.add_done_callback(build.downloads_ended)
-        squashing = squash.submit(build.stream, scratch / "image.squashfs", target.compression, target.block_size)
+        squashing = squash.submit(build.stream, scratch / "image.squashfs", target.compression, target.block_size,
+                                  recorder)
         try:
-            unpack(build)
+            unpack(build, recorder)
         finally:
             pulling.result()  # a failed download is the cause of whatever else failed: raised first
         return squashing.result()

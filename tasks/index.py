@@ -11,6 +11,7 @@ from imagegw.access import Access
 from imagegw.config import Settings
 from imagegw.plan import PullPlan, plan_pull
 from imagegw.publish import PublishedImage, Publisher
+from imagegw.pullreport import PullRecorder
 from imagegw.registry import ResolvedImage
 from imagegw.store import ImageFacts, ImageStore, PullKey, to_response
 from tasks.retry import transient_failure
@@ -38,6 +39,7 @@ def is_ready(store: ImageStore, publisher: Publisher, job: PullPlan, image: Reso
 @task(name="index", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=transient_failure,
       cache_policy=NONE)
 def index(store: ImageStore, key: PullKey, image: ResolvedImage, published: PublishedImage,
-          access: Access) -> dict[str, Any]:
+          access: Access, recorder: PullRecorder) -> dict[str, Any]:
     """Mark the image READY under the pulled tag; return its record as the API shows it."""
-    return to_response(store.publish(key, ImageFacts.of_image(image, published.size), access))
+    with recorder.timing("index"):
+        return to_response(store.publish(key, ImageFacts.of_image(image, published.size), access))

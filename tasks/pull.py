@@ -9,6 +9,7 @@ from prefect.cache_policies import NONE
 
 from imagegw.build import LayerArrivals, LayerSource, prepare_layer
 from imagegw.plan import PullPlan
+from imagegw.pullreport import PullRecorder
 from imagegw.registry import (
     DownloadProgress,
     LayerCache,
@@ -22,10 +23,11 @@ from tasks.retry import transient_failure
 
 @task(name="resolve", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=transient_failure,
       cache_policy=NONE)
-def resolve(client: RegistryClient, job: PullPlan, tracker: PullTracker) -> ResolvedImage:
+def resolve(client: RegistryClient, job: PullPlan, tracker: PullTracker, recorder: PullRecorder) -> ResolvedImage:
     """Fetch the manifest (choosing the platform's image from an index) and the image config."""
     tracker.stage(Status.PULLING, f"Getting manifest of {job.ref}")
-    image = client.resolve(job.ref, job.wanted_platform)
+    with recorder.timing("resolve"):
+        image = client.resolve(job.ref, job.wanted_platform)
     get_run_logger().info("%s is %s (%d layers)", job.ref, image.manifest_digest, len(image.layers))
     return image
 
@@ -33,7 +35,7 @@ def resolve(client: RegistryClient, job: PullPlan, tracker: PullTracker) -> Reso
 @task(name="pull", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=transient_failure,
       cache_policy=NONE)
 def pull(client: RegistryClient, image: ResolvedImage, cache: LayerCache, arrivals: LayerArrivals,
-         tracker: PullTracker) -> list[Path]:
+         tracker: PullTracker, recorder: PullRecorder) -> list[Path]:
     """Download the layers not yet in the cache, verified against their digests, and read their tar headers.
 
     ``arrivals`` hears of each layer's bytes as they are written, for the unpack stage.
@@ -41,9 +43,11 @@ def pull(client: RegistryClient, image: ResolvedImage, cache: LayerCache, arriva
     cached = sum(1 for layer in image.layers if cache.has(layer.digest))
     tracker.stage(Status.PULLING, f"Pulling {len(image.layers)} layers ({cached} cached)")
     progress = DownloadProgress(image.layers, lambda message: tracker.stage(Status.PULLING, message))
-    paths = fetch_layers(client, image, cache, progress=progress,
-                         prepare=lambda layer, path: prepare_layer(LayerSource(path, layer.digest)),
-                         arrivals=arrivals)
+    with recorder.timing("pull"):
+        paths = fetch_layers(client, image, cache, progress=progress,
+                             prepare=lambda layer, path: prepare_layer(LayerSource(path, layer.digest)),
+                             arrivals=arrivals)
+    recorder.downloaded(fetched=len(image.layers) - cached, cached=cached, received=progress.received)
     # Unpack and squash have been at work on the layers as they came; what is left is theirs.
     tracker.stage(Status.CONVERSION, "All layers in; finishing the squashfs")
     get_run_logger().info("layers ready: %d fetched, %d from the cache", len(image.layers) - cached, cached)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import time
@@ -322,3 +323,45 @@ def test_token_registry_is_pulled_through_the_anonymous_bearer_flow(gateway: Gat
 
     assert state.is_completed(), record["status_message"]
     assert any(user is None for user, _ in token_registry.token_server.requests)
+
+
+def pull_report(state) -> dict[str, str]:
+    """The rows of the report artifact the pull's flow run left on the Prefect server: {name: value}."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    this_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=this_run)
+    assert [artifact.type for artifact in artifacts] == ["markdown"]
+    rows = [line.strip("|").split("|") for line in artifacts[0].data.splitlines() if line.startswith("| ")]
+    return {"key": artifacts[0].key, "text": artifacts[0].data,
+            **{name.strip(): value.strip().strip("`") for name, value in rows}}
+
+
+def test_each_pull_leaves_a_report_of_what_it_fetched_built_and_published(gateway: Gateway) -> None:
+    base = LayerBuilder().file("base.bin", os.urandom(50_000))
+    push_image(gateway.registry, "test/base", "1", [base])
+    built = push_image(gateway.registry, "test/report", "1", [base, LayerBuilder().file("top", b"t" * 30_000)])
+    image = gateway.image("test/report:1")
+    pull(gateway, gateway.image("test/base:1"))  # leaves the base layer in the cache
+
+    state, _ = pull(gateway, image)
+    repull_state, _ = pull(gateway, image)
+
+    report = pull_report(state)
+    image_id = built.manifest_digest.removeprefix("sha256:")
+    assert report["key"] == "pull-mycluster-" + re.sub(r"[^a-z0-9]+", "-", image.lower())
+    assert report["manifest digest"] == built.manifest_digest and report["architecture"] == "amd64"
+    assert (report["layers"], report["layers fetched"], report["layers from the cache"]) == ("2", "1", "1")
+    top_bytes = gateway.registry.blob_path(built.layer_digests[1]).stat().st_size
+    assert report["downloaded"].endswith(f"({top_bytes} bytes)")
+    assert report["compressor"] == "gzip level 1"
+    squashfs = gateway.image_dir / f"{image_id}.squashfs"
+    assert report["published"] == str(squashfs)
+    assert report["squashfs"] == f"{squashfs.stat().st_size / 1e6:.1f} MB"
+    assert {"resolve", "pull", "unpack", "squash", "transfer", "index"} <= report.keys()
+    again = pull_report(repull_state)
+    assert again["key"] == report["key"] and "Already READY" in again["text"]
+    assert again["downloaded"].endswith("(0 bytes)") and again["published"] == str(squashfs)
+    assert "pull" not in again and "squash" not in again  # no stage that did not run is timed

@@ -31,6 +31,12 @@ class DownloadProgress:
             message = self.summary()
         self._report(message)
 
+    @property
+    def received(self) -> int:
+        """Compressed bytes downloaded so far, over all layers."""
+        with self._lock:
+            return sum(self._received.values())
+
     def summary(self) -> str:
         total = sum(self._sizes.values())
         received = sum(self._received.values())

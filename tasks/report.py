@@ -1,0 +1,61 @@
+"""What a pull did, left in the Prefect UI as an artifact of its flow run."""
+
+from __future__ import annotations
+
+import re
+from uuid import UUID
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from imagegw.pullreport import PullReport
+
+OVERLAP_NOTE = "pull, unpack and squash run side by side: their times overlap and do not add up."
+
+
+@task(name="report", cache_policy=NONE)
+def report_pull(report: PullReport) -> UUID:
+    """Leave the pull's report as a markdown artifact, a new version of its image's key on every pull."""
+    return create_markdown_artifact(
+        markdown=pull_markdown(report), key=artifact_key(report),
+        description=f"{report.image} on {report.platform}: {report.manifest_digest}")
+
+
+def artifact_key(report: PullReport) -> str:
+    """``pull-<platform>-<image>``, squeezed into what Prefect allows in a key: lowercase letters, digits, dashes."""
+    return "-".join(["pull", _key_part(report.platform), _key_part(report.image)])
+
+
+def _key_part(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def pull_markdown(report: PullReport) -> str:
+    """The report as two tables: what was pulled and built, and each stage's wall time."""
+    if report.already_ready:
+        outcome = ("Already READY: the digest is unchanged, so nothing was downloaded or built; "
+                   "the record was refreshed.")
+        built = [f"| squashfs | {report.squashfs_size / 1e6:.1f} MB (as published before) |"]
+    else:
+        outcome = "Pulled, built and published: READY."
+        built = [f"| squashfs | {report.squashfs_size / 1e6:.1f} MB |", f"| compressor | {report.compression} |"]
+    lines = [
+        f"### pull {report.image} for {report.platform}", "", outcome, "",
+        "| | |", "|---|---|",
+        f"| image | {report.image} |",
+        f"| platform | {report.platform} |",
+        f"| manifest digest | `{report.manifest_digest}` |",
+        f"| architecture | {report.architecture} |",
+        f"| layers | {report.layers} |",
+        f"| layers fetched | {report.layers_fetched} |",
+        f"| layers from the cache | {report.layers_cached} |",
+        f"| downloaded | {report.bytes_downloaded / 1e6:.1f} MB ({report.bytes_downloaded} bytes) |",
+        *built,
+        f"| published | `{report.published}` |",
+        "", "| stage | wall time |", "|---|---|",
+        *(f"| {stage.stage} | {stage.seconds:.2f} s |" for stage in report.stages),
+    ]
+    if not report.already_ready:
+        lines += ["", OVERLAP_NOTE]
+    return "\n".join(lines)
