@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.errors import gateway_error, invalid_request
-from api.launcher import DeploymentLauncher
+from deployments.launcher import DeploymentLauncher
 from imagegw.access import parse_acl
 from imagegw.config import Settings
 from imagegw.errors import AuthenticationFailed, BadRequest, ImagegwError

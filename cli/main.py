@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import atexit
 import gc
+import getpass
 import json
 import logging
 import os
@@ -30,6 +31,8 @@ from imagegw.store import (
     open_store,
     to_response,
 )
+from imagegw.store.watchlist import open_watch_list
+from imagegw.watch import parse_watched
 
 
 def run() -> None:
@@ -83,6 +86,20 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--verbose", "-v", action="store_true", help="show Prefect's flow and task logs")
     command("lookup", lookup_command, "Print the READY record of an image, or exit 1.")
     command("images", images_command, "List the READY images of a platform.", image=False)
+    watch = commands.add_parser("watch", help="Keep a platform's watch list: images its refresh flow holds READY.",
+                                description="Keep a platform's watch list: images (or tag patterns such as "
+                                            "'myreg:5000/team/app:v1.*') its refresh flow pulls and holds READY.")
+    actions = watch.add_subparsers(required=True, metavar="ACTION")
+    for name, handler, help_text, needs_image in (
+            ("add", watch_add_command, "Watch an image or a tag pattern.", True),
+            ("remove", watch_remove_command, "Stop watching an image or tag pattern.", True),
+            ("list", watch_list_command, "Print the platform's watch list.", False)):
+        action = actions.add_parser(name, help=help_text, description=help_text)
+        if needs_image:
+            action.add_argument("image", metavar="IMAGE", help="e.g. ubuntu:24.04 or myreg:5000/team/app:v1.*")
+        action.add_argument("--platform", "-p", required=True, help="the platform (system) in the configuration")
+        action.add_argument("--config", "-c", help="imagemanager.json (default: $IMAGEGW_CONFIG)")
+        action.set_defaults(command=handler)
 
     def service(name: str, handler: Any, help_text: str, *, listens: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -159,9 +176,39 @@ def images_command(args: argparse.Namespace) -> int:
         for tag in record.get("tag") or ["-"]:
             rows.append((tag, record["id"][:12], f"{record.get('size', 0) / 1e6:.1f} MB",
                          _when(record.get("last_pull")), _when(record.get("expiration"))))
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    _print_table(rows)
+    return 0
+
+
+def watch_add_command(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    settings.platform(args.platform)
+    watched = parse_watched(args.image, settings)
+    added = open_watch_list(settings).add(args.platform, watched.image, getpass.getuser())
+    kind = "tag pattern" if watched.is_pattern else "image"
+    print(f"{'watching' if added else 'already watching'} {kind} {watched.image} on {args.platform}; "
+          "its refresh flow pulls what is not READY yet", file=sys.stderr)
+    return 0
+
+
+def watch_remove_command(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    settings.platform(args.platform)
+    watched = parse_watched(args.image, settings)
+    if not open_watch_list(settings).remove(args.platform, watched.image):
+        print(f"imagegw: {args.platform} does not watch {watched.image}", file=sys.stderr)
+        return 1
+    print(f"no longer watching {watched.image} on {args.platform}; its images expire when unused", file=sys.stderr)
+    return 0
+
+
+def watch_list_command(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    settings.platform(args.platform)
+    rows = [("IMAGE", "ADDED BY", "ADDED")]
+    rows += [(entry.image, entry.added_by, _when(entry.added)) for entry in open_watch_list(settings).entries(
+        args.platform)]
+    _print_table(rows)
     return 0
 
 
@@ -210,7 +257,8 @@ def deploy_command(args: argparse.Namespace) -> int:
     done = deploy_platforms(settings)
     for name in done.deployed:
         print(f"deployed {deployment_name(name)} on work pool {work_pool_name(name)} "
-              f"(at most {settings.platform(name).max_concurrent_pulls} at once)")
+              f"(at most {settings.platform(name).max_concurrent_pulls} at once), with its expire "
+              f"({settings.expire_schedule}) and refresh ({settings.refresh_schedule}) schedules")
     for name in done.removed:
         print(f"removed {deployment_name(name)}: the platform is no longer configured (its work pool stays)")
     return 0
@@ -263,6 +311,12 @@ def _progress_shown(store: ImageStore, key: PullKey, *, enabled: bool) -> Iterat
     finally:
         stop.set()
         watcher.join()
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def _print_json(record: dict[str, Any]) -> None:

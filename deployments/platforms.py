@@ -1,5 +1,5 @@
-"""One Prefect work pool per platform, with a deployment of the pull flow and one of the scheduled expire
-flow, so each cluster's pulls can be watched, started and limited on its own in the Prefect UI, and run
+"""One Prefect work pool per platform, with a deployment of the pull flow and ones of the scheduled expire
+and refresh flows, so each cluster's pulls can be watched, started and limited on its own in the Prefect UI, and run
 by workers on any host.
 
 ``imagegw deploy`` registers them from the configuration; ``imagegw worker --platform P`` runs a
@@ -25,9 +25,10 @@ from prefect.workers.process import ProcessWorker
 
 import flows
 from deployments import work_pool_name
-from flows import EXPIRE_FLOW, PULL_FLOW
+from flows import EXPIRE_FLOW, PULL_FLOW, REFRESH_FLOW
 from flows.expire import expire_images
 from flows.pull import pull_image
+from flows.refresh import refresh_images
 from imagegw.config import Platform, Settings
 from imagegw.errors import ConfigError
 
@@ -35,6 +36,7 @@ _CODE_ROOT = Path(flows.__file__).resolve().parent.parent
 """Where the flow's code is on this host; a worker's host must have it at the same path."""
 _PULL_ENTRYPOINT = "flows/pull.py:pull_image"
 _EXPIRE_ENTRYPOINT = "flows/expire.py:expire_images"
+_REFRESH_ENTRYPOINT = "flows/refresh.py:refresh_images"
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ def deploy_platforms(settings: Settings) -> Deployed:
             _ensure_pool(client, platform)
         pull = pull_image.from_source(source=str(_CODE_ROOT), entrypoint=_PULL_ENTRYPOINT)
         expire = expire_images.from_source(source=str(_CODE_ROOT), entrypoint=_EXPIRE_ENTRYPOINT)
+        refresh = refresh_images.from_source(source=str(_CODE_ROOT), entrypoint=_REFRESH_ENTRYPOINT)
         for name, platform in settings.platforms.items():
             common = {"name": name, "work_pool_name": work_pool_name(name), "tags": [f"platform:{name}"],
                       "parameters": {"platform": name, "config": str(settings.source)},
@@ -62,8 +65,10 @@ def deploy_platforms(settings: Settings) -> Deployed:
             pull.deploy(description=f"Pull an image and publish it into {platform.image_location}", **common)
             expire.deploy(description=f"Remove the images of {name} past their expiration",
                           cron=settings.expire_schedule, **common)
+            refresh.deploy(description=f"Pull again the tags in use or watched on {name} whose digest moved",
+                           cron=settings.refresh_schedule, **common)
         removed = []
-        ours = FlowFilter(name=FlowFilterName(any_=[PULL_FLOW, EXPIRE_FLOW]))
+        ours = FlowFilter(name=FlowFilterName(any_=[PULL_FLOW, EXPIRE_FLOW, REFRESH_FLOW]))
         for deployment in client.read_deployments(flow_filter=ours):
             if deployment.name not in settings.platforms:
                 client.delete_deployment(deployment.id)

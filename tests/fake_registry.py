@@ -37,6 +37,7 @@ class Seen:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, str]  # lower-case names
+    method: str = "GET"
 
 
 Reply = tuple[int, dict[str, str], bytes]
@@ -67,6 +68,9 @@ class FakeRegistry:
             def do_GET(self) -> None:  # noqa: N802 - http.server naming
                 fake._answer(self)
 
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server naming
+                fake._answer(self)
+
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass
 
@@ -81,7 +85,8 @@ class FakeRegistry:
 
     def _answer(self, handler: BaseHTTPRequestHandler) -> None:
         parts = urlsplit(handler.path)
-        seen = Seen(parts.path, parse_qs(parts.query), {k.lower(): v for k, v in handler.headers.items()})
+        seen = Seen(parts.path, parse_qs(parts.query), {k.lower(): v for k, v in handler.headers.items()},
+                    handler.command)
         with self._lock:
             self.seen.append(seen)
         route = self.routes.get(parts.path)
@@ -92,11 +97,12 @@ class FakeRegistry:
             for name, value in headers.items():
                 handler.send_header(name, value)
             handler.end_headers()
-            handler.wfile.write(body)
+            if handler.command != "HEAD":
+                handler.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             return  # the client gave up, as the timeout test wants it to
         # A reply shorter than its Content-Length simulates a connection dropped mid-transfer.
-        if len(body) < int(headers["Content-Length"]):
+        if handler.command != "HEAD" and len(body) < int(headers["Content-Length"]):
             handler.close_connection = True
 
     def paths(self, prefix: str = "") -> list[str]:

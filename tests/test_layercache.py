@@ -328,7 +328,8 @@ def fake_image(fake: FakeRegistry, blobs: list[bytes], tars: list[bytes]) -> Res
     layers = tuple(serve(fake, blob) for blob in blobs)
     location = Location(name="test", url=fake.url)
     config = {"rootfs": {"type": "layers", "diff_ids": [sha256(tar) for tar in tars]}}
-    return ResolvedImage(ImageRef(location, "x", "1.0"), "sha256:" + "5" * 64, GZIP, config, layers)
+    digest = "sha256:" + "5" * 64
+    return ResolvedImage(ImageRef(location, "x", "1.0"), digest, GZIP, config, layers, digest)
 
 
 def test_fetch_layers_in_order_with_progress(fake: FakeRegistry, client: RegistryClient, cache: LayerCache) -> None:

@@ -442,12 +442,12 @@ def test_blob_cut_mid_stream_is_unreachable(fake: FakeRegistry) -> None:
 def recorded_responses(client: RegistryClient, monkeypatch: pytest.MonkeyPatch) -> list[requests.Response]:
     """The responses ``client`` gets from now on, to see whether their connections were closed."""
     responses: list[requests.Response] = []
-    get = client._session.get
+    request = client._session.request
 
-    def recording_get(*args: Any, **kwargs: Any) -> requests.Response:
-        responses.append(get(*args, **kwargs))
+    def recording_request(*args: Any, **kwargs: Any) -> requests.Response:
+        responses.append(request(*args, **kwargs))
         return responses[-1]
-    monkeypatch.setattr(client._session, "get", recording_get)
+    monkeypatch.setattr(client._session, "request", recording_request)
     return responses
 
 
@@ -503,6 +503,9 @@ def test_real_registry_index(registry: RunningRegistry, media: str) -> None:
             assert client.resolve(ref_to(registry, repository), platform).manifest_digest == arm64.manifest_digest
         by_digest = client.resolve(ref_to(registry, repository, None, index_digest), PlatformSpec())
         assert by_digest.manifest_digest == amd64.manifest_digest
+        # What a refresh compares: the tag names the index, and one HEAD tells its digest.
+        assert client.resolve(ref_to(registry, repository), PlatformSpec()).tag_digest == index_digest
+        assert client.tag_digest(ref_to(registry, repository)) == index_digest
         with pytest.raises(NoMatchingPlatform) as caught:
             client.resolve(ref_to(registry, repository), PlatformSpec(architecture="ppc64le"))
     assert str(caught.value) == (f"no image for linux/ppc64le in {registry.host}/{repository}:1.0 "
@@ -599,3 +602,55 @@ def test_kept_configs_spare_the_blob_request_and_are_checked(fake: FakeRegistry,
     kept.write_bytes(b'{"tampered": true}')
     assert resolve() == first
     assert len(fake.paths("/v2/team/app/blobs/")) == blob_gets + 1
+
+
+# --------------------------------------------------------------------------- what a refresh asks
+
+
+def test_tag_digest_costs_one_head_request(fake: FakeRegistry) -> None:
+    image = fake.image("team/app", "1.0", [tar_of("a", b"a")])
+    with client_for(fake) as client:
+        assert client.tag_digest(ref_to(fake, "team/app")) == image.digest
+    assert [(seen.method, seen.path) for seen in fake.seen] == [("HEAD", "/v2/team/app/manifests/1.0")]
+
+
+def test_tag_digest_without_a_digest_header_reads_the_manifest(fake: FakeRegistry) -> None:
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": []}).encode()
+    fake.serve("/v2/team/app/manifests/1.0", body, {"Content-Type": OCI_MANIFEST})
+    with client_for(fake) as client:
+        assert client.tag_digest(ref_to(fake, "team/app")) == sha256(body)
+    assert [seen.method for seen in fake.seen] == ["HEAD", "GET"]
+
+
+def test_tag_digest_of_a_missing_tag(fake: FakeRegistry) -> None:
+    fake.routes["/v2/team/app/manifests/9"] = lambda seen: registry_error(404, "MANIFEST_UNKNOWN", "unknown")
+    with client_for(fake) as client, pytest.raises(ManifestUnknown, match="team/app:9"):
+        client.tag_digest(ref_to(fake, "team/app", "9"))
+
+
+def test_tag_list_follows_the_registry_pagination(fake: FakeRegistry) -> None:
+    pages = {"": (["1.0", "1.1"], "/v2/team/app/tags/list?n=2&last=1.1"), "1.1": (["2.0"], None)}
+
+    def tag_page(seen: Seen) -> Reply:
+        tags, following = pages[seen.query.get("last", [""])[0]]
+        headers = {"Link": f'<{following}>; rel="next"'} if following else {}
+        return json_reply(200, {"name": "team/app", "tags": tags}, headers)
+
+    fake.routes["/v2/team/app/tags/list"] = tag_page
+    with client_for(fake) as client:
+        assert client.tags("team/app") == ["1.0", "1.1", "2.0"]
+    assert len(fake.paths("/v2/team/app/tags/list")) == 2
+
+
+def test_tag_list_of_an_unknown_repository(fake: FakeRegistry) -> None:
+    fake.routes["/v2/team/none/tags/list"] = lambda seen: registry_error(404, "NAME_UNKNOWN", "repository name not known")
+    with client_for(fake) as client, pytest.raises(ManifestUnknown, match="repository unknown: .*team/none"):
+        client.tags("team/none")
+
+
+def test_real_registry_tag_list(registry: RunningRegistry) -> None:
+    repository = unique("test/tags")
+    for tag in ("v1.0", "v1.1", "v2.0"):
+        push_image(registry, repository, tag, [LayerBuilder().file("tag", tag.encode())])
+    with client_for(registry) as client:
+        assert sorted(client.tags(repository)) == ["v1.0", "v1.1", "v2.0"]

@@ -58,6 +58,9 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 # are bigger, but anything past this is a broken or hostile registry.
 _MAX_DOCUMENT_BYTES = 32 * 1024 * 1024
 _MAX_REDIRECTS = 5
+_TAGS_PER_PAGE = 1000
+_MAX_TAG_PAGES = 10_000
+"""Ten million tags: past that, a registry's ``next`` links go round in circles."""
 _REDIRECT_CODES = {301, 302, 303, 307, 308}
 _ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64"}
 _CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
@@ -94,6 +97,9 @@ class ResolvedImage:
     manifest_media_type: str
     config: dict[str, Any]
     layers: tuple[LayerDescriptor, ...]
+    tag_digest: str
+    """Digest of what the tag names: the index of a multi-arch image, else the manifest itself.
+    A registry's HEAD on the tag answers with it, so a refresh can tell whether the tag moved."""
 
     @property
     def image_id(self) -> str:
@@ -146,6 +152,7 @@ class RegistryClient:
     def resolve(self, ref: ImageRef, platform: PlatformSpec) -> ResolvedImage:
         """The image ``ref`` names for ``platform``: manifest, config and layers, all digest-checked."""
         manifest = self._fetch_manifest(ref, ref.reference)
+        tag_digest = manifest.digest
         if manifest.media_type in _INDEXES:
             chosen = _choose_platform(manifest.document, platform, ref)
             manifest = self._fetch_manifest(ref, chosen)
@@ -161,12 +168,50 @@ class RegistryClient:
         if not isinstance(raw_layers, list):
             raise UnsupportedManifest(f"malformed manifest for {ref}: no layer list")
         layers = tuple(_descriptor(entry, "layer", ref) for entry in raw_layers)
-        image = ResolvedImage(ref, manifest.digest, manifest.media_type, config, layers)
+        image = ResolvedImage(ref, manifest.digest, manifest.media_type, config, layers, tag_digest)
         if len(image.diff_ids) != len(layers):
             raise UnsupportedManifest(
                 f"{ref}: the image config lists {len(image.diff_ids)} diff_ids for {len(layers)} layers"
             )
         return image
+
+    def tag_digest(self, ref: ImageRef) -> str:
+        """The digest of what ``ref``'s tag names now (see :attr:`ResolvedImage.tag_digest`).
+
+        One HEAD request; a registry that sends no ``Docker-Content-Digest`` costs a GET instead.
+        """
+        response = self._get(self._manifest_url(ref, ref.reference), str(ref), ref.repository,
+                             {"Accept": _ACCEPT}, method="HEAD")
+        with response:
+            if response.status_code == 404:
+                raise ManifestUnknown(f"manifest unknown: {ref}")
+            self._check(response, str(ref))
+            claimed = response.headers.get("Docker-Content-Digest", "")
+        if _DIGEST.fullmatch(claimed):
+            return claimed
+        return self._fetch_manifest(ref, ref.reference).digest
+
+    def tags(self, repository: str) -> list[str]:
+        """Every tag of ``repository``, following the registry's pagination (``Link: <…>; rel="next"``)."""
+        subject = f"the tag list of {self.location.host}/{repository}"
+        url: str | None = f"{self.location.url}/v2/{repository}/tags/list?n={_TAGS_PER_PAGE}"
+        tags: list[str] = []
+        for _ in range(_MAX_TAG_PAGES):
+            if url is None:
+                return tags
+            response = self._get(url, subject, repository, {})
+            if response.status_code == 404:
+                message = _registry_message(response)
+                response.close()
+                raise ManifestUnknown(f"repository unknown: {self.location.host}/{repository} ({message})")
+            self._check(response, subject)
+            following = response.links.get("next", {}).get("url")
+            page = _parse_json(_read_document(response, subject), subject).get("tags") or []
+            if not isinstance(page, list) or not all(isinstance(tag, str) for tag in page):
+                raise RegistryError(f"registry {self.location.host} sent a malformed tag list for {repository}")
+            tags.extend(page)
+            url = urljoin(url, following) if following else None
+        raise RegistryError(f"{subject} runs past {_MAX_TAG_PAGES} pages: the registry's pagination loops")
 
     @contextlib.contextmanager
     def blob_chunks(self, repository: str, digest: str, chunk_size: int) -> Iterator[Iterator[bytes]]:
@@ -200,9 +245,11 @@ class RegistryClient:
 
     # -- manifests and config -------------------------------------------------------------------
 
+    def _manifest_url(self, ref: ImageRef, reference: str) -> str:
+        return f"{self.location.url}/v2/{ref.repository}/manifests/{reference}"
+
     def _fetch_manifest(self, ref: ImageRef, reference: str) -> _Manifest:
-        url = f"{self.location.url}/v2/{ref.repository}/manifests/{reference}"
-        response = self._get(url, str(ref), ref.repository, {"Accept": _ACCEPT})
+        response = self._get(self._manifest_url(ref, reference), str(ref), ref.repository, {"Accept": _ACCEPT})
         if response.status_code == 404:
             codes = _error_codes(response)
             response.close()
@@ -268,9 +315,10 @@ class RegistryClient:
 
     # -- HTTP, authentication and errors --------------------------------------------------------
 
-    def _get(self, url: str, subject: str, repository: str, headers: dict[str, str]) -> requests.Response:
-        """GET with authentication, then follow redirects by hand without it."""
-        response = self._authenticated_get(url, subject, f"repository:{repository}:pull", headers)
+    def _get(self, url: str, subject: str, repository: str, headers: dict[str, str],
+             method: str = "GET") -> requests.Response:
+        """GET (or HEAD) with authentication, then follow redirects by hand without it."""
+        response = self._authenticated_get(url, subject, f"repository:{repository}:pull", headers, method)
         for _ in range(_MAX_REDIRECTS):
             if response.status_code not in _REDIRECT_CODES:
                 return response
@@ -281,7 +329,7 @@ class RegistryClient:
             url = urljoin(url, target)
             # Redirect targets are typically object stores with signed URLs: our credentials or
             # token mean nothing there and must not leak to them (Shifter #232).
-            response = self._send(url, subject, headers)
+            response = self._send(url, subject, headers, method=method)
         if response.status_code in _REDIRECT_CODES:
             response.close()
             raise RegistryError(
@@ -289,14 +337,15 @@ class RegistryClient:
             )
         return response
 
-    def _authenticated_get(self, url: str, subject: str, scope: str, headers: dict[str, str]) -> requests.Response:
+    def _authenticated_get(self, url: str, subject: str, scope: str, headers: dict[str, str],
+                           method: str = "GET") -> requests.Response:
         authorization = self._cached_authorization(scope)
-        response = self._send(url, subject, _with_authorization(headers, authorization))
+        response = self._send(url, subject, _with_authorization(headers, authorization), method=method)
         if response.status_code == 401:
             challenge = response.headers.get("WWW-Authenticate", "")
             response.close()
             authorization = self._authorize(challenge, scope, subject)
-            response = self._send(url, subject, _with_authorization(headers, authorization))
+            response = self._send(url, subject, _with_authorization(headers, authorization), method=method)
         if response.status_code in (401, 403):
             response.close()
             raise self._refused(response.status_code, subject)
@@ -375,11 +424,11 @@ class RegistryClient:
         return "Basic " + base64.b64encode(pair).decode("ascii")
 
     def _send(self, url: str, subject: str, headers: dict[str, str], *, params: dict[str, str] | None = None,
-              auth: tuple[str, str] | None = None) -> requests.Response:
+              auth: tuple[str, str] | None = None, method: str = "GET") -> requests.Response:
         host = urlsplit(url).netloc
         try:
-            return self._session.get(url, headers=headers, params=params, auth=auth, stream=True,
-                                     timeout=self._timeout, verify=self._verify(url), allow_redirects=False)
+            return self._session.request(method, url, headers=headers, params=params, auth=auth, stream=True,
+                                         timeout=self._timeout, verify=self._verify(url), allow_redirects=False)
         except (requests.ConnectionError, requests.Timeout) as exc:
             who = f"registry {host}" if host == self.location.host else f"{host} (used by {self.location.host})"
             # An untrusted certificate stays untrusted: retrying the pull cannot help.

@@ -2,28 +2,25 @@
 
 Each call takes the authenticated :class:`Caller` and raises the gateway's
 errors (the API maps them to HTTP codes). Flow runs are started through a
-``PullLauncher`` the API supplies, so this module knows nothing of Prefect.
+``PullLauncher`` the API supplies (see :mod:`imagegw.service.launch`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from imagegw.access import PUBLIC, Access, AclRequest, parse_acl
 from imagegw.config import Platform, Settings
 from imagegw.disk import scratch_directory
-from imagegw.errors import BadRequest, Forbidden, ImageNotFound, ServiceUnavailable
+from imagegw.errors import BadRequest, Forbidden, ImageNotFound
 from imagegw.expiry import expire_due, expire_image
 from imagegw.plan import plan_pull, pull_key
 from imagegw.publish import copy_importable, publisher_for, render_meta
 from imagegw.registry import normalize_tag
 from imagegw.service.identity import Caller
+from imagegw.service.launch import PullLauncher, start_pull
 from imagegw.store import ImageFacts, ImageStore, PullKey, open_store, to_response
-
-PullLauncher = Callable[[PullKey], str]
-"""Starts the flow run of a claimed pull and returns the run's id."""
 
 LOOKUP_TYPES = ("docker", "custom")
 MAX_METRICS = 1000
@@ -69,18 +66,9 @@ class Gateway:
         ready = store.lookup(job.key)
         if ready is not None and self._still_fresh(ready, access) and caller.may_read(Access.of(ready), platform):
             return to_response(ready)
-        record, claimed = store.claim_pull(job.key, access, self.settings.pull_update_timeout)
-        if not claimed:
-            return to_response(record)
-        if login is not None:
-            store.store_login(job.key, login)
-        try:
-            run_id = self._launch(job.key)
-        except Exception as exc:
-            message = f"cannot start a flow run for {job.key.tag} on {system}: {exc}"
-            store.fail_pull(job.key, message)
-            raise ServiceUnavailable(message) from None
-        return to_response(store.mark_queued(job.key, run_id))
+        started = start_pull(store, self._launch, job.key, access=access, login=login,
+                             retry_failures_after=self.settings.pull_update_timeout)
+        return to_response(started.record)
 
     def import_image(self, caller: Caller, system: str, itype: str, tag: str, body: dict[str, Any]) -> dict[str, Any]:
         """Publish a squashfs file the caller has on the gateway host (users listed in ImportUsers only)."""

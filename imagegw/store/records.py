@@ -8,6 +8,12 @@ Two collections keep what the runtime reads apart from work in progress:
   digest joins it, and a tag moving to a new digest leaves the old record.
 - ``pulls``: one record per (system, type, tag) being pulled, carrying the
   stage (INIT … TRANSFER, READY or FAILURE) and a message a user can act on.
+  Once READY it keeps the digest the tag named (``tag_digest``), which the
+  refresh flow compares with the registry's.
+
+An image's ``last_used`` is when a user last pulled or looked it up. A refresh's
+pull is no use: the image it publishes keeps the ``last_used`` and ``expiration``
+of the one it replaces, so an image nobody uses still expires.
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ class ImageFacts:
     cmd: list[str] | None = None
     workdir: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    tag_digest: str | None = None
+    """What the pulled tag named (see ResolvedImage.tag_digest); kept in the tag's pull record."""
 
     @classmethod
     def of_image(cls, image: ResolvedImage, size: int) -> ImageFacts:
@@ -95,6 +103,7 @@ class ImageFacts:
             cmd=config.get("Cmd") or None,
             workdir=config.get("WorkingDir") or None,
             labels=dict(config.get("Labels") or {}),
+            tag_digest=image.tag_digest,
         )
 
 
@@ -148,13 +157,14 @@ class ImageStore:
 
     # -- pulls ------------------------------------------------------------------------------------
 
-    def claim_pull(self, key: PullKey, access: Access = PUBLIC,
-                   retry_failures_after: float = 0) -> tuple[dict[str, Any], bool]:
+    def claim_pull(self, key: PullKey, access: Access = PUBLIC, retry_failures_after: float = 0,
+                   refresh: bool = False) -> tuple[dict[str, Any], bool]:
         """File a new pull as INIT unless one is already running; (record, whether this call claimed it).
 
         Any number of concurrent callers: exactly one claims. A pull whose run died (its record
         silent past the stale limits) can be claimed again; a FAILURE only after
         ``retry_failures_after`` seconds, so that clients polling a failed pull see the failure.
+        ``refresh``: the refresh flow asks, not a user (see the module's note on ``last_used``).
         """
         now = time.time()
         running = [state.value for state in ACTIVE_STATES if state not in QUEUED_STATES]
@@ -165,7 +175,8 @@ class ImageStore:
             {"status": {"$in": running}, "heartbeat": {"$lt": now - STALE_RUNNING}},
         ]}
         claim = {"$set": {"status": Status.INIT.value, "status_message": "Pull requested", "id": "MISSING",
-                          "last_pull": now, "heartbeat": now, "pull_id": uuid.uuid4().hex, **access.fields()},
+                          "last_pull": now, "heartbeat": now, "pull_id": uuid.uuid4().hex, "refresh": refresh,
+                          **access.fields()},
                  "$unset": {"flow_run_id": ""}}
         try:
             with mongo_errors(duplicates_allowed=True):
@@ -253,6 +264,8 @@ class ImageStore:
     def publish(self, key: PullKey, facts: ImageFacts, access: Access = PUBLIC) -> dict[str, Any]:
         """Record a finished image as READY under the pull's tag and close the pull."""
         now = time.time()
+        pull = self.pull_record(key) or {}
+        replaced = self.lookup(key) if pull.get("refresh") else None
         fields = {
             "itype": key.itype,
             "status": Status.READY.value,
@@ -265,9 +278,10 @@ class ImageStore:
             "WORKDIR": facts.workdir,
             "LABELS": facts.labels,
             "last_pull": now,
-            "expiration": now + self._expiration_timeout,
+            "last_used": replaced.get("last_used", replaced["last_pull"]) if replaced else now,
+            "expiration": replaced["expiration"] if replaced else now + self._expiration_timeout,
             **{name: value for name, value in asdict(facts).items()
-               if name not in ("id", "env", "entry", "cmd", "workdir", "labels")},
+               if name not in ("id", "env", "entry", "cmd", "workdir", "labels", "tag_digest")},
         }
         with mongo_errors():
             # A tag names one image: if it pointed at another digest before, it moves here.
@@ -284,7 +298,7 @@ class ImageStore:
             self._pulls.update_one(
                 key.query(),
                 {"$set": {"status": Status.READY.value, "status_message": "Image ready", "id": facts.id,
-                          "heartbeat": now}},
+                          "heartbeat": now, "tag_digest": facts.tag_digest or facts.manifest_digest}},
                 upsert=True,
             )
         return _upserted(record)
@@ -299,9 +313,29 @@ class ImageStore:
 
     def renew(self, system: str, image_id: str) -> None:
         """Push an image's expiration out again: somebody still uses it."""
+        now = time.time()
+        with mongo_errors():
+            self._images.update_one({"system": system, "id": image_id},
+                                    {"$set": {"expiration": now + self._expiration_timeout, "last_used": now}})
+
+    def hold(self, system: str, image_id: str) -> None:
+        """Push an image's expiration out without counting a use: the platform's watch list holds it."""
         with mongo_errors():
             self._images.update_one({"system": system, "id": image_id},
                                     {"$set": {"expiration": time.time() + self._expiration_timeout}})
+
+    def used_since(self, system: str, since: float) -> list[dict[str, Any]]:
+        """READY images of a system that a user pulled or looked up after ``since`` (epoch)."""
+        return [record for record in self.list_images(system)
+                if record.get("last_used", record.get("last_pull", 0)) >= since]
+
+    def tag_digest(self, key: PullKey) -> str | None:
+        """The digest the tag named when its READY image was pulled (None if it has none)."""
+        image = self.lookup(key)
+        if image is None:
+            return None
+        pull = self.pull_record(key) or {}
+        return pull.get("tag_digest") or image.get("manifest_digest")
 
     def list_images(self, system: str) -> list[dict[str, Any]]:
         """All READY images of a system."""
