@@ -29,6 +29,7 @@ from imagegw.service import (
     encode_credential,
     identify,
 )
+from imagegw.service.notify import check_secret, pull_pushed, pushed_tags
 from imagegw.store import check_reachable, open_database
 
 TAG = "{system}/{itype}/{tag:path}"
@@ -36,7 +37,8 @@ TAG = "{system}/{itype}/{tag:path}"
 
 def create_app(settings: Settings, launcher: PullLauncher | None = None) -> FastAPI:
     """The gateway's API for one configuration; pulls start flow runs through ``launcher``."""
-    gateway = Gateway(settings, launcher or DeploymentLauncher(str(settings.source)))
+    launch = launcher or DeploymentLauncher(str(settings.source))
+    gateway = Gateway(settings, launch)
     app = FastAPI(title="imagegw", summary="Image gateway for HPC clusters (Shifter-compatible API)",
                   default_response_class=JSONResponse, redirect_slashes=False)
     app.add_exception_handler(ImagegwError, gateway_error)
@@ -59,7 +61,7 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
 
     @app.get("/")
     def root() -> dict[str, Any]:
-        return {"service": "imagegw", "api": ["lookup", "pull", "expire", "list", "queue", "metrics"]}
+        return {"service": "imagegw", "api": ["lookup", "pull", "expire", "list", "queue", "metrics", "notify"]}
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:
@@ -105,6 +107,15 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
     @route("GET", "/api/metrics/{system}")
     def metrics(system: str, limit: int = 10, who: Caller = Depends(caller)) -> list[dict[str, Any]]:
         return gateway.metrics(who, system, limit)
+
+    def registry(authorization: str | None = Header(default=None)) -> None:
+        """A notification must carry NotifySecret: checked before its body is read."""
+        check_secret(settings, authorization)
+
+    @route("POST", "/api/notify")
+    def notify(_: None = Depends(registry), body: dict[str, Any] = Depends(_json_body)) -> dict[str, Any]:
+        """A registry's push notification (Distribution or Harbor), authenticated by NotifySecret, not MUNGE."""
+        return {"pulls": [vars(pull) for pull in pull_pushed(settings, launch, pushed_tags(body))]}
 
     return app
 

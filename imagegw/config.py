@@ -31,6 +31,10 @@ DEFAULT_BLOCK_SIZE = 131072
 # without making each pull wait for the others.
 DEFAULT_MAX_CONCURRENT_PULLS = 2
 DEFAULT_EXPIRE_SCHEDULE = "0 * * * *"
+MIN_SECRET_LENGTH = 16
+DEFAULT_REFRESH_SCHEDULE = "*/15 * * * *"
+"""A tag unchanged costs one HEAD request; a quarter hour keeps a pushed watched tag from waiting long
+where the registry sends no notifications."""
 """Hourly: an expired image's files go within the hour, and each pass has little to do."""
 COMPRESSORS = {"gzip": range(1, 10), "xz": range(0, 10), "zstd": range(1, 23), "lz4": range(0, 1)}
 
@@ -45,7 +49,7 @@ _TOP_LEVEL_KEYS = {
     "DefaultImageLocation", "DefaultImageFormat", "PullUpdateTimeout", "PullUpdateTime",
     "ImageExpirationTimeout", "MongoDBURI", "MongoDB", "CacheDirectory", "ExpandDirectory",
     "StateDirectory", "Compression", "BlockSize", "Locations", "Platforms", "Metrics", "ImportUsers",
-    "ExpireSchedule",
+    "ExpireSchedule", "RefreshSchedule", "NotifySecret",
 } | _SHIFTER_KEYS_IGNORED
 _LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
                   "authentication"}
@@ -139,6 +143,10 @@ class Settings:
     import_all_users: bool = False
     expire_schedule: str = DEFAULT_EXPIRE_SCHEDULE
     """Cron schedule of every platform's expire flow (``ExpireSchedule``)."""
+    refresh_schedule: str = DEFAULT_REFRESH_SCHEDULE
+    """Cron schedule of every platform's refresh flow (``RefreshSchedule``)."""
+    notify_secret: str | None = field(default=None, repr=False)
+    """The shared secret registries send with push notifications (``NotifySecret``); None: none accepted."""
 
     def may_import(self, user: str | None) -> bool:
         return self.import_all_users or (user is not None and user in self.import_users)
@@ -214,6 +222,8 @@ class _Reader:
             import_users=self._import_users(raw.get("ImportUsers", "none")),
             import_all_users=raw.get("ImportUsers") == "all",
             expire_schedule=self._cron(raw.get("ExpireSchedule", DEFAULT_EXPIRE_SCHEDULE), "ExpireSchedule"),
+            refresh_schedule=self._cron(raw.get("RefreshSchedule", DEFAULT_REFRESH_SCHEDULE), "RefreshSchedule"),
+            notify_secret=self._secret(raw.get("NotifySecret"), "NotifySecret"),
         )
 
     def _reject_unknown(self, raw: dict[str, Any], known: set[str], prefix: str) -> None:
@@ -237,6 +247,14 @@ class _Reader:
         if not isinstance(value, list) or not all(isinstance(user, str) for user in value):
             raise self.fail("ImportUsers", f"must be 'all', 'none' or a list of user names, not {value!r}")
         return frozenset(value)
+
+    def _secret(self, value: Any, key: str) -> str | None:
+        if value is None:
+            return None
+        secret = self._string(value, key)
+        if len(secret) < MIN_SECRET_LENGTH:
+            raise self.fail(key, f"must be at least {MIN_SECRET_LENGTH} characters, so it cannot be guessed")
+        return secret
 
     def _cron(self, value: Any, key: str) -> str:
         if not isinstance(value, str) or len(value.split()) != 5:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,7 @@ def registry_config(
     *,
     htpasswd: Path | None = None,
     token_server: TokenServer | None = None,
+    notify: Notify | None = None,
 ) -> dict[str, Any]:
     """Build the registry configuration as a dict (written to YAML by the caller)."""
     config: dict[str, Any] = {
@@ -96,6 +98,10 @@ def registry_config(
                 "rootcertbundle": str(token_server.cert_path),
             }
         }
+    if notify is not None:
+        endpoint = {"name": "imagegw", "url": notify.url, "timeout": "2s", "threshold": 3, "backoff": "1s",
+                    "headers": {"Authorization": [notify.authorization]}}
+        config["notifications"] = {"endpoints": [endpoint]}
     return config
 
 
@@ -116,6 +122,15 @@ def _answers(url: str) -> bool:
     except requests.RequestException:
         return False
     return response.status_code in (200, 401)
+
+
+@dataclass(frozen=True)
+class Notify:
+    """Where the registry sends its notifications (Distribution's ``notifications.endpoints``)."""
+
+    url: str
+    authorization: str
+    """The Authorization header sent with each notification."""
 
 
 class RunningRegistry(ChildService):
@@ -158,6 +173,7 @@ class RunningRegistry(ChildService):
         *,
         htpasswd_users: dict[str, str] | None = None,
         token_server: TokenServer | None = None,
+        notify: Notify | None = None,
     ) -> RunningRegistry:
         """Start a registry in ``workdir`` and wait until ``/v2/`` answers.
 
@@ -180,7 +196,8 @@ class RunningRegistry(ChildService):
         elif token_server is not None and token_server.users:
             credentials = next(iter(token_server.users.items()))
         return retry_port_taken(
-            lambda: cls._start_once(binary, workdir, htpasswd, token_server, credentials), _PortTaken, _BIND_ATTEMPTS
+            lambda: cls._start_once(binary, workdir, htpasswd, token_server, credentials, notify), _PortTaken,
+            _BIND_ATTEMPTS
         )
 
     @classmethod
@@ -191,13 +208,14 @@ class RunningRegistry(ChildService):
         htpasswd: Path | None,
         token_server: TokenServer | None,
         credentials: tuple[str, str] | None,
+        notify: Notify | None,
     ) -> RunningRegistry:
         """One start attempt on a fresh port; raises :class:`_PortTaken` on a bind race."""
         port = free_port()
         config_path = workdir / "config.yml"
         write_config(
             config_path,
-            registry_config(port, workdir / "storage", htpasswd=htpasswd, token_server=token_server),
+            registry_config(port, workdir / "storage", htpasswd=htpasswd, token_server=token_server, notify=notify),
         )
         registry = cls(workdir=workdir, port=port, credentials=credentials, token_server=token_server)
         registry._spawn([binary, "serve", str(config_path)], cwd=workdir, env=_clean_env())
