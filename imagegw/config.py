@@ -31,11 +31,12 @@ DEFAULT_BLOCK_SIZE = 131072
 # without making each pull wait for the others.
 DEFAULT_MAX_CONCURRENT_PULLS = 2
 DEFAULT_EXPIRE_SCHEDULE = "0 * * * *"
-MIN_SECRET_LENGTH = 16
+"""Hourly: an expired image's files go within the hour, and each pass has little to do."""
 DEFAULT_REFRESH_SCHEDULE = "*/15 * * * *"
 """A tag unchanged costs one HEAD request; a quarter hour keeps a pushed watched tag from waiting long
 where the registry sends no notifications."""
-"""Hourly: an expired image's files go within the hour, and each pass has little to do."""
+MIN_SECRET_LENGTH = 16
+"""Of NotifySecret: a registry's notifications start pulls, so the secret must not be guessable."""
 COMPRESSORS = {"gzip": range(1, 10), "xz": range(0, 10), "zstd": range(1, 23), "lz4": range(0, 1)}
 
 # Keys Shifter's gateway reads (or once read) that we accept and do not use, so
