@@ -55,7 +55,9 @@ def pull_unpack_squash(client: RegistryClient, manifest: ResolvedImage, cache: L
                        scratch: Path, tracker: PullTracker, recorder: PullRecorder) -> SquashResult:
     """The three stages run side by side, like a shell pipeline: each layer is flattened into
     the tar stream as it downloads, and tar2sqfs compresses the stream as it is written."""
-    with streamed_build([layer.digest for layer in manifest.layers]) as build:
+    digests = [layer.digest for layer in manifest.layers]
+    # Held from before the first download to the last read: eviction cannot take a layer from under the build.
+    with cache.holding(digests), streamed_build(digests) as build:
         pulling = pull.submit(client, manifest, cache, build.arrivals, tracker, recorder)
         # Whatever becomes of the pull (retries included), the unpack stage must stop waiting for layers.
         pulling.add_done_callback(build.downloads_ended)

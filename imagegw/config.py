@@ -37,6 +37,11 @@ DEFAULT_REFRESH_SCHEDULE = "*/15 * * * *"
 where the registry sends no notifications."""
 MIN_SECRET_LENGTH = 16
 """Of NotifySecret: a registry's notifications start pulls, so the secret must not be guessable."""
+# The cache shares its disk with the squashfs files being built and the gateway's state: a quarter
+# of it keeps plenty of layers without crowding them out. Relative, so it fits whatever disk holds it.
+DEFAULT_CACHE_SIZE_PERCENT = 25
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?|%)", re.IGNORECASE)
 COMPRESSORS = {"gzip": range(1, 10), "xz": range(0, 10), "zstd": range(1, 23), "lz4": range(0, 1)}
 
 # Keys Shifter's gateway reads (or once read) that we accept and do not use, so
@@ -50,7 +55,7 @@ _TOP_LEVEL_KEYS = {
     "DefaultImageLocation", "DefaultImageFormat", "PullUpdateTimeout", "PullUpdateTime",
     "ImageExpirationTimeout", "MongoDBURI", "MongoDB", "CacheDirectory", "ExpandDirectory",
     "StateDirectory", "Compression", "BlockSize", "Locations", "Platforms", "Metrics", "ImportUsers",
-    "ExpireSchedule", "RefreshSchedule", "NotifySecret",
+    "ExpireSchedule", "CacheSizeLimit", "RefreshSchedule", "NotifySecret",
 } | _SHIFTER_KEYS_IGNORED
 _LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
                   "authentication"}
@@ -94,6 +99,28 @@ class Compression:
 
     def __str__(self) -> str:
         return self.algorithm if self.level is None else f"{self.algorithm}:{self.level}"
+
+
+@dataclass(frozen=True)
+class SizeLimit:
+    """A cap on the bytes a directory holds: fixed, or a percentage of the filesystem it is on.
+
+    A percentage is turned into bytes when the cap is applied (``of``), so it follows the disk
+    the directory is actually on, even after the directory moves to a bigger one.
+    """
+
+    bytes: int | None = None
+    percent: float | None = None
+    """Of the filesystem's size, when ``bytes`` is None."""
+
+    def of(self, filesystem_size: int) -> int:
+        """The cap in bytes, for a directory on a filesystem of ``filesystem_size`` bytes."""
+        if self.bytes is not None:
+            return self.bytes
+        return int(filesystem_size * (self.percent or 0) / 100)
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.bytes is None else f"{self.bytes} bytes"
 
 
 @dataclass(frozen=True)
@@ -148,6 +175,9 @@ class Settings:
     """Cron schedule of every platform's refresh flow (``RefreshSchedule``)."""
     notify_secret: str | None = field(default=None, repr=False)
     """The shared secret registries send with push notifications (``NotifySecret``); None: none accepted."""
+    cache_size_limit: SizeLimit = SizeLimit(percent=DEFAULT_CACHE_SIZE_PERCENT)
+    """What the layer cache may hold before the expire flow evicts its least recently used layers
+    (``CacheSizeLimit``)."""
 
     def may_import(self, user: str | None) -> bool:
         return self.import_all_users or (user is not None and user in self.import_users)
@@ -225,6 +255,8 @@ class _Reader:
             expire_schedule=self._cron(raw.get("ExpireSchedule", DEFAULT_EXPIRE_SCHEDULE), "ExpireSchedule"),
             refresh_schedule=self._cron(raw.get("RefreshSchedule", DEFAULT_REFRESH_SCHEDULE), "RefreshSchedule"),
             notify_secret=self._secret(raw.get("NotifySecret"), "NotifySecret"),
+            cache_size_limit=self._size_limit(raw.get("CacheSizeLimit", f"{DEFAULT_CACHE_SIZE_PERCENT}%"),
+                                              "CacheSizeLimit"),
         )
 
     def _reject_unknown(self, raw: dict[str, Any], known: set[str], prefix: str) -> None:
@@ -261,6 +293,27 @@ class _Reader:
         if not isinstance(value, str) or len(value.split()) != 5:
             raise self.fail(key, f"must be a cron schedule of five fields (e.g. '0 * * * *'), not {value!r}")
         return value
+
+    def _size_limit(self, value: Any, key: str) -> SizeLimit:
+        """Bytes as a number, or a string: ``"500M"``, ``"1.5T"`` (K, M, G, T: powers of 1024), ``"25%"``."""
+        usage = ("must be a whole number of bytes, a size like '500M', '50G' or '1.5T', "
+                 "or a percentage of the disk ('25%')")
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 1:
+                raise self.fail(key, f"{usage}, more than 0, not {value!r}")
+            return SizeLimit(bytes=value)
+        match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+        if match is None:
+            raise self.fail(key, f"{usage}, not {value!r}")
+        number, unit = float(match.group(1)), match.group(2).upper()
+        if unit == "%":
+            if not 0 < number <= 100:
+                raise self.fail(key, f"{value!r}: a percentage must be more than 0 and at most 100")
+            return SizeLimit(percent=number)
+        size = int(number * _SIZE_UNITS[unit])
+        if size < 1:
+            raise self.fail(key, f"{usage}, more than 0, not {value!r}")
+        return SizeLimit(bytes=size)
 
     def _count(self, value: Any, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

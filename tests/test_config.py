@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegw.config import load_settings
+from imagegw.config import SizeLimit, load_settings
 from imagegw.errors import ConfigError, UnknownPlatform
 
 SHIFTER_EXAMPLE = {
@@ -167,3 +167,49 @@ def test_shifters_ssh_options_become_the_keys_they_mean(tmp_path: Path, monkeypa
     assert not remote.check_host_keys and remote.connect_timeout == 3.0
     assert remote.known_hosts == Path("/etc/imagegw/known_hosts")
     assert "correct horse" not in repr(remote)
+
+
+@pytest.mark.parametrize("value, limit", [
+    (1_000_000, SizeLimit(bytes=1_000_000)),
+    ("500M", SizeLimit(bytes=500 << 20)),
+    ("50G", SizeLimit(bytes=50 << 30)),
+    ("50g", SizeLimit(bytes=50 << 30)),
+    ("1.5T", SizeLimit(bytes=3 << 39)),
+    ("4096", SizeLimit(bytes=4096)),
+    ("10%", SizeLimit(percent=10)),
+    ("12.5 %", SizeLimit(percent=12.5)),
+])
+def test_cache_size_limit_in_bytes_or_a_share_of_the_disk(tmp_path: Path, value: int | str, limit: SizeLimit) -> None:
+    settings = load_settings(write(tmp_path, {**SHIFTER_EXAMPLE, "CacheSizeLimit": value}))
+
+    assert settings.cache_size_limit == limit
+
+
+def test_cache_size_limit_defaults_to_a_quarter_of_the_disk_it_is_on(tmp_path: Path) -> None:
+    limit = load_settings(write(tmp_path, SHIFTER_EXAMPLE)).cache_size_limit
+
+    assert limit.of(400 << 30) == 100 << 30
+    assert limit.of(8 << 40) == 2 << 40
+    assert SizeLimit(bytes=5000).of(400 << 30) == 5000  # a size in bytes is the same on any disk
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("50X", "a size like '500M'"),
+    ("G", "a size like '500M'"),
+    ("", "a size like '500M'"),
+    ("-5G", "a size like '500M'"),
+    (True, "a size like '500M'"),
+    (2.5e9, "a whole number of bytes"),
+    (0, "more than 0"),
+    ("0M", "more than 0"),
+    ("0%", "more than 0 and at most 100"),
+    ("150%", "more than 0 and at most 100"),
+])
+def test_bad_cache_size_limit_names_the_key_and_what_is_wrong(tmp_path: Path, value: object, problem: str) -> None:
+    path = write(tmp_path, {**SHIFTER_EXAMPLE, "CacheSizeLimit": value})
+
+    with pytest.raises(ConfigError) as error:
+        load_settings(path)
+
+    assert str(error.value).startswith(f"CacheSizeLimit in {path}: ")
+    assert problem in str(error.value) and repr(value) in str(error.value)

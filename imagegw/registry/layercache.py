@@ -5,6 +5,10 @@ however many pulls want it, even at the same moment in other threads or
 processes (an ``flock`` per layer serialises them). A layer reaches its final
 name only after its compressed digest, its size and, when known, its diff_id
 have been checked; the cache never holds a partial or unverified layer.
+
+A pull holds its layers (``holding``) while it runs, so eviction (``evict``, see
+``imagegw.housekeeping``) passes them by; each use makes a layer the most recently
+used: its tar's mtime says when it was last wanted.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol, cast
 
@@ -39,6 +44,13 @@ from imagegw.errors import DigestMismatch, LayerError
 from imagegw.registry.client import LayerDescriptor, RegistryClient, ResolvedImage
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_LAYER_NAME = re.compile(r"([0-9a-f]{64})\.tar")
+_PARTIAL_NAME = re.compile(r"\.([0-9a-f]{64})\..+\.partial")
+# Two lock files per layer, under <root>/locks. A download takes the first exclusively; pulls share
+# the second while they use the layer, and eviction needs it exclusively. They must be two files:
+# flock binds to the open file, so one process downloading a layer it also holds would lock itself out.
+_DOWNLOAD_LOCK = ".lock"
+_USE_LOCK = ".use"
 _CHUNK = 1024 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -53,6 +65,16 @@ _WRITEBACK_STEP = 32 * 1024 * 1024
 _ZSTD_SLICE = 256
 # isal's stub declares ``error`` an Exception instance; it is the class of isal's errors.
 _INFLATE_ERROR = cast("type[Exception]", _inflate.error)
+
+
+@dataclass(frozen=True)
+class CachedLayer:
+    """A layer tar in the cache."""
+
+    digest: str
+    size: int
+    used: float
+    """When a pull last wanted it (the tar's mtime)."""
 
 
 class LayerCache:
@@ -74,6 +96,64 @@ class LayerCache:
         """Whether the layer is cached (complete and verified: nothing else gets its name)."""
         return self.path(digest).is_file()
 
+    @contextlib.contextmanager
+    def holding(self, digests: Iterable[str]) -> Iterator[None]:
+        """Keep the layers ``digests`` from eviction while the block runs, and mark the cached ones used.
+
+        Pulls share a layer's use lock, so any number of them hold it at once; eviction needs it
+        exclusively. A layer being evicted at this moment is waited for, then fetched anew.
+        """
+        with contextlib.ExitStack() as held:
+            locks = self.root / "locks"
+            with disk_errors(locks, "holding the layers of a pull"):
+                for digest in dict.fromkeys(digests):
+                    fd = self._open_lock(digest, _USE_LOCK)
+                    held.callback(os.close, fd)
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                    _mark_used(self.path(digest))
+            yield
+
+    def layers(self) -> list[CachedLayer]:
+        """Every layer in the cache, least recently used first."""
+        if not self._layer_dir.is_dir():
+            return []
+        found = []
+        with os.scandir(self._layer_dir) as entries:
+            for entry in entries:
+                name = _LAYER_NAME.fullmatch(entry.name)
+                if name is None:
+                    continue
+                try:
+                    stat = entry.stat()
+                except FileNotFoundError:  # evicted by another sweep meanwhile
+                    continue
+                found.append(CachedLayer(f"sha256:{name.group(1)}", stat.st_size, stat.st_mtime))
+        return sorted(found, key=lambda layer: layer.used)
+
+    def evict(self, digest: str) -> int | None:
+        """Delete a cached layer: the bytes freed (0: it was gone), or None when a pull holds it or
+        downloads it, which keeps it."""
+        with self._lock_if_free(digest, _USE_LOCK) as unused, self._lock_if_free(digest, _DOWNLOAD_LOCK) as idle:
+            if not (unused and idle):
+                return None
+            return _remove(self.path(digest))
+
+    def partials(self) -> list[Path]:
+        """The partial downloads in the cache: live downloads', and those of processes that died."""
+        return sorted(path for path in self._layer_dir.glob(".*.partial") if _PARTIAL_NAME.fullmatch(path.name))
+
+    def remove_partial(self, partial: Path) -> int | None:
+        """Delete a partial download: the bytes freed, or None when its layer is being downloaded."""
+        name = _PARTIAL_NAME.fullmatch(partial.name)
+        if name is None:
+            raise LayerError(f"{partial} is not a partial download of the layer cache")
+        with self._lock_if_free(f"sha256:{name.group(1)}", _DOWNLOAD_LOCK) as idle:
+            return _remove(partial) if idle else None
+
+    @property
+    def _layer_dir(self) -> Path:
+        return self.root / "layers" / "sha256"
+
     def fetch(self, client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None = None,
               progress: Callable[[int], None] | None = None, arrivals: LayerArrivals | None = None) -> Path:
         """The cached tar of ``layer``, downloaded and verified first if needed.
@@ -89,7 +169,7 @@ class LayerCache:
     def _fetch(self, client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None,
                progress: Callable[[int], None] | None, arrivals: LayerArrivals | None) -> Path:
         final = self.path(layer.digest)
-        if final.is_file():
+        if _mark_used(final):
             return final
         # An OSError here is the cache's own files failing (a full disk, say): the registry
         # client turns every network failure into a RegistryError, none of them an OSError.
@@ -104,17 +184,34 @@ class LayerCache:
 
     @contextlib.contextmanager
     def _locked(self, digest: str) -> Iterator[None]:
-        # flock (unlike lockf) binds to the open file, so it excludes other threads of this
-        # process as well as other processes. Lock files stay: deleting one would let a
-        # newcomer lock a fresh file while a waiter still holds the old one.
-        locks = self.root / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"{_hex(digest)}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open_lock(digest, _DOWNLOAD_LOCK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def _lock_if_free(self, digest: str, kind: str) -> Iterator[bool]:
+        """Hold the layer's ``kind`` lock exclusively for the block if nobody else holds it; say whether."""
+        fd = self._open_lock(digest, kind)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+            else:
+                yield True
+        finally:
+            os.close(fd)
+
+    def _open_lock(self, digest: str, kind: str) -> int:
+        # flock (unlike lockf) binds to the open file, so it excludes other threads of this
+        # process as well as other processes. Lock files stay: deleting one would let a
+        # newcomer lock a fresh file while a waiter still holds the old one.
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        return os.open(locks / f"{_hex(digest)}{kind}", os.O_RDWR | os.O_CREAT, 0o644)
 
     @staticmethod
     def _remove_stale_partials(final: Path) -> None:
@@ -445,6 +542,25 @@ class _Zstd:
     def finish(self, emit: Callable[[bytes], None]) -> None:
         if not self._frame.eof:
             raise _Truncated("zstd data ends in the middle of a frame")
+
+
+def _mark_used(path: Path) -> bool:
+    """Make a cached layer the most recently used; False if it is not in the cache."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _remove(path: Path) -> int:
+    """Delete ``path``; the bytes that frees (0 if it was already gone)."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 def _hex(digest: str) -> str:
