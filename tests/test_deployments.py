@@ -6,7 +6,7 @@ from prefect.client.orchestration import get_client
 
 from deployments import deployment_name, work_pool_name
 from deployments.platforms import deploy_platforms
-from flows import EXPIRE_FLOW
+from flows import EXPIRE_FLOW, REFRESH_FLOW
 from tests.gateway_fixtures import Gateway
 
 
@@ -29,6 +29,9 @@ def test_every_platform_gets_a_limited_pool_and_a_deployment_bound_to_it(gateway
         expire = client.read_deployment_by_name(deployment_name("mycluster", EXPIRE_FLOW))
         assert expire.work_pool_name == work_pool_name("mycluster")
         assert [schedule.schedule.cron for schedule in expire.schedules] == ["0 * * * *"]  # hourly by default
+        refresh = client.read_deployment_by_name(deployment_name("mycluster", REFRESH_FLOW))
+        assert refresh.work_pool_name == work_pool_name("mycluster")
+        assert [schedule.schedule.cron for schedule in refresh.schedules] == ["*/15 * * * *"]
 
 
 def test_a_platform_removed_from_the_configuration_loses_its_deployment(gateway: Gateway) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from flows import EXPIRE_FLOW, PULL_FLOW
+from flows import EXPIRE_FLOW, PULL_FLOW, REFRESH_FLOW
 from imagegw.processes import free_port
 from testsupport.images import LayerBuilder, push_image
 from testsupport.munge import RunningMunged
@@ -93,6 +93,18 @@ def flow_run_states(prefect_api: str, flow: str = PULL_FLOW) -> list[str]:
     return [run["state_type"] for run in response.json()]
 
 
+def run_deployment(prefect_api: str, flow: str, platform: str) -> None:
+    """Start a run of a deployment, as an operator's Run button does."""
+    deployment = requests.get(f"{prefect_api}/deployments/name/{flow}/{platform}", timeout=10).json()
+    requests.post(f"{prefect_api}/deployments/{deployment['id']}/create_flow_run", json={},
+                  timeout=10).raise_for_status()
+
+
+def lookup(api: str, image: str, munged: RunningMunged) -> dict[str, Any]:
+    return requests.get(f"{api}/api/lookup/servecluster/docker/{image}/",
+                        headers={"authentication": munged.mint(uid=1000, gid=1000)}, timeout=10).json()
+
+
 def test_serve_pulls_through_the_deployment_and_stops_everything(
         tmp_path: Path, registry: RunningRegistry, munged: RunningMunged) -> None:
     push_image(registry, "serve/app", "1", [LayerBuilder().file("x", b"x")])
@@ -122,6 +134,18 @@ def test_serve_pulls_through_the_deployment_and_stops_everything(
         while flow_run_states(prefect_api) != ["COMPLETED"] and time.monotonic() < deadline:
             time.sleep(0.3)
         assert flow_run_states(prefect_api) == ["COMPLETED"]
+
+        # A watched tag pattern: a refresh run on the worker expands it and starts the pull of the new match.
+        push_image(registry, "serve/team", "v1", [LayerBuilder().file("team", b"v1")])
+        subprocess.run([sys.executable, "-m", "cli", "watch", "add", f"{registry.host}/serve/team:v*",
+                        "-p", "servecluster", "-c", str(config)], check=True, env=gateway_env())
+        run_deployment(prefect_api, REFRESH_FLOW, "servecluster")
+        api = f"http://127.0.0.1:{api_port}"
+        deadline = time.monotonic() + 60
+        while lookup(api, f"{registry.host}/serve/team:v1", munged).get("status") != "READY":
+            assert time.monotonic() < deadline, "the refresh run did not pull the watched tag"
+            time.sleep(0.3)
+        assert COMPLETED in flow_run_states(prefect_api, REFRESH_FLOW)
 
         squashfs = tmp_path / "images" / f"{record['id']}.squashfs"
         deadline = time.monotonic() + 150  # the next minute's run, once the image is 10 s old
