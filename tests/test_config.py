@@ -76,6 +76,9 @@ def test_unknown_platform_names_the_file_and_the_known_ones(tmp_path: Path) -> N
     ({"Compression": "zstd:99"}, "Compression"),
     ({"Compression": "brotli"}, "Compression"),
     ({"BlockSize": 1000}, "BlockSize"),
+    ({"RefreshSchedule": "every 15 minutes"}, "RefreshSchedule"),
+    ({"NotifySecret": "short"}, "NotifySecret"),
+    ({"NotifySecret": 1234567890123456789}, "NotifySecret"),
     ({"PullUpdateTimeout": "5"}, "PullUpdateTimeout"),
     ({"Platforms": {}}, "Platforms"),
     ({"Platforms": {"c": {"accesstype": "ftp", "local": {"imageDir": "/x"}}}}, "Platforms.c.accesstype"),
@@ -213,3 +216,13 @@ def test_bad_cache_size_limit_names_the_key_and_what_is_wrong(tmp_path: Path, va
 
     assert str(error.value).startswith(f"CacheSizeLimit in {path}: ")
     assert problem in str(error.value) and repr(value) in str(error.value)
+
+
+def test_schedules_and_notify_secret_have_documented_defaults(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, SHIFTER_EXAMPLE))
+    assert (settings.expire_schedule, settings.refresh_schedule) == ("0 * * * *", "*/15 * * * *")
+    assert settings.notify_secret is None, "notifications are refused until an operator sets a secret"
+    secret = "s3cret-" + "x" * 16
+    settings = load_settings(write(tmp_path, {**SHIFTER_EXAMPLE, "RefreshSchedule": "5 * * * *", "NotifySecret": secret}))
+    assert (settings.refresh_schedule, settings.notify_secret) == ("5 * * * *", secret)
+    assert secret not in repr(settings)
