@@ -10,6 +10,7 @@ from pathlib import Path
 import pymongo
 
 from tests.api_fixtures import Api, logins
+from tests.fake_registry import FakeRegistry
 from testsupport.images import LayerBuilder, push_image
 
 
@@ -97,7 +98,7 @@ def test_private_image_is_visible_only_to_its_users_groups_and_admins(api: Api, 
         Locations={basic_registry.host: {"url": basic_registry.url}},
         Platforms={"mycluster": {"accesstype": "local", "local": {"imageDir": str(api.gateway.image_dir)},
                                  "mungeSocketPath": api.munged.socket_path, "admins": ["root"]}})
-    payload = logins(default=f"{user}:{password}")
+    payload = logins(**{basic_registry.host: f"{user}:{password}"})
 
     record = api.pull_until_ready(image, uid=1000, gid=1000, payload=payload, json={"allowed_gids": "4242"})
 
@@ -310,3 +311,26 @@ def test_openapi_documentation_is_served(api: Api) -> None:
     assert api.client.get("/docs").status_code == 200
     paths = api.client.get("/openapi.json").json()["paths"]
     assert "/api/pull/{system}/{itype}/{tag}/" in paths
+
+
+def test_a_default_login_goes_to_the_default_location_only(api: Api, basic_registry) -> None:
+    user, password = basic_registry.credentials
+    push_image(basic_registry, "secret/default", "1", [LayerBuilder().file("s", b"s")])
+    snoop = FakeRegistry()  # another registry, asking for Basic credentials: would it get the user's?
+    snoop.routes["/v2/x/app/manifests/1"] = lambda seen: (401, {"WWW-Authenticate": 'Basic realm="snoop"'}, b"")
+    platform = {"accesstype": "local", "local": {"imageDir": str(api.gateway.image_dir)},
+                "mungeSocketPath": api.munged.socket_path}
+    api.gateway.write_config(DefaultImageLocation="site",
+                             Locations={"site": {"url": basic_registry.url}, snoop.host: {"url": snoop.url}},
+                             Platforms={"mycluster": platform})
+    payload = logins(default=f"{user}:{password}")
+    try:
+        ready = api.pull_until_ready("secret/default:1", payload=payload)
+        refused = api.pull_until_ready(f"{snoop.host}/x/app:1", payload=payload)
+    finally:
+        snoop.stop()
+
+    assert ready["status"] == "READY", ready
+    assert refused["status"] == "FAILURE" and "requires credentials" in refused["status_message"]
+    sent = [seen.headers.get("authorization") for seen in snoop.seen]
+    assert sent and sent == [None] * len(sent), "the default login was sent to a registry that is not the default"

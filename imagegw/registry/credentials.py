@@ -2,7 +2,7 @@
 
 Shifter's client sends ``{"authorized_locations": {"default": "user:pass",
 "<location>": "user:pass"}}`` as the credential's payload. A login is used for
-the location it names, else ``default``. Only the first colon separates user
+the location it names (by name or host); ``default`` only for the default location. Only the first colon separates user
 from password: passwords may hold colons (Shifter dropped them). Logins are
 never logged and never shown in messages or reprs.
 """
@@ -44,6 +44,14 @@ def parse_authorized_locations(payload: bytes) -> dict[str, RegistryLogin]:
     return logins
 
 
-def login_for(logins: dict[str, RegistryLogin], location: Location) -> RegistryLogin | None:
-    """The login a user gave for ``location`` (by name or host), else their ``default`` one."""
-    return logins.get(location.name) or logins.get(location.host) or logins.get("default")
+def login_for(logins: dict[str, RegistryLogin], location: Location, default_location: str) -> RegistryLogin | None:
+    """The login a user gave for ``location`` (by name or host); their ``default`` one only when ``location`` is
+    the gateway's default location (``DefaultImageLocation``).
+
+    A ``default`` login handed to whatever registry an image names would give a user's password to
+    anyone who can get them to pull ``evil.example.com/x``.
+    """
+    named = logins.get(location.name) or logins.get(location.host)
+    if named is not None:
+        return named
+    return logins.get("default") if location.name == default_location else None

@@ -60,7 +60,7 @@ class Gateway:
         """Start a pull, or return the image or the pull already running; never two runs for one tag."""
         platform = self.settings.platform(system)
         job = plan_pull(self.settings, pull_key(system, tag, itype))
-        login = caller.login_for(job.ref.location)
+        login = caller.login_for(job.ref.location, self.settings.default_location)
         access = acl.access_for(caller.uid, caller.gid) if login else PUBLIC
         store = self.store()
         ready = store.lookup(job.key)

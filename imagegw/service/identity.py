@@ -31,8 +31,9 @@ class Caller:
         """Whether this caller may read an image of ``platform`` with ``access``."""
         return access.allows(self.uid, self.groups, admin=self.is_admin(platform))
 
-    def login_for(self, location: Location) -> RegistryLogin | None:
-        return login_for(self.logins, location)
+    def login_for(self, location: Location, default_location: str) -> RegistryLogin | None:
+        """The registry login this caller sent for ``location`` (see :func:`imagegw.registry.login_for`)."""
+        return login_for(self.logins, location, default_location)
 
 
 def identify(identity: MungeIdentity) -> Caller:
