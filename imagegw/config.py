@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from imagegw.errors import ConfigError, UnknownPlatform
+from imagegw.hostglob import host_matches
 from imagegw.sshconfig import RemoteAccess, read_remote_access
 
 CONFIG_ENV = "IMAGEGW_CONFIG"
@@ -55,7 +56,7 @@ _TOP_LEVEL_KEYS = {
     "DefaultImageLocation", "DefaultImageFormat", "PullUpdateTimeout", "PullUpdateTime",
     "ImageExpirationTimeout", "MongoDBURI", "MongoDB", "CacheDirectory", "ExpandDirectory",
     "StateDirectory", "Compression", "BlockSize", "Locations", "Platforms", "Metrics", "ImportUsers",
-    "ExpireSchedule", "CacheSizeLimit", "RefreshSchedule", "NotifySecret",
+    "ExpireSchedule", "CacheSizeLimit", "RefreshSchedule", "NotifySecret", "AllowedRegistries",
 } | _SHIFTER_KEYS_IGNORED
 _LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
                   "authentication"}
@@ -179,6 +180,15 @@ class Settings:
     """What the layer cache may hold before the expire flow evicts its least recently used layers
     (``CacheSizeLimit``)."""
 
+    allowed_registries: tuple[str, ...] = ()
+    """Host patterns of the registries images may come from (``AllowedRegistries``, see imagegw.hostglob);
+    ``("*",)`` allows any. Default: the configured Locations' hosts and Docker Hub's."""
+
+    def registry_allowed(self, host: str) -> bool:
+        """Whether images may be pulled from registry ``host``."""
+        return self.allowed_registries == ("*",) or any(host_matches(pattern, host)
+                                                         for pattern in self.allowed_registries)
+
     def may_import(self, user: str | None) -> bool:
         return self.import_all_users or (user is not None and user in self.import_users)
 
@@ -255,6 +265,7 @@ class _Reader:
             expire_schedule=self._cron(raw.get("ExpireSchedule", DEFAULT_EXPIRE_SCHEDULE), "ExpireSchedule"),
             refresh_schedule=self._cron(raw.get("RefreshSchedule", DEFAULT_REFRESH_SCHEDULE), "RefreshSchedule"),
             notify_secret=self._secret(raw.get("NotifySecret"), "NotifySecret"),
+            allowed_registries=self._allowed_registries(raw.get("AllowedRegistries"), locations),
             cache_size_limit=self._size_limit(raw.get("CacheSizeLimit", f"{DEFAULT_CACHE_SIZE_PERCENT}%"),
                                               "CacheSizeLimit"),
         )
@@ -280,6 +291,20 @@ class _Reader:
         if not isinstance(value, list) or not all(isinstance(user, str) for user in value):
             raise self.fail("ImportUsers", f"must be 'all', 'none' or a list of user names, not {value!r}")
         return frozenset(value)
+
+    def _allowed_registries(self, value: Any, locations: dict[str, Location]) -> tuple[str, ...]:
+        if value is None:
+            return tuple(sorted({location.host for location in locations.values()} | DOCKER_HUB_HOSTS))
+        key = "AllowedRegistries"
+        if not isinstance(value, list) or not value or not all(isinstance(item, str) and item for item in value):
+            raise self.fail(key, f"must be a non-empty list of registry host patterns (e.g. [\"*.example.com\", "
+                                 f"\"registry:5000\"], or [\"*\"] for any), not {value!r}")
+        if "*" in value and len(value) > 1:
+            raise self.fail(key, "\"*\" allows every registry: list it alone")
+        for pattern in value:
+            if "/" in pattern or "://" in pattern:
+                raise self.fail(key, f"{pattern!r} is not a host pattern: give the registry's host[:port] only")
+        return tuple(value)
 
     def _secret(self, value: Any, key: str) -> str | None:
         if value is None:

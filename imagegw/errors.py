@@ -24,6 +24,10 @@ class BadImageReference(ImagegwError):
     """An image name that cannot be parsed (e.g. ``ubuntu:``, ``UPPER/case``)."""
 
 
+class RegistryNotAllowed(BadImageReference):
+    """An image on a registry that ``AllowedRegistries`` does not list: refused before any request."""
+
+
 class RegistryError(ImagegwError):
     """The registry refused or failed a request."""
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from imagegw.access import PUBLIC, Access
 from imagegw.config import Platform, Settings
 from imagegw.errors import BadImageReference, RegistryUnauthorized
-from imagegw.registry import ImageRef, PlatformSpec, RegistryLogin, normalize_tag, parse_image_reference
+from imagegw.registry import ImageRef, PlatformSpec, RegistryLogin, image_reference, normalize_tag
 from imagegw.store import PullKey
 
 PULLABLE_TYPES = ("docker",)
@@ -53,7 +53,7 @@ def plan_pull(settings: Settings, key: PullKey, login: RegistryLogin | None = No
         # anonymous pull would quietly publish something else than what was asked.
         raise RegistryUnauthorized(f"{key.tag} was asked for with the requester's registry login, which serves one "
                                    "pull only: the requester must pull it again with their login")
-    ref = parse_image_reference(key.tag, settings.locations, settings.default_location)
+    ref = image_reference(key.tag, settings)
     if login is not None:
         ref = replace(ref, location=replace(ref.location, username=login.username, password=login.password))
     return PullPlan(platform=platform, key=key, ref=ref, access=access)

@@ -18,7 +18,7 @@ from enum import Enum
 from imagegw.access import Access
 from imagegw.config import Location, Platform, Settings
 from imagegw.errors import ImagegwError
-from imagegw.registry import RegistryClient, parse_image_reference
+from imagegw.registry import RegistryClient, image_reference
 from imagegw.service.launch import PullLauncher, start_pull
 from imagegw.store import ImageStore, PullKey
 from imagegw.store.watchlist import WatchList
@@ -126,7 +126,7 @@ class _Refresher:
             return TagRefresh(candidate.image, Outcome.SKIPPED, "private image: it is pulled again only when its "
                                                                 "user pulls it with their registry login")
         try:
-            ref = parse_image_reference(candidate.image, self._settings.locations, self._settings.default_location)
+            ref = image_reference(candidate.image, self._settings)
             digest = self._registries.client(ref.location).tag_digest(ref)
             if ready is not None and digest == self._store.tag_digest(key):
                 if candidate.watched:

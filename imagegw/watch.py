@@ -13,7 +13,7 @@ from fnmatch import fnmatchcase
 
 from imagegw.config import Settings
 from imagegw.errors import BadImageReference
-from imagegw.registry import ImageRef, normalize_tag, parse_image_reference
+from imagegw.registry import ImageRef, image_reference, normalize_tag
 
 _PATTERN_CHARACTERS = frozenset("*?[")
 _TAG_PATTERN = re.compile(r"[A-Za-z0-9_.\-*?\[\]!]{1,128}")
@@ -57,5 +57,5 @@ def parse_watched(text: str, settings: Settings) -> WatchedImage:
         raise BadImageReference(f"{text!r}: the tag pattern {tag!r} may hold letters, digits, '_', '.', '-' and "
                                 "the wildcards '*', '?', '[...]' (at most 128 characters)")
     # The name is checked with a plain tag, whose rules the pattern's wildcards would break.
-    ref = parse_image_reference(f"{name}:latest", settings.locations, settings.default_location)
+    ref = image_reference(f"{name}:latest", settings)
     return WatchedImage(image=image, repository=ImageRef(ref.location, ref.repository, tag=tag))

@@ -334,3 +334,15 @@ def test_a_default_login_goes_to_the_default_location_only(api: Api, basic_regis
     assert refused["status"] == "FAILURE" and "requires credentials" in refused["status_message"]
     sent = [seen.headers.get("authorization") for seen in snoop.seen]
     assert sent and sent == [None] * len(sent), "the default login was sent to a registry that is not the default"
+
+
+def test_a_registry_not_allowed_is_refused_before_any_request(api: Api) -> None:
+    elsewhere = FakeRegistry()
+    try:
+        response = api.pull(f"{elsewhere.host}/x/app:1")
+    finally:
+        elsewhere.stop()
+    assert response.status_code == 400
+    assert response.json()["error"] == (f"registry {elsewhere.host} is not allowed on this gateway "
+                                        "(AllowedRegistries in its configuration)")
+    assert elsewhere.seen == [] and api.launcher.launched == []

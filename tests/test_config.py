@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -223,6 +224,37 @@ def test_schedules_and_notify_secret_have_documented_defaults(tmp_path: Path) ->
     assert (settings.expire_schedule, settings.refresh_schedule) == ("0 * * * *", "*/15 * * * *")
     assert settings.notify_secret is None, "notifications are refused until an operator sets a secret"
     secret = "s3cret-" + "x" * 16
-    settings = load_settings(write(tmp_path, {**SHIFTER_EXAMPLE, "RefreshSchedule": "5 * * * *", "NotifySecret": secret}))
+    changed = {**SHIFTER_EXAMPLE, "RefreshSchedule": "5 * * * *", "NotifySecret": secret}
+    settings = load_settings(write(tmp_path, changed))
     assert (settings.refresh_schedule, settings.notify_secret) == ("5 * * * *", secret)
     assert secret not in repr(settings)
+
+
+def test_allowed_registries_default_to_the_locations_and_docker_hub(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, {**SHIFTER_EXAMPLE, "Locations": {"site": {"url": "https://reg.site:5000"}}}))
+    assert settings.registry_allowed("reg.site:5000")
+    assert settings.registry_allowed("registry-1.docker.io") and settings.registry_allowed("docker.io")
+    assert not settings.registry_allowed("evil.example.com")
+    assert not settings.registry_allowed("reg.site"), "another port is another registry"
+
+
+def test_allowed_registries_are_host_globs_one_label_each(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, {**SHIFTER_EXAMPLE, "AllowedRegistries": ["*.site.example", "gitlab:*"]}))
+    assert settings.registry_allowed("harbor.site.example") and settings.registry_allowed("HARBOR.Site.Example")
+    assert not settings.registry_allowed("a.harbor.site.example")
+    assert settings.registry_allowed("gitlab:5050") and not settings.registry_allowed("gitlab.site")
+    anything = load_settings(write(tmp_path, {**SHIFTER_EXAMPLE, "AllowedRegistries": ["*"]}))
+    assert anything.registry_allowed("a.b.c.example:1234")
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("*.site", "must be a non-empty list"),
+    ([], "must be a non-empty list"),
+    (["*", "reg.site"], "list it alone"),
+    (["https://reg.site/v2/"], "give the registry's host[:port] only"),
+])
+def test_bad_allowed_registries_say_what_is_wrong(tmp_path: Path, value: object, problem: str) -> None:
+    path = write(tmp_path, {**SHIFTER_EXAMPLE, "AllowedRegistries": value})
+    with pytest.raises(ConfigError, match=re.escape(problem)) as error:
+        load_settings(path)
+    assert str(error.value).startswith(f"AllowedRegistries in {path}")

@@ -643,7 +643,7 @@ def test_tag_list_follows_the_registry_pagination(fake: FakeRegistry) -> None:
 
 
 def test_tag_list_of_an_unknown_repository(fake: FakeRegistry) -> None:
-    fake.routes["/v2/team/none/tags/list"] = lambda seen: registry_error(404, "NAME_UNKNOWN", "repository name not known")
+    fake.routes["/v2/team/none/tags/list"] = lambda seen: registry_error(404, "NAME_UNKNOWN", "no such repository")
     with client_for(fake) as client, pytest.raises(ManifestUnknown, match="repository unknown: .*team/none"):
         client.tags("team/none")
 

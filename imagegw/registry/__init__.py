@@ -13,7 +13,7 @@ from imagegw.registry.credentials import (
 )
 from imagegw.registry.layercache import LayerCache, fetch_layers
 from imagegw.registry.progress import DownloadProgress
-from imagegw.registry.reference import ImageRef, normalize_tag, parse_image_reference
+from imagegw.registry.reference import ImageRef, image_reference, normalize_tag, parse_image_reference
 
 __all__ = [
     "DownloadProgress",
@@ -25,6 +25,7 @@ __all__ = [
     "RegistryLogin",
     "ResolvedImage",
     "fetch_layers",
+    "image_reference",
     "login_for",
     "normalize_tag",
     "parse_authorized_locations",

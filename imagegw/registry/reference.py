@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from imagegw.config import DOCKER_HUB_HOSTS, DOCKER_HUB_URL, Location
-from imagegw.errors import BadImageReference
+from imagegw.config import DOCKER_HUB_HOSTS, DOCKER_HUB_URL, Location, Settings
+from imagegw.errors import BadImageReference, RegistryNotAllowed
 
 _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -51,6 +51,16 @@ def normalize_tag(text: str) -> str:
     if ":" not in last and "@" not in last:
         return text + ":latest"
     return text
+
+
+def image_reference(text: str, settings: Settings) -> ImageRef:
+    """``text`` resolved against the configuration; refused, before any request is made, when its registry
+    is not one ``AllowedRegistries`` lists."""
+    ref = parse_image_reference(text, settings.locations, settings.default_location)
+    if not settings.registry_allowed(ref.location.host):
+        raise RegistryNotAllowed(f"registry {ref.location.host} is not allowed on this gateway "
+                                 "(AllowedRegistries in its configuration)")
+    return ref
 
 
 def parse_image_reference(text: str, locations: dict[str, Location], default_location: str) -> ImageRef:
