@@ -7,6 +7,7 @@ from imagegw.registry.client import (
     ResolvedImage,
 )
 from imagegw.registry.credentials import (
+    Credential,
     RegistryLogin,
     login_for,
     parse_authorized_locations,
@@ -16,6 +17,7 @@ from imagegw.registry.progress import DownloadProgress
 from imagegw.registry.reference import ImageRef, image_reference, normalize_tag, parse_image_reference
 
 __all__ = [
+    "Credential",
     "DownloadProgress",
     "ImageRef",
     "LayerCache",

@@ -24,6 +24,28 @@ class RegistryLogin:
     password: str = field(repr=False)
 
 
+@dataclass(frozen=True)
+class Credential:
+    """What to authenticate to a registry with, and where it came from.
+
+    One of: a username and password (Basic, or exchanged for a Bearer token); an identity token
+    (an OAuth2 refresh token, exchanged at the token service); a registry token (sent as it is,
+    as ``Bearer``). ``source`` names where it was found for messages ("environment
+    IMAGEGW_REGISTRY_*_CI", "docker config /root/.docker/config.json", …); never the secret.
+    """
+
+    source: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    identity_token: str | None = field(default=None, repr=False)
+    registry_token: str | None = field(default=None, repr=False)
+
+    @property
+    def has_password(self) -> bool:
+        """Basic credentials are sent only when both parts are there."""
+        return bool(self.username and self.password)
+
+
 def parse_authorized_locations(payload: bytes) -> dict[str, RegistryLogin]:
     """The logins in a credential payload, by location name (``default`` included); empty payload: none."""
     if not payload.strip():
