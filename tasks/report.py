@@ -36,10 +36,10 @@ def pull_markdown(report: PullReport) -> str:
     if report.already_ready:
         outcome = ("Already READY: the digest is unchanged, so nothing was downloaded or built; "
                    "the record was refreshed.")
-        built = [f"| squashfs | {report.squashfs_size / 1e6:.1f} MB (as published before) |"]
+        built = [f"| squashfs | {_amount(report.squashfs_size)} (as published before) |"]
     else:
         outcome = "Pulled, built and published: READY."
-        built = [f"| squashfs | {report.squashfs_size / 1e6:.1f} MB |", f"| compressor | {report.compression} |"]
+        built = [f"| squashfs | {_amount(report.squashfs_size)} |", f"| compressor | {report.compression} |"]
     lines = [
         f"### pull {report.image} for {report.platform}", "", outcome, "",
         "| | |", "|---|---|",
@@ -50,12 +50,20 @@ def pull_markdown(report: PullReport) -> str:
         f"| layers | {report.layers} |",
         f"| layers fetched | {report.layers_fetched} |",
         f"| layers from the cache | {report.layers_cached} |",
-        f"| downloaded | {report.bytes_downloaded / 1e6:.1f} MB ({report.bytes_downloaded} bytes) |",
+        f"| downloaded | {_amount(report.bytes_downloaded)} |",
         *built,
-        f"| published | `{report.published}` |",
+        f"| published | {report.published} |",
         "", "| stage | wall time |", "|---|---|",
         *(f"| {stage.stage} | {stage.seconds:.2f} s |" for stage in report.stages),
     ]
     if not report.already_ready:
         lines += ["", OVERLAP_NOTE]
     return "\n".join(lines)
+
+
+def _amount(size: int) -> str:
+    """``4.2 MB (4200000 bytes)``: readable at a glance, exact for whoever compares it with the registry."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit} ({size} bytes)"
+    return f"{size} bytes"

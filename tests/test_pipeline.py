@@ -342,7 +342,7 @@ def pull_report(state) -> dict[str, str]:
 def test_each_pull_leaves_a_report_of_what_it_fetched_built_and_published(gateway: Gateway) -> None:
     base = LayerBuilder().file("base.bin", os.urandom(50_000))
     push_image(gateway.registry, "test/base", "1", [base])
-    built = push_image(gateway.registry, "test/report", "1", [base, LayerBuilder().file("top", b"t" * 30_000)])
+    built = push_image(gateway.registry, "test/report", "1", [base, LayerBuilder().file("top", os.urandom(30_000))])
     image = gateway.image("test/report:1")
     pull(gateway, gateway.image("test/base:1"))  # leaves the base layer in the cache
 
@@ -359,9 +359,9 @@ def test_each_pull_leaves_a_report_of_what_it_fetched_built_and_published(gatewa
     assert report["compressor"] == "gzip level 1"
     squashfs = gateway.image_dir / f"{image_id}.squashfs"
     assert report["published"] == str(squashfs)
-    assert report["squashfs"] == f"{squashfs.stat().st_size / 1e6:.1f} MB"
+    assert report["squashfs"].endswith(f"({squashfs.stat().st_size} bytes)")
     assert {"resolve", "pull", "unpack", "squash", "transfer", "index"} <= report.keys()
     again = pull_report(repull_state)
     assert again["key"] == report["key"] and "Already READY" in again["text"]
-    assert again["downloaded"].endswith("(0 bytes)") and again["published"] == str(squashfs)
+    assert again["downloaded"] == "0 bytes" and again["published"] == str(squashfs)
     assert "pull" not in again and "squash" not in again  # no stage that did not run is timed
