@@ -65,6 +65,10 @@ def pull_unpack_squash(client: RegistryClient, manifest: ResolvedImage, cache: L
                                   recorder)
         try:
             unpack(build, recorder)
-        finally:
+        except Exception:
             pulling.result()  # a failed download is the cause of whatever else failed: raised first
+            raise
+        # A cancellation (the worker's SIGTERM, a Ctrl-C: not an Exception) does not wait for the
+        # downloads: leaving the build stops them.
+        pulling.result()
         return squashing.result()

@@ -432,3 +432,16 @@ def test_real_token_registry_parallel_layers(token_registry: RunningRegistry, ca
         image = resolve(client, token_registry, repository)
         paths = fetch_layers(client, image, cache, parallel=4)
     assert [path.read_bytes() for path in paths] == tars
+
+
+def test_a_download_stops_once_the_build_that_wanted_it_is_over(fake: FakeRegistry, client: RegistryClient,
+                                                                 cache: LayerCache) -> None:
+    tar = LayerBuilder().file("big", os.urandom(3_000_000)).tar()  # three 1 MiB chunks
+    layer = serve(fake, gzip.compress(tar))
+    arrivals = LayerArrivals([layer.digest])
+
+    with pytest.raises(LayerError, match="download abandoned"):
+        # The build is cancelled once the first chunk is in.
+        cache.fetch(client, "x", layer, sha256(tar), lambda _: arrivals.release(), arrivals)
+
+    assert layer_files(cache) == [], "neither the layer nor its partial file is left in the cache"

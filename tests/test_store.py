@@ -175,3 +175,14 @@ def test_a_pull_stopped_from_outside_is_recorded_as_failure_at_once(store: Image
 
     record = store.pull_record(KEY)
     assert record["status"] == "FAILURE" and record["status_message"].startswith("cancelled by an operator")
+
+
+def test_a_late_progress_report_does_not_undo_a_recorded_failure(store: ImageStore) -> None:
+    store.claim_pull(KEY)
+    tracker = PullTracker(store, KEY)
+
+    with pytest.raises(KeyboardInterrupt), tracker.running():
+        raise KeyboardInterrupt
+    tracker.stage(Status.PULLING, "Pulling layers: 0/1 done, 4.2 of 12.6 MB")  # a download thread, too late
+
+    assert store.pull_record(KEY)["status"] == "FAILURE"

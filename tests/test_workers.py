@@ -3,37 +3,28 @@ never more at once than the platform allows."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
 
 import pytest
-import requests
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
-from prefect.settings import PREFECT_API_URL
 
-from api.launcher import DeploymentLauncher
-from deployments import deployment_name, work_pool_name
+from deployments import deployment_name
+from deployments.launcher import DeploymentLauncher
 from deployments.platforms import deploy_platforms
 from imagegw.access import AclRequest
 from imagegw.service import Caller, Gateway
 from imagegw.store import PullKey
 from tests.gateway_fixtures import Gateway as GatewayFixture
+from tests.worker_fixtures import running_workers
 from testsupport.images import LayerBuilder, push_image
 
 IMAGES = 10
 LIMIT = 2
 ROOT = Caller(uid=0, gid=0, user="root", groups=frozenset({0}))
-
-
-def online_workers(api_url: str, platform: str) -> int:
-    response = requests.post(f"{api_url}/work_pools/{work_pool_name(platform)}/workers/filter", json={}, timeout=5)
-    return sum(1 for worker in response.json() if worker["status"] == "ONLINE")
 
 
 def peak_overlap(spans: list[tuple[datetime, datetime]]) -> int:
@@ -48,35 +39,8 @@ def peak_overlap(spans: list[tuple[datetime, datetime]]) -> int:
 
 @pytest.fixture
 def two_workers(gateway: GatewayFixture) -> Iterator[list[subprocess.Popen[bytes]]]:
-    api_url = PREFECT_API_URL.value()
-    environment = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "IMAGEGW_"))}
-    workers = []
-    for number in (1, 2):
-        log = open(gateway.root / f"worker-{number}.log", "wb")
-        workers.append(subprocess.Popen(
-            [sys.executable, "-m", "cli", "worker", "--platform", "mycluster", "--config", str(gateway.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**environment, "PREFECT_API_URL": api_url,
-                 "IMAGEGW_STATE_DIR": str(gateway.root / f"worker-{number}-state")}))
-        log.close()
-    try:
-        deadline = time.monotonic() + 90
-        while online_workers(api_url, "mycluster") < 2:
-            assert time.monotonic() < deadline, "the two workers did not come online"
-            assert all(worker.poll() is None for worker in workers), "a worker exited"
-            time.sleep(0.5)
+    with running_workers(gateway, "mycluster", 2) as workers:
         yield workers
-    finally:
-        for worker in workers:
-            with_group_killed(worker)
-
-
-def with_group_killed(process: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
 
 
 @pytest.fixture

@@ -30,11 +30,13 @@ class LayerArrivals:
         self._available: dict[str, int] = {}
         self._stored: dict[str, Path] = {}
         self._closed: str | None = None
+        self._released = False
 
     # ------------------------------------------------------------------ what the layer cache reports
 
     def writing(self, digest: str, partial: Path) -> None:
         """A download of ``digest`` began writing its decompressed tar to ``partial``."""
+        self._check_wanted(digest)
         fd = os.open(partial, os.O_RDONLY)
         with self._changed:
             self._replace_fd(digest, fd)
@@ -43,6 +45,7 @@ class LayerArrivals:
 
     def written(self, digest: str, size: int) -> None:
         """The partial file of ``digest`` now holds ``size`` bytes."""
+        self._check_wanted(digest)
         with self._changed:
             self._available[digest] = size
             self._changed.notify_all()
@@ -51,6 +54,7 @@ class LayerArrivals:
         """``digest`` is in the cache, verified, at ``path``."""
         # Opened anew even after a partial file of ours: that may be a failed attempt's, and
         # another process may have stored the layer since.
+        self._check_wanted(digest)
         fd = os.open(path, os.O_RDONLY)
         with self._changed:
             self._replace_fd(digest, fd)
@@ -65,8 +69,14 @@ class LayerArrivals:
             self._changed.notify_all()
 
     def release(self) -> None:
-        """Close the files held open for readers."""
+        """The build is over: close the files held open for readers, and stop the downloads still
+        writing its layers at their next write (that raises LayerError), as no one will read them.
+
+        Only a cancelled build is left with downloads running: it is not held up until they end
+        (a layer can take minutes), and they do not go on filling the cache after it.
+        """
         with self._changed:
+            self._released = True
             for fd in [*self._fds.values(), *self._retired]:
                 os.close(fd)
             self._fds.clear()
@@ -112,6 +122,10 @@ class LayerArrivals:
             self._changed.wait_for(ready)
             self._check_open(digest)
             return self._fds[digest], self._available[digest]
+
+    def _check_wanted(self, digest: str) -> None:
+        if self._released:  # read without the lock: a write more or less before the stop does not matter
+            raise LayerError(f"layer {digest}: download abandoned, as the build that wanted it is over")
 
     def _check_open(self, digest: str) -> None:
         if digest not in self._stored and self._closed is not None:

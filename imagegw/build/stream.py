@@ -80,7 +80,8 @@ class StreamedBuild:
 
 @contextmanager
 def streamed_build(layer_digests: Sequence[str]) -> Iterator[StreamedBuild]:
-    """A :class:`StreamedBuild` of the layers (base first) whose files and pipe are released however it ends."""
+    """A :class:`StreamedBuild` of the layers (base first) whose files and pipe are released however it ends;
+    downloads still writing its layers then stop (see :meth:`LayerArrivals.release`)."""
     build = StreamedBuild(layer_digests)
     try:
         yield build
@@ -153,7 +154,7 @@ class ImageStream:
         try:
             return self._ending.result()
         except BaseException as exc:  # the writer's failure, whatever it was
-            raise SquashError(f"the image stream was abandoned: {exc}") from None
+            raise SquashError(f"the image stream was abandoned: {exc or type(exc).__name__}") from None
 
     def close_reader(self) -> None:
         """The reading end is tar2sqfs's now (or nobody's)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
@@ -16,10 +17,18 @@ class PullTracker:
     def __init__(self, store: ImageStore, key: PullKey) -> None:
         self._store = store
         self.key = key
+        self._writing = threading.Lock()
+        self._failed = False
 
     def stage(self, status: Status, message: str) -> None:
-        """Record the stage the pull has reached, with a message for whoever polls it."""
-        self._store.set_stage(self.key, status, message)
+        """Record the stage the pull has reached, with a message for whoever polls it.
+
+        Once the failure is recorded, nothing is: a download thread of a cancelled pull may still
+        report its progress, and must not turn the FAILURE back into PULLING.
+        """
+        with self._writing:
+            if not self._failed:
+                self._store.set_stage(self.key, status, message)
 
     @contextmanager
     def running(self) -> Iterator[PullTracker]:
@@ -31,13 +40,18 @@ class PullTracker:
         except GeneratorExit:
             raise
         except Exception as exc:
-            self._store.fail_pull(self.key, str(exc) or type(exc).__name__)
+            self._fail(str(exc) or type(exc).__name__)
             raise
         except BaseException:
             # Not an error of the pull's own: a cancellation from the Prefect UI (its worker stops the
             # run's process), SIGTERM or Ctrl-C. Recorded now, not when the heartbeat goes stale.
-            self._store.fail_pull(self.key, "cancelled by an operator, or its process was stopped, before it finished")
+            self._fail("cancelled by an operator, or its process was stopped, before it finished")
             raise
+
+    def _fail(self, message: str) -> None:
+        with self._writing:  # after a stage being written at this moment, never before it
+            self._failed = True
+            self._store.fail_pull(self.key, message)
 
     def _beat(self) -> None:
         with suppress(ImagegwError):  # a missed beat is made up by the next
