@@ -60,6 +60,11 @@ class Api:
     munged: RunningMunged
     launcher: ThreadLauncher
 
+    def reconfigure(self, **overrides: Any) -> None:
+        """Rewrite the configuration and serve the API from it, as a restarted gateway would."""
+        self.gateway.write_config(**overrides)
+        self.client = TestClient(create_app(load_settings(self.gateway.config_path), self.launcher))
+
     def call(self, method: str, path: str, *, uid: int = 1000, gid: int = 1000, payload: bytes = b"",
              credential: str | None = None, **options: Any):
         headers = {"authentication": credential if credential is not None else

@@ -94,7 +94,7 @@ def test_private_image_is_visible_only_to_its_users_groups_and_admins(api: Api, 
     user, password = basic_registry.credentials
     push_image(basic_registry, "secret/app", "1", [LayerBuilder().file("s", b"s")])
     image = f"{basic_registry.host}/secret/app:1"
-    api.gateway.write_config(
+    api.reconfigure(
         Locations={basic_registry.host: {"url": basic_registry.url}},
         Platforms={"mycluster": {"accesstype": "local", "local": {"imageDir": str(api.gateway.image_dir)},
                                  "mungeSocketPath": api.munged.socket_path, "admins": ["root"]}})
@@ -320,9 +320,9 @@ def test_a_default_login_goes_to_the_default_location_only(api: Api, basic_regis
     snoop.routes["/v2/x/app/manifests/1"] = lambda seen: (401, {"WWW-Authenticate": 'Basic realm="snoop"'}, b"")
     platform = {"accesstype": "local", "local": {"imageDir": str(api.gateway.image_dir)},
                 "mungeSocketPath": api.munged.socket_path}
-    api.gateway.write_config(DefaultImageLocation="site",
-                             Locations={"site": {"url": basic_registry.url}, snoop.host: {"url": snoop.url}},
-                             Platforms={"mycluster": platform})
+    api.reconfigure(DefaultImageLocation="site",
+                    Locations={"site": {"url": basic_registry.url}, snoop.host: {"url": snoop.url}},
+                    Platforms={"mycluster": platform})
     payload = logins(default=f"{user}:{password}")
     try:
         ready = api.pull_until_ready("secret/default:1", payload=payload)

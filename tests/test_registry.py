@@ -35,6 +35,7 @@ from imagegw.registry.client import (
     PlatformSpec,
     RegistryClient,
 )
+from imagegw.registry.credentials import Credential
 from imagegw.registry.reference import ImageRef
 from tests.fake_registry import (
     FakeImage,
@@ -207,7 +208,7 @@ def test_index_entry_is_fetched_by_digest_and_verified(fake: FakeRegistry) -> No
      "registry {host} is rate-limiting pulls (HTTP 429) of {host}/x/y:1.0; retry later"),
     (registry_error(400, "NAME_INVALID", "invalid repository name"), RegistryError,
      "registry {host} answered HTTP 400 for {host}/x/y:1.0: NAME_INVALID: invalid repository name"),
-    ((403, {}, b""), RegistryUnauthorized, "registry {host} denied access to {host}/x/y:1.0 with anonymous access"),
+    ((403, {}, b""), RegistryUnauthorized, "registry {host} refused {host}/x/y:1.0 to anonymous access (HTTP 403)"),
 ])
 def test_error_replies(fake: FakeRegistry, reply: Reply, error: type[Exception], message: str) -> None:
     fake.routes["/v2/x/y/manifests/1.0"] = lambda seen: reply
@@ -312,8 +313,8 @@ def test_token_service_refusing_credentials(fake: FakeRegistry) -> None:
     with client_for(fake, username="alice", password="wrong-pw") as client, \
             pytest.raises(RegistryUnauthorized) as caught:
         client.resolve(ref_to(fake, "x"), PlatformSpec())
-    assert str(caught.value) == (f"token service of registry {fake.host} refused the credentials of "
-                                 f"location 'test' for {fake.host}/x:1.0")
+    assert str(caught.value) == (f"authentication failed for {fake.host} (credential from location 'test' in the "
+                                 f"configuration): its token service refused it for {fake.host}/x:1.0")
 
 
 def basic_protected(fake: FakeRegistry) -> None:
@@ -338,8 +339,9 @@ def test_basic_challenge_without_credentials(fake: FakeRegistry) -> None:
     basic_protected(fake)
     with client_for(fake) as client, pytest.raises(RegistryUnauthorized) as caught:
         client.resolve(ref_to(fake, "x"), PlatformSpec())
-    assert str(caught.value) == (f"registry {fake.host} requires credentials to pull {fake.host}/x:1.0; "
-                                 "set username and password for location 'test'")
+    assert str(caught.value).startswith(f"registry {fake.host} requires credentials to pull {fake.host}/x:1.0; "
+                                        "no credential was found for it")
+    assert "username and password of location 'test'" in str(caught.value)
 
 
 def test_basic_with_wrong_password_never_shows_it(fake: FakeRegistry) -> None:
@@ -348,7 +350,8 @@ def test_basic_with_wrong_password_never_shows_it(fake: FakeRegistry) -> None:
     with client_for(fake, username="alice", password="hunter2") as client, \
             pytest.raises(RegistryUnauthorized) as caught:
         client.resolve(ref_to(fake, "x"), PlatformSpec())
-    assert "the credentials of location 'test'" in str(caught.value)
+    assert str(caught.value).startswith(f"authentication failed for {fake.host} (credential from location 'test' "
+                                        "in the configuration)")
     assert "hunter2" not in str(caught.value) and "alice" not in str(caught.value)
 
 
@@ -581,8 +584,9 @@ def test_real_token_registry(token_registry: RunningRegistry) -> None:
     with client_for(token_registry, username=user, password="not-" + password) as client, \
             pytest.raises(RegistryUnauthorized) as caught:
         client.resolve(ref_to(token_registry, repository), PlatformSpec())
-    assert str(caught.value) == (f"token service of registry {token_registry.host} refused the credentials of "
-                                 f"location 'test' for {token_registry.host}/{repository}:1.0")
+    assert str(caught.value) == (f"authentication failed for {token_registry.host} (credential from location 'test' "
+                                 f"in the configuration): its token service refused it for "
+                                 f"{token_registry.host}/{repository}:1.0")
 
 
 def test_kept_configs_spare_the_blob_request_and_are_checked(fake: FakeRegistry, tmp_path: Path) -> None:
@@ -654,3 +658,62 @@ def test_real_registry_tag_list(registry: RunningRegistry) -> None:
         push_image(registry, repository, tag, [LayerBuilder().file("tag", tag.encode())])
     with client_for(registry) as client:
         assert sorted(client.tags(repository)) == ["v1.0", "v1.1", "v2.0"]
+
+
+# --------------------------------------------------------------------------- identity and registry tokens
+
+
+def credential_client(server: RunningRegistry, credential: Credential) -> RegistryClient:
+    return RegistryClient(location_of(server), credential=credential, timeout=5)
+
+
+def test_real_token_registry_with_an_identity_token(token_registry: RunningRegistry) -> None:
+    tokens = token_registry.token_server
+    assert tokens is not None and token_registry.credentials is not None
+    repository = unique("test/identity")
+    built = push_image(token_registry, repository, "1.0", [LayerBuilder().file("f", b"identity")])
+    identity = tokens.issue_refresh_token(token_registry.credentials[0])
+    grants = len(tokens.grants)
+    with credential_client(token_registry, Credential("docker config", identity_token=identity)) as client:
+        assert client.resolve(ref_to(token_registry, repository), PlatformSpec()).manifest_digest == \
+            built.manifest_digest
+    assert tokens.grants[grants:] == ["refresh_token"], "one OAuth2 refresh-token grant, then the token is reused"
+    wrong = Credential("environment IMAGEGW_REGISTRY_*_CI", identity_token="not-" + identity)
+    with credential_client(token_registry, wrong) as client, pytest.raises(RegistryUnauthorized) as caught:
+        client.resolve(ref_to(token_registry, repository), PlatformSpec())
+    assert str(caught.value).startswith(f"authentication failed for {token_registry.host} "
+                                        "(credential from environment IMAGEGW_REGISTRY_*_CI)")
+    assert identity not in str(caught.value)
+
+
+def test_real_token_registry_with_a_registry_token(token_registry: RunningRegistry) -> None:
+    tokens = token_registry.token_server
+    assert tokens is not None and token_registry.credentials is not None
+    repository = unique("test/regtoken")
+    built = push_image(token_registry, repository, "1.0", [LayerBuilder().file("f", b"registry token")])
+    token = tokens.issue_token(token_registry.credentials[0], [f"repository:{repository}:pull"])
+    issued = len(tokens.requests)
+    with credential_client(token_registry, Credential("flag --registry-token", registry_token=token)) as client:
+        image = client.resolve(ref_to(token_registry, repository), PlatformSpec())
+        assert sha256(read_blob(client, repository, image.layers[0].digest)) == built.layer_digests[0]
+    assert len(tokens.requests) == issued, "a registry token is sent as it is, never exchanged"
+
+
+def test_tokens_are_reused_until_they_expire_then_renewed(token_registry: RunningRegistry) -> None:
+    tokens = token_registry.token_server
+    assert tokens is not None and token_registry.credentials is not None
+    repository = unique("test/expiry")
+    built = push_image(token_registry, repository, "1.0", [LayerBuilder().file("f", b"expiring")])
+    user, password = token_registry.credentials
+    tokens.advertised_ttl = 12  # renewed when within 10 s of expiring: good for 2 s
+    try:
+        with credential_client(token_registry, Credential("test", username=user, password=password)) as client:
+            issued = len(tokens.requests)
+            image = client.resolve(ref_to(token_registry, repository), PlatformSpec())
+            read_blob(client, repository, image.layers[0].digest)
+            assert len(tokens.requests) == issued + 1, "one token served the manifest, config and layer"
+            time.sleep(2.5)
+            assert sha256(read_blob(client, repository, image.layers[0].digest)) == built.layer_digests[0]
+            assert len(tokens.requests) == issued + 2, "the expiring token was renewed before it was sent"
+    finally:
+        tokens.advertised_ttl = 300

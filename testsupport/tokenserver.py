@@ -137,6 +137,8 @@ class TokenServer(StoppedOnExit):
         users: accepted Basic credentials.
         requests: (user or None, space-joined scopes) of each token issued.
         rejected: (user, space-joined scopes) of each request refused with 401.
+        grants: how each token was asked for: ``GET`` (Basic or anonymous) or a POST's grant_type.
+        advertised_ttl: the ``expires_in`` the answers give (the tokens themselves live TOKEN_TTL).
     """
 
     def __init__(
@@ -152,6 +154,9 @@ class TokenServer(StoppedOnExit):
         self.issuer = issuer
         self.requests: list[tuple[str | None, str]] = []
         self.rejected: list[tuple[str, str]] = []
+        self.grants: list[str] = []
+        self.advertised_ttl = TOKEN_TTL
+        self._refresh_tokens: dict[str, str] = {}
         self._lock = threading.Lock()
         self._key, self._cert = make_signing_identity("imagegw-test-token-issuer")
         self.cert_path = workdir / "token.crt"
@@ -207,6 +212,40 @@ class TokenServer(StoppedOnExit):
         }
         return sign_jwt(claims, self._key, self._cert)
 
+    def issue_refresh_token(self, user: str) -> str:
+        """An identity token for ``user``: what ``docker login`` keeps for an OAuth2 token service."""
+        token = secrets.token_urlsafe(24)
+        with self._lock:
+            self._refresh_tokens[token] = user
+        return token
+
+    def handle_token_post(self, form: str) -> _Reply:
+        """Answer one ``POST /token`` (OAuth2): ``grant_type=refresh_token`` or ``password``."""
+        fields = {key: values[0] for key, values in parse_qs(form).items()}
+        scopes = [s for s in fields.get("scope", "").split(" ") if s]
+        grant_type = fields.get("grant_type", "")
+        with self._lock:
+            self.grants.append(grant_type)
+            if grant_type == "refresh_token":
+                user = self._refresh_tokens.get(fields.get("refresh_token", ""))
+            elif grant_type == "password":
+                expected = self.users.get(fields.get("username", ""))
+                user = fields["username"] if expected is not None and hmac.compare_digest(
+                    expected.encode(), fields.get("password", "").encode()) else None
+            else:
+                return _Reply(400, {"error": "unsupported_grant_type"}, {})
+        if user is None:
+            with self._lock:
+                self.rejected.append((fields.get("username", ""), " ".join(scopes)))
+            return _Reply(401, {"error": "invalid_grant"}, {})
+        body: dict[str, Any] = {"access_token": self.issue_token(user, scopes), "expires_in": self.advertised_ttl,
+                                "scope": " ".join(scopes)}
+        if grant_type == "password" and fields.get("access_type") == "offline":
+            body["refresh_token"] = self.issue_refresh_token(user)
+        with self._lock:
+            self.requests.append((user, " ".join(scopes)))
+        return _Reply(200, body, {})
+
     def handle_token_request(self, query: str, authorization: str | None) -> _Reply:
         """Answer one ``GET /token`` request (HTTP-independent, for the handler)."""
         params = parse_qs(query)
@@ -230,8 +269,9 @@ class TokenServer(StoppedOnExit):
         token = self.issue_token(user, scopes)
         with self._lock:
             self.requests.append((user, scope_text))
+            self.grants.append("GET")
         issued_at = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body = {"token": token, "access_token": token, "expires_in": TOKEN_TTL, "issued_at": issued_at}
+        body = {"token": token, "access_token": token, "expires_in": self.advertised_ttl, "issued_at": issued_at}
         return _Reply(200, body, {})
 
     def stop(self) -> None:
@@ -245,7 +285,7 @@ class TokenServer(StoppedOnExit):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    """HTTP glue: routes ``GET /token`` to :meth:`TokenServer.handle_token_request`."""
+    """HTTP glue: routes ``GET /token`` and ``POST /token`` to the TokenServer."""
 
     server_version = "imagegw-test-token-server/1"
 
@@ -256,6 +296,15 @@ class _Handler(BaseHTTPRequestHandler):
             return
         owner: TokenServer = self.server.token_server  # type: ignore[attr-defined]
         self._send(owner.handle_token_request(url.query, self.headers.get("Authorization")))
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server naming
+        url = urlsplit(self.path)
+        form = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+        if url.path != "/token":
+            self._send(_Reply(404, {"errors": [{"code": "NOT_FOUND", "message": url.path}]}, {}))
+            return
+        owner: TokenServer = self.server.token_server  # type: ignore[attr-defined]
+        self._send(owner.handle_token_post(form))
 
     def _send(self, reply: _Reply) -> None:
         data = json.dumps(reply.body).encode()

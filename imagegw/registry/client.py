@@ -10,7 +10,6 @@ Credentials and tokens never appear in messages.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -37,6 +36,8 @@ from imagegw.errors import (
     RegistryUnreachable,
     UnsupportedManifest,
 )
+from imagegw.registry.auth import Authenticator
+from imagegw.registry.credentials import Credential, configured_credential
 from imagegw.registry.reference import ImageRef
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -63,7 +64,6 @@ _MAX_TAG_PAGES = 10_000
 """Ten million tags: past that, a registry's ``next`` links go round in circles."""
 _REDIRECT_CODES = {301, 302, 303, 307, 308}
 _ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "aarch64": "arm64"}
-_CHALLENGE_PARAM = re.compile(r'(\w+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))')
 
 
 @dataclass(frozen=True)
@@ -127,17 +127,17 @@ class _Manifest(NamedTuple):
 class RegistryClient:
     """Talks to one registry location; safe to share between download threads."""
 
-    def __init__(self, location: Location, *, timeout: float = 60.0, user_agent: str = "imagegw",
-                 config_cache: Path | None = None) -> None:
-        """``config_cache``: a directory keeping image configs by digest, so a re-pull fetches no blob."""
+    def __init__(self, location: Location, *, credential: Credential | None = None, timeout: float = 60.0,
+                 user_agent: str = "imagegw", config_cache: Path | None = None) -> None:
+        """``credential``: what to authenticate with (default: the location's configured username and
+        password, if it has them; else anonymous). ``config_cache``: a directory keeping image configs
+        by digest, so a re-pull fetches no blob."""
         self.location = location
         self._timeout = timeout
         self._config_cache = config_cache
         self._session = requests.Session()
         self._session.headers["User-Agent"] = user_agent
-        # Authorization header per token scope; layer threads read and refresh it concurrently.
-        self._auth: dict[str, str] = {}
-        self._auth_lock = threading.Lock()
+        self._auth = Authenticator(location, credential or configured_credential(location), self._send)
 
     def __enter__(self) -> RegistryClient:
         return self
@@ -339,95 +339,25 @@ class RegistryClient:
 
     def _authenticated_get(self, url: str, subject: str, scope: str, headers: dict[str, str],
                            method: str = "GET") -> requests.Response:
-        authorization = self._cached_authorization(scope)
+        authorization = self._auth.cached(scope)
         response = self._send(url, subject, _with_authorization(headers, authorization), method=method)
         if response.status_code == 401:
             challenge = response.headers.get("WWW-Authenticate", "")
             response.close()
-            authorization = self._authorize(challenge, scope, subject)
+            authorization = self._auth.authorize(challenge, scope, subject)
             response = self._send(url, subject, _with_authorization(headers, authorization), method=method)
         if response.status_code in (401, 403):
             response.close()
-            raise self._refused(response.status_code, subject)
+            raise self._auth.refused(response.status_code, subject)
         return response
 
-    def _cached_authorization(self, scope: str) -> str | None:
-        with self._auth_lock:
-            cached = self._auth.get(scope)
-        if cached is None and self.location.auth_method == "basic" and self._has_credentials():
-            return self._basic()
-        return cached
-
-    def _authorize(self, challenge: str, scope: str, subject: str) -> str:
-        """The Authorization header the 401 ``challenge`` asks for, remembered for ``scope``."""
-        scheme, params = _parse_challenge(challenge)
-        if scheme == "bearer":
-            authorization = "Bearer " + self._token(params, scope, subject)
-        elif scheme == "basic":
-            if not self._has_credentials():
-                raise RegistryUnauthorized(
-                    f"registry {self.location.host} requires credentials to pull {subject}; "
-                    f"set username and password for location '{self.location.name}'"
-                )
-            authorization = self._basic()
-        else:
-            raise RegistryUnauthorized(
-                f"registry {self.location.host} refused {subject} and asked for "
-                f"{'unsupported authentication ' + repr(scheme) if scheme else 'no known authentication'}"
-            )
-        with self._auth_lock:
-            self._auth[scope] = authorization
-        return authorization
-
-    def _token(self, params: dict[str, str], scope: str, subject: str) -> str:
-        realm = params.get("realm")
-        if not realm:
-            raise RegistryError(f"registry {self.location.host} asked for a token without naming a token service")
-        query = {"scope": params.get("scope") or scope}
-        if params.get("service"):
-            query["service"] = params["service"]
-        username, password = self.location.username, self.location.password
-        auth = (username, password) if username and password else None
-        with self._send(realm, subject, {}, params=query, auth=auth) as response:
-            if response.status_code in (401, 403):
-                raise RegistryUnauthorized(
-                    f"token service of registry {self.location.host} refused "
-                    f"{self._whose_credentials()} for {subject}"
-                )
-            self._check(response, subject)
-            try:
-                answer = response.json()
-                token = answer.get("token") or answer.get("access_token")
-            except (ValueError, AttributeError):
-                token = None
-        if not isinstance(token, str) or not token:
-            raise RegistryError(f"token service of registry {self.location.host} returned no token for {subject}")
-        return token
-
-    def _refused(self, status: int, subject: str) -> RegistryUnauthorized:
-        verb = "denied access to" if status == 403 else "refused"
-        return RegistryUnauthorized(
-            f"registry {self.location.host} {verb} {subject} with {self._whose_credentials()} "
-            f"(HTTP {status}); check the image name and that the account may pull it"
-        )
-
-    def _whose_credentials(self) -> str:
-        if self._has_credentials():
-            return f"the credentials of location '{self.location.name}'"
-        return f"anonymous access, as location '{self.location.name}' has no username and password"
-
-    def _has_credentials(self) -> bool:
-        return bool(self.location.username and self.location.password)
-
-    def _basic(self) -> str:
-        pair = f"{self.location.username}:{self.location.password}".encode()
-        return "Basic " + base64.b64encode(pair).decode("ascii")
-
     def _send(self, url: str, subject: str, headers: dict[str, str], *, params: dict[str, str] | None = None,
-              auth: tuple[str, str] | None = None, method: str = "GET") -> requests.Response:
+              auth: tuple[str, str] | None = None, method: str = "GET",
+              data: dict[str, str] | None = None) -> requests.Response:
         host = urlsplit(url).netloc
         try:
-            return self._session.request(method, url, headers=headers, params=params, auth=auth, stream=True,
+            return self._session.request(method, url, headers=headers, params=params, auth=auth, data=data,
+                                         stream=True,
                                          timeout=self._timeout, verify=self._verify(url), allow_redirects=False)
         except (requests.ConnectionError, requests.Timeout) as exc:
             who = f"registry {host}" if host == self.location.host else f"{host} (used by {self.location.host})"
@@ -502,14 +432,6 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 def _with_authorization(headers: dict[str, str], authorization: str | None) -> dict[str, str]:
     return {**headers, "Authorization": authorization} if authorization else headers
-
-
-def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
-    """``Bearer realm="…",service="…"`` → (``bearer``, {realm, service, …})."""
-    scheme, _, rest = header.strip().partition(" ")
-    params = {key.lower(): quoted.replace('\\"', '"') if quoted else bare
-              for key, quoted, bare in _CHALLENGE_PARAM.findall(rest)}
-    return scheme.lower(), params
 
 
 def _errors(response: requests.Response) -> list[dict[str, Any]]:

@@ -77,3 +77,11 @@ def login_for(logins: dict[str, RegistryLogin], location: Location, default_loca
     if named is not None:
         return named
     return logins.get("default") if location.name == default_location else None
+
+
+def configured_credential(location: Location) -> Credential | None:
+    """The username and password ``imagemanager.json`` gives a location, if it gives both."""
+    if location.username and location.password:
+        return Credential(source=f"location '{location.name}' in the configuration", username=location.username,
+                          password=location.password)
+    return None
