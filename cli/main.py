@@ -23,6 +23,8 @@ from deployments import deployment_name, work_pool_name
 from imagegw.config import Settings, load_settings
 from imagegw.errors import ConfigError, ImagegwError
 from imagegw.plan import plan_pull, pull_key
+from imagegw.registry import Credential
+from imagegw.registry.keychain import FLAGS, HandedCredential
 from imagegw.store import (
     ImageStore,
     PullKey,
@@ -84,6 +86,14 @@ def _parser() -> argparse.ArgumentParser:
 
     pull = command("pull", pull_command, "Pull an image and publish it as a squashfs; print its record.")
     pull.add_argument("--verbose", "-v", action="store_true", help="show Prefect's flow and task logs")
+    login = pull.add_mutually_exclusive_group()
+    login.add_argument("--registry-username", metavar="USER",
+                       help="log in to the image's registry as USER (the password is asked for, hidden, unless "
+                            "--registry-password gives it); environment variables IMAGEGW_REGISTRY_* come first")
+    pull.add_argument("--registry-password", metavar="PASSWORD", help="with --registry-username")
+    login.add_argument("--registry-token", metavar="TOKEN", help="a registry token, sent as it is")
+    login.add_argument("--registry-anon", action="store_true",
+                       help="pull anonymously, whatever the configuration or docker config hold")
     command("lookup", lookup_command, "Print the READY record of an image, or exit 1.")
     command("images", images_command, "List the READY images of a platform.", image=False)
     watch = commands.add_parser("watch", help="Keep a platform's watch list: images its refresh flow holds READY.",
@@ -136,11 +146,14 @@ def pull_command(args: argparse.Namespace) -> int:
     # garbage collector's passes, which otherwise walk all of Prefect's objects again and again.
     gc.freeze()
 
+    flags = _flag_credential(args)
     store = open_store(settings)
     record, claimed = store.claim_pull(job.key)
     if not claimed:
         raise ImagegwError(f"{job.key.tag} is already being pulled for {job.key.system} "
                            f"({record.get('status')}: {record.get('status_message')})")
+    if flags is not None:
+        store.store_login(job.key, flags)
     with _progress_shown(store, job.key, enabled=sys.stderr.isatty()):
         state = asyncio.run(pull_image(args.image, args.platform, str(settings.source), return_state=True))
     record = store.lookup(job.key) if state.is_completed() else None
@@ -154,6 +167,24 @@ def pull_command(args: argparse.Namespace) -> int:
     squashfs = f"{job.platform.image_location}/{record['id']}.squashfs"
     print(f"imagegw: {job.key.tag} is READY: {squashfs}", file=sys.stderr)
     return 0
+
+
+def _flag_credential(args: argparse.Namespace) -> HandedCredential | None:
+    """The credential the ``--registry-*`` flags give, handed to the flow run like a request's login."""
+    if args.registry_password is not None and args.registry_username is None:
+        raise ConfigError("--registry-password needs --registry-username")
+    if args.registry_username is not None:
+        password = args.registry_password
+        if password is None:
+            password = getpass.getpass(f"password of {args.registry_username}: ")
+        credential = Credential("flag --registry-username", username=args.registry_username, password=password)
+    elif args.registry_token is not None:
+        credential = Credential("flag --registry-token", registry_token=args.registry_token)
+    elif args.registry_anon:
+        credential = Credential("flag --registry-anon")
+    else:
+        return None
+    return HandedCredential(credential, FLAGS)
 
 
 def lookup_command(args: argparse.Namespace) -> int:

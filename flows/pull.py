@@ -38,7 +38,7 @@ async def pull_image(image: str, platform: str, config: str | None = None) -> di
     with PullTracker(store, key).running() as tracker, scratch_directory(settings.expand_dir, "pull-") as scratch, \
             publisher_for(target) as publisher:
         job = plan(store, settings, key)
-        with RegistryClient(job.ref.location, config_cache=cache.config_dir) as client:
+        with RegistryClient(job.ref.location, credential=job.credential, config_cache=cache.config_dir) as client:
             manifest = resolve(client, job, tracker, recorder)
             access = settle_access(store, job, manifest)
             squashfs = None

@@ -57,8 +57,10 @@ _TOP_LEVEL_KEYS = {
     "ImageExpirationTimeout", "MongoDBURI", "MongoDB", "CacheDirectory", "ExpandDirectory",
     "StateDirectory", "Compression", "BlockSize", "Locations", "Platforms", "Metrics", "ImportUsers",
     "ExpireSchedule", "CacheSizeLimit", "RefreshSchedule", "NotifySecret", "AllowedRegistries",
+    "SealKeyFile",
 } | _SHIFTER_KEYS_IGNORED
 _LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
+                  "passwordFile", "passwordEnv",
                   "authentication"}
 _PLATFORM_KEYS = {"mungeSocketPath", "accesstype", "admins", "local", "ssh", "host", "use_external",
                   "policy_file", "arch", "os", "variant", "Compression", "BlockSize", "usergroupService",
@@ -180,9 +182,15 @@ class Settings:
     """What the layer cache may hold before the expire flow evicts its least recently used layers
     (``CacheSizeLimit``)."""
 
+    seal_key_file: Path | None = None
+    """The key sealing registry logins in MongoDB (``SealKeyFile``; default: ``<state>/seal.key``)."""
     allowed_registries: tuple[str, ...] = ()
     """Host patterns of the registries images may come from (``AllowedRegistries``, see imagegw.hostglob);
     ``("*",)`` allows any. Default: the configured Locations' hosts and Docker Hub's."""
+
+    @property
+    def seal_key_path(self) -> Path:
+        return self.seal_key_file or self.state_dir / "seal.key"
 
     def registry_allowed(self, host: str) -> bool:
         """Whether images may be pulled from registry ``host``."""
@@ -266,6 +274,7 @@ class _Reader:
             refresh_schedule=self._cron(raw.get("RefreshSchedule", DEFAULT_REFRESH_SCHEDULE), "RefreshSchedule"),
             notify_secret=self._secret(raw.get("NotifySecret"), "NotifySecret"),
             allowed_registries=self._allowed_registries(raw.get("AllowedRegistries"), locations),
+            seal_key_file=self._path(raw.get("SealKeyFile"), "SealKeyFile"),
             cache_size_limit=self._size_limit(raw.get("CacheSizeLimit", f"{DEFAULT_CACHE_SIZE_PERCENT}%"),
                                               "CacheSizeLimit"),
         )
@@ -305,6 +314,14 @@ class _Reader:
             if "/" in pattern or "://" in pattern:
                 raise self.fail(key, f"{pattern!r} is not a host pattern: give the registry's host[:port] only")
         return tuple(value)
+
+    def _path(self, value: Any, key: str) -> Path | None:
+        if value is None:
+            return None
+        path = Path(self._string(value, key)).expanduser()
+        if not path.is_absolute():
+            raise self.fail(key, f"must be an absolute path, not {value!r}")
+        return path
 
     def _secret(self, value: Any, key: str) -> str | None:
         if value is None:
@@ -416,7 +433,30 @@ class _Reader:
         scheme = "http" if spec.get("insecure") else parts.scheme
         return Location(name=name, url=f"{scheme}://{parts.netloc}",
                         auth_method=auth_method, cacert=cacert,
-                        username=spec.get("username"), password=spec.get("password"))
+                        username=spec.get("username"), password=self._location_password(spec, key))
+
+    def _location_password(self, spec: dict[str, Any], key: str) -> str | None:
+        """A location's password: in the file itself, or (so it need not be) in a file or a variable."""
+        given = [name for name in ("password", "passwordFile", "passwordEnv") if name in spec]
+        if len(given) > 1:
+            raise self.fail(f"{key}.{given[1]}", f"give one of password, passwordFile and passwordEnv, not "
+                                                f"{' and '.join(given)}")
+        if given and not spec.get("username"):
+            raise self.fail(f"{key}.username", f"{given[0]} needs a username")
+        if "passwordFile" in spec:
+            path = Path(self._string(spec["passwordFile"], f"{key}.passwordFile")).expanduser()
+            try:
+                return path.read_text().rstrip("\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not text"
+                raise self.fail(f"{key}.passwordFile", f"cannot read {str(path)!r}: {reason}") from None
+        if "passwordEnv" in spec:
+            variable = self._string(spec["passwordEnv"], f"{key}.passwordEnv")
+            if not os.environ.get(variable):
+                raise self.fail(f"{key}.passwordEnv", f"the environment variable {variable} is not set")
+            return os.environ[variable]
+        password = spec.get("password")
+        return None if password is None else self._string(password, f"{key}.password")
 
     def _platforms(self, raw: Any, compression: Compression, block_size: int) -> dict[str, Platform]:
         if not isinstance(raw, dict) or not raw:

@@ -6,12 +6,13 @@ passwords no stage needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 from imagegw.access import PUBLIC, Access
 from imagegw.config import Platform, Settings
 from imagegw.errors import BadImageReference, RegistryUnauthorized
-from imagegw.registry import ImageRef, PlatformSpec, RegistryLogin, image_reference, normalize_tag
+from imagegw.registry import Credential, ImageRef, PlatformSpec, image_reference, normalize_tag
+from imagegw.registry.keychain import HandedCredential, Keychain
 from imagegw.store import PullKey
 
 PULLABLE_TYPES = ("docker",)
@@ -24,9 +25,10 @@ class PullPlan:
     platform: Platform
     key: PullKey
     ref: ImageRef
-    """The image, its location carrying the requester's registry login when one was given."""
     access: Access = PUBLIC
     """Who the requester asked to be able to read the image."""
+    credential: Credential | None = field(default=None, repr=False)
+    """What to authenticate to the registry with (see imagegw.registry.keychain); None: anonymous."""
 
     @property
     def wanted_platform(self) -> PlatformSpec:
@@ -41,19 +43,17 @@ def pull_key(platform: str, image: str, itype: str = "docker") -> PullKey:
     return PullKey(system=platform, itype=itype, tag=normalize_tag(image))
 
 
-def plan_pull(settings: Settings, key: PullKey, login: RegistryLogin | None = None,
-              access: Access = PUBLIC) -> PullPlan:
-    """Resolve the platform and the image name against the configuration.
-
-    A requester's registry login replaces the configured one for the image's location.
+def plan_pull(settings: Settings, key: PullKey, handed: HandedCredential | None = None,
+              access: Access = PUBLIC, keychain: Keychain | None = None) -> PullPlan:
+    """Resolve the platform and the image name against the configuration; with a ``keychain``, the
+    registry credential too (a requester's login or the CLI's flags, ``handed``, taking their place in it).
     """
     platform = settings.platform(key.system)
-    if access.private and login is None:
+    if access.private and handed is None:
         # A re-run of a private pull (from the Prefect UI, say): its login was for one run only, and an
         # anonymous pull would quietly publish something else than what was asked.
         raise RegistryUnauthorized(f"{key.tag} was asked for with the requester's registry login, which serves one "
                                    "pull only: the requester must pull it again with their login")
     ref = image_reference(key.tag, settings)
-    if login is not None:
-        ref = replace(ref, location=replace(ref.location, username=login.username, password=login.password))
-    return PullPlan(platform=platform, key=key, ref=ref, access=access)
+    credential = keychain.credential_for(ref, handed) if keychain is not None else None
+    return PullPlan(platform=platform, key=key, ref=ref, access=access, credential=credential)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from enum import Enum
 
 from imagegw.access import Access
-from imagegw.config import Location, Platform, Settings
+from imagegw.config import Platform, Settings
 from imagegw.errors import ImagegwError
-from imagegw.registry import RegistryClient, image_reference
+from imagegw.registry import Credential, ImageRef, RegistryClient, image_reference
+from imagegw.registry.keychain import Keychain
 from imagegw.service.launch import PullLauncher, start_pull
 from imagegw.store import ImageStore, PullKey
 from imagegw.store.watchlist import WatchList
@@ -72,16 +73,19 @@ def refresh_platform(settings: Settings, platform: Platform, store: ImageStore, 
 
 
 class _Registries(ExitStack):
-    """One client per registry location for the whole refresh, so its token serves every tag."""
+    """One client per registry location and credential for the whole refresh, so its tokens serve every tag."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._clients: dict[str, RegistryClient] = {}
+        self._keychain = Keychain()
+        self._clients: dict[tuple[str, Credential | None], RegistryClient] = {}
 
-    def client(self, location: Location) -> RegistryClient:
-        if location.name not in self._clients:
-            self._clients[location.name] = self.enter_context(RegistryClient(location))
-        return self._clients[location.name]
+    def client(self, ref: ImageRef) -> RegistryClient:
+        credential = self._keychain.credential_for(ref)
+        if (ref.location.name, credential) not in self._clients:
+            client = self.enter_context(RegistryClient(ref.location, credential=credential))
+            self._clients[ref.location.name, credential] = client
+        return self._clients[ref.location.name, credential]
 
 
 class _Refresher:
@@ -127,7 +131,7 @@ class _Refresher:
                                                                 "user pulls it with their registry login")
         try:
             ref = image_reference(candidate.image, self._settings)
-            digest = self._registries.client(ref.location).tag_digest(ref)
+            digest = self._registries.client(ref).tag_digest(ref)
             if ready is not None and digest == self._store.tag_digest(key):
                 if candidate.watched:
                     self._store.hold(self._platform.name, ready["id"])
@@ -146,6 +150,6 @@ class _Refresher:
         watched = parse_watched(text, self._settings)
         if not watched.is_pattern:
             return [watched.image]
-        client = self._registries.client(watched.repository.location)
+        client = self._registries.client(watched.repository)
         return [watched.image_for(tag) for tag in sorted(client.tags(watched.repository.repository))
                 if watched.matches(watched.repository.location.host, watched.repository.repository, tag)]

@@ -13,6 +13,7 @@ from imagegw.plan import PullPlan, plan_pull
 from imagegw.publish import PublishedImage, Publisher
 from imagegw.pullreport import PullRecorder
 from imagegw.registry import ResolvedImage
+from imagegw.registry.keychain import Keychain
 from imagegw.store import ImageFacts, ImageStore, PullKey, to_response
 from tasks.retry import transient_failure
 
@@ -21,7 +22,8 @@ from tasks.retry import transient_failure
 @task(name="plan", cache_policy=NONE, persist_result=False)
 def plan(store: ImageStore, settings: Settings, key: PullKey) -> PullPlan:
     """Gather what the pull needs: the image's location, the requester's login and requested access."""
-    return plan_pull(settings, key, login=store.take_login(key), access=store.requested_access(key))
+    return plan_pull(settings, key, handed=store.take_login(key), access=store.requested_access(key),
+                     keychain=Keychain())
 
 
 @task(name="settle-access", cache_policy=NONE)

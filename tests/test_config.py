@@ -258,3 +258,36 @@ def test_bad_allowed_registries_say_what_is_wrong(tmp_path: Path, value: object,
     with pytest.raises(ConfigError, match=re.escape(problem)) as error:
         load_settings(path)
     assert str(error.value).startswith(f"AllowedRegistries in {path}")
+
+
+def test_a_location_password_may_come_from_a_file_or_a_variable(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "site.password").write_text("from:file\n")
+    monkeypatch.setenv("SITE_REGISTRY_PASSWORD", "from-env")
+    locations = {"filed": {"url": "https://a.site", "username": "u", "passwordFile": str(tmp_path / "site.password")},
+                 "env": {"url": "https://b.site", "username": "u", "passwordEnv": "SITE_REGISTRY_PASSWORD"}}
+    settings = load_settings(write(tmp_path, {**SHIFTER_EXAMPLE, "Locations": locations}))
+    assert settings.locations["filed"].password == "from:file"
+    assert settings.locations["env"].password == "from-env"
+    assert "from-env" not in repr(settings)
+
+
+@pytest.mark.parametrize("spec, key, problem", [
+    ({"username": "u", "password": "p", "passwordEnv": "X"}, "Locations.r.passwordEnv",
+     "give one of password, passwordFile and passwordEnv"),
+    ({"passwordEnv": "X"}, "Locations.r.username", "passwordEnv needs a username"),
+    ({"username": "u", "passwordEnv": "IMAGEGW_TEST_UNSET_VARIABLE"}, "Locations.r.passwordEnv",
+     "IMAGEGW_TEST_UNSET_VARIABLE is not set"),
+    ({"username": "u", "passwordFile": "/nonexistent/password"}, "Locations.r.passwordFile", "cannot read"),
+])
+def test_bad_location_passwords_name_the_key(tmp_path: Path, spec: dict, key: str, problem: str) -> None:
+    path = write(tmp_path, {**SHIFTER_EXAMPLE, "Locations": {"r": {"url": "https://r.site", **spec}}})
+    with pytest.raises(ConfigError, match=re.escape(problem)) as error:
+        load_settings(path)
+    assert str(error.value).startswith(f"{key} in {path}")
+
+
+def test_the_seal_key_lives_in_the_state_directory_unless_named(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, SHIFTER_EXAMPLE))
+    assert settings.seal_key_path == settings.state_dir / "seal.key"
+    shared = load_settings(write(tmp_path, {**SHIFTER_EXAMPLE, "SealKeyFile": "/etc/imagegw/seal.key"}))
+    assert shared.seal_key_path == Path("/etc/imagegw/seal.key")

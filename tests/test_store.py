@@ -10,11 +10,13 @@ import pymongo
 import pytest
 
 from imagegw.access import PUBLIC, Access
-from imagegw.errors import TRANSIENT_ERRORS, IndexUnavailable, RecordConflict
-from imagegw.registry import RegistryLogin
+from imagegw.errors import TRANSIENT_ERRORS, ConfigError, IndexUnavailable, RecordConflict
+from imagegw.registry import Credential
+from imagegw.registry.keychain import REQUEST, HandedCredential
 from imagegw.store import ImageFacts, ImageStore, PullKey, PullTracker, Status, to_response
 from imagegw.store.mongo import mongo_errors
 from imagegw.store.records import STALE_RUNNING
+from imagegw.store.sealing import sealer_for
 
 KEY = PullKey("mycluster", "docker", "team/app:1")
 
@@ -25,8 +27,8 @@ def database(mongo_uri: str):
 
 
 @pytest.fixture
-def store(database) -> ImageStore:
-    store = ImageStore(database, expiration_timeout=3600)
+def store(database, tmp_path) -> ImageStore:
+    store = ImageStore(database, expiration_timeout=3600, sealer=sealer_for(tmp_path / "seal.key"))
     store.ensure_indexes()
     return store
 
@@ -113,11 +115,26 @@ def test_expiration_is_set_on_publish_and_renewed(store: ImageStore) -> None:
     assert store.lookup(KEY)["expiration"] >= record["expiration"]
 
 
-def test_a_stored_login_is_handed_out_once(store: ImageStore) -> None:
-    store.store_login(KEY, RegistryLogin("alice", "s3:cr:et"))
+LOGIN = HandedCredential(Credential("the request", username="alice", password="s3:cr:et"), REQUEST)
 
-    assert store.take_login(KEY) == RegistryLogin("alice", "s3:cr:et")
+
+def test_a_stored_login_is_handed_out_once(store: ImageStore) -> None:
+    store.store_login(KEY, LOGIN)
+
+    assert store.take_login(KEY) == LOGIN
     assert store.take_login(KEY) is None
+
+
+def test_a_stored_login_is_sealed(store: ImageStore, database, tmp_path) -> None:
+    store.store_login(KEY, LOGIN)
+
+    stored = database["pull_logins"].find_one()
+    assert b"s3:cr:et" not in repr(stored).encode() and b"alice" not in repr(stored).encode()
+    key_file = tmp_path / "seal.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    other = ImageStore(database, expiration_timeout=3600, sealer=sealer_for(tmp_path / "other.key"))
+    with pytest.raises(ConfigError, match="sealed with another key: the API and the workers must share one"):
+        other.take_login(KEY)
 
 
 def test_public_images_stay_public_and_private_pulls_share_acls(store: ImageStore) -> None:

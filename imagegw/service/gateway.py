@@ -17,7 +17,8 @@ from imagegw.errors import BadRequest, Forbidden, ImageNotFound
 from imagegw.expiry import expire_due, expire_image
 from imagegw.plan import plan_pull, pull_key
 from imagegw.publish import copy_importable, publisher_for, render_meta
-from imagegw.registry import normalize_tag
+from imagegw.registry import Credential, normalize_tag
+from imagegw.registry.keychain import REQUEST, HandedCredential
 from imagegw.service.identity import Caller
 from imagegw.service.launch import PullLauncher, start_pull
 from imagegw.store import ImageFacts, ImageStore, PullKey, open_store, to_response
@@ -61,12 +62,15 @@ class Gateway:
         platform = self.settings.platform(system)
         job = plan_pull(self.settings, pull_key(system, tag, itype))
         login = caller.login_for(job.ref.location, self.settings.default_location)
+        handed = None if login is None else HandedCredential(
+            Credential(source="the pull request's login (authorized_locations)", username=login.username,
+                       password=login.password), REQUEST)
         access = acl.access_for(caller.uid, caller.gid) if login else PUBLIC
         store = self.store()
         ready = store.lookup(job.key)
         if ready is not None and self._still_fresh(ready, access) and caller.may_read(Access.of(ready), platform):
             return to_response(ready)
-        started = start_pull(store, self._launch, job.key, access=access, login=login,
+        started = start_pull(store, self._launch, job.key, access=access, login=handed,
                              retry_failures_after=self.settings.pull_update_timeout)
         return to_response(started.record)
 

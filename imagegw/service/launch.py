@@ -14,7 +14,7 @@ from typing import Any
 
 from imagegw.access import PUBLIC, Access
 from imagegw.errors import ServiceUnavailable
-from imagegw.registry import RegistryLogin
+from imagegw.registry.keychain import HandedCredential
 from imagegw.store import ImageStore, PullKey
 
 PullLauncher = Callable[[PullKey], str]
@@ -30,7 +30,7 @@ class StartedPull:
 
 
 def start_pull(store: ImageStore, launch: PullLauncher, key: PullKey, *, access: Access = PUBLIC,
-               login: RegistryLogin | None = None, retry_failures_after: float = 0,
+               login: HandedCredential | None = None, retry_failures_after: float = 0,
                refresh: bool = False) -> StartedPull:
     """Start a pull of ``key`` unless one is under way (see ``ImageStore.claim_pull``)."""
     record, claimed = store.claim_pull(key, access, retry_failures_after, refresh=refresh)

@@ -34,8 +34,10 @@ from pymongo.errors import DuplicateKeyError
 from imagegw.access import PUBLIC, Access, settle_access
 from imagegw.config import MONGODB_URI_ENV, Settings
 from imagegw.errors import IndexUnavailable
-from imagegw.registry import RegistryLogin, ResolvedImage
+from imagegw.registry import Credential, ResolvedImage
+from imagegw.registry.keychain import HandedCredential
 from imagegw.store.mongo import mongo_errors, open_database
+from imagegw.store.sealing import Sealer, sealer_for
 
 
 class Status(str, Enum):
@@ -135,12 +137,15 @@ LOGIN_LIFETIME = 3600
 class ImageStore:
     """Reads and writes image and pull records; every call may raise IndexUnavailable."""
 
-    def __init__(self, database: Database[dict[str, Any]], expiration_timeout: int) -> None:
+    def __init__(self, database: Database[dict[str, Any]], expiration_timeout: int,
+                 sealer: Sealer | None = None) -> None:
+        """``sealer``: seals the registry logins handed to pulls (a store without one cannot take them)."""
         self._images: Collection[dict[str, Any]] = database["images"]
         self._pulls: Collection[dict[str, Any]] = database["pulls"]
         self._logins: Collection[dict[str, Any]] = database["pull_logins"]
         self._metrics: Collection[dict[str, Any]] = database["metrics"]
         self._expiration_timeout = expiration_timeout
+        self._sealer = sealer
 
     def ensure_indexes(self) -> None:
         """Create the indexes the lookups use (idempotent)."""
@@ -241,18 +246,31 @@ class ImageStore:
 
     # -- registry logins for private pulls -------------------------------------------------------
 
-    def store_login(self, key: PullKey, login: RegistryLogin) -> None:
-        """Keep a requester's registry login until the pull's run takes it (at most LOGIN_LIFETIME s)."""
+    def store_login(self, key: PullKey, handed: HandedCredential) -> None:
+        """Keep a pull's registry credential, sealed, until its run takes it (at most LOGIN_LIFETIME s)."""
+        credential = handed.credential
+        sealed = self._sealer_or_fail().seal({
+            "given_by": handed.given_by, "source": credential.source, "username": credential.username,
+            "password": credential.password, "identity_token": credential.identity_token,
+            "registry_token": credential.registry_token})
         with mongo_errors():
-            self._logins.replace_one(key.query(), {**key.query(), "username": login.username,
-                                                   "password": login.password, "created": datetime.now(UTC)},
+            self._logins.replace_one(key.query(), {**key.query(), "sealed": sealed, "created": datetime.now(UTC)},
                                      upsert=True)
 
-    def take_login(self, key: PullKey) -> RegistryLogin | None:
-        """The stored login for a pull, removed from the database as it is read."""
+    def take_login(self, key: PullKey) -> HandedCredential | None:
+        """The pull's handed credential, removed from the database as it is read."""
         with mongo_errors():
             document = self._logins.find_one_and_delete(key.query())
-        return RegistryLogin(document["username"], document["password"]) if document else None
+        if document is None:
+            return None
+        opened = self._sealer_or_fail().open(document.get("sealed", b""), f"the registry login for {key.tag}")
+        given_by = str(opened.pop("given_by"))
+        return HandedCredential(Credential(**opened), given_by)
+
+    def _sealer_or_fail(self) -> Sealer:
+        if self._sealer is None:
+            raise IndexUnavailable("this image store was opened without the login sealing key")
+        return self._sealer
 
     # -- images -----------------------------------------------------------------------------------
 
@@ -388,7 +406,7 @@ _indexed: set[tuple[str, str]] = set()
 def open_store(settings: Settings) -> ImageStore:
     """The image store, its MongoDB indexes created on first use in this process."""
     database = open_database(settings)
-    store = ImageStore(database, settings.expiration_timeout)
+    store = ImageStore(database, settings.expiration_timeout, sealer_for(settings.seal_key_path))
     address = (settings.mongodb_uri or os.environ.get(MONGODB_URI_ENV, ""), database.name)
     if address not in _indexed:
         store.ensure_indexes()
