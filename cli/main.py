@@ -23,8 +23,9 @@ from deployments import deployment_name, work_pool_name
 from imagegw.config import Settings, load_settings
 from imagegw.errors import ConfigError, ImagegwError
 from imagegw.plan import plan_pull, pull_key
-from imagegw.registry import Credential
+from imagegw.registry import Credential, RegistryClient, RegistryLogin
 from imagegw.registry.keychain import FLAGS, HandedCredential
+from imagegw.service.userlogin import save_login
 from imagegw.store import (
     ImageStore,
     PullKey,
@@ -96,6 +97,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="pull anonymously, whatever the configuration or docker config hold")
     command("lookup", lookup_command, "Print the READY record of an image, or exit 1.")
     command("images", images_command, "List the READY images of a platform.", image=False)
+    login = commands.add_parser("login", help="Check a registry login and save it for shifterimg's pulls.",
+                                description="Ask for a user name and password for LOCATION (default: the default "
+                                            "location), check them against its registry, and save them as "
+                                            "`shifterimg login` does (~/.udiRoot/.cred, mode 0600), so that later "
+                                            "pulls send them.")
+    login.add_argument("location", metavar="LOCATION", nargs="?", default="default",
+                       help="a location in the configuration's Locations, or 'default'")
+    login.add_argument("--platform", "-p", required=True, help="the platform (system) the login is for")
+    login.add_argument("--config", "-c", help="imagemanager.json (default: $IMAGEGW_CONFIG)")
+    login.set_defaults(command=login_command)
     watch = commands.add_parser("watch", help="Keep a platform's watch list: images its refresh flow holds READY.",
                                 description="Keep a platform's watch list: images (or tag patterns such as "
                                             "'myreg:5000/team/app:v1.*') its refresh flow pulls and holds READY.")
@@ -208,6 +219,28 @@ def images_command(args: argparse.Namespace) -> int:
             rows.append((tag, record["id"][:12], f"{record.get('size', 0) / 1e6:.1f} MB",
                          _when(record.get("last_pull")), _when(record.get("expiration"))))
     _print_table(rows)
+    return 0
+
+
+def login_command(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    platform = settings.platform(args.platform)
+    name = settings.default_location if args.location == "default" else args.location
+    if name not in settings.locations:
+        raise ConfigError(f"location {args.location!r} is not in Locations of {settings.source} "
+                          f"(there: {', '.join(sorted(settings.locations))})")
+    location = settings.locations[name]
+    username = input(f"user name for {location.host}: ").strip()
+    password = getpass.getpass(f"password of {username}: ")
+    if not username or not password:
+        raise ConfigError("a login needs a user name and a password")
+    credential = Credential(f"the login being saved for {args.location}", username=username, password=password)
+    with RegistryClient(location, credential=credential) as client:
+        checked = client.check_credential()
+    path = save_login(Path.home(), platform.name, args.location, RegistryLogin(username, password),
+                      platform.munge_socket)
+    outcome = f"accepted by {location.host}" if checked else f"not checked: {location.host} asks for no login"
+    print(f"login of {username} for {args.location} on {platform.name} {outcome}; saved in {path}", file=sys.stderr)
     return 0
 
 

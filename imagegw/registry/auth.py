@@ -111,7 +111,7 @@ class Authenticator:
         realm = params.get("realm")
         if not realm:
             raise RegistryError(f"registry {self._location.host} asked for a token without naming a token service")
-        query = {"scope": params.get("scope") or scope}
+        query = {"scope": params.get("scope") or scope} if params.get("scope") or scope else {}
         if params.get("service"):
             query["service"] = params["service"]
         requested = self._clock()

@@ -175,6 +175,23 @@ class RegistryClient:
             )
         return image
 
+    def check_credential(self) -> bool:
+        """Log in to the registry's API root as ``docker login`` does: raise RegistryUnauthorized if the
+        credential is refused; False when the registry asks for none (so it cannot be checked)."""
+        url, subject = f"{self.location.url}/v2/", f"a login to {self.location.host}"
+        with self._send(url, subject, {}) as response:
+            if response.status_code == 200:
+                return False
+            if response.status_code != 401:
+                self._check(response, subject)
+            challenge = response.headers.get("WWW-Authenticate", "")
+        authorization = self._auth.authorize(challenge, "", subject)
+        with self._send(url, subject, {"Authorization": authorization}) as response:
+            if response.status_code in (401, 403):
+                raise self._auth.refused(response.status_code, subject)
+            self._check(response, subject)
+        return True
+
     def tag_digest(self, ref: ImageRef) -> str:
         """The digest of what ``ref``'s tag names now (see :attr:`ResolvedImage.tag_digest`).
 
