@@ -199,6 +199,10 @@ class RegistryClient:
             auth = registry.credentials
         self.auth = auth
         self.session = requests.Session()
+        # Per request: a session-wide verify would lose to $REQUESTS_CA_BUNDLE.
+        self._verify: bool | str = True
+        if isinstance(registry, RunningRegistry) and registry.tls is not None:
+            self._verify = str(registry.tls.ca_cert)
         self._use_basic = False
         self._tokens: dict[str, str] = {}
 
@@ -229,7 +233,8 @@ class RegistryClient:
             headers["Authorization"] = f"Bearer {self._tokens[scope]}"
         elif self._use_basic:
             auth = self.auth
-        return self.session.request(method, url, headers=headers, auth=auth, timeout=HTTP_TIMEOUT, **kwargs)
+        return self.session.request(method, url, headers=headers, auth=auth, timeout=HTTP_TIMEOUT,
+                                    verify=self._verify, **kwargs)
 
     def _answer_challenge(self, response: requests.Response, scope: str) -> bool:
         """Prepare credentials for a retry; False when retrying cannot help."""

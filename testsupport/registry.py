@@ -24,6 +24,7 @@ import requests
 
 from imagegw.processes import free_port
 from testsupport.service import ChildService, retry_port_taken
+from testsupport.tls import PrivateCa
 
 if TYPE_CHECKING:
     from testsupport.tokenserver import TokenServer
@@ -76,6 +77,7 @@ def registry_config(
     htpasswd: Path | None = None,
     token_server: TokenServer | None = None,
     notify: Notify | None = None,
+    tls: PrivateCa | None = None,
 ) -> dict[str, Any]:
     """Build the registry configuration as a dict (written to YAML by the caller)."""
     config: dict[str, Any] = {
@@ -98,6 +100,8 @@ def registry_config(
                 "rootcertbundle": str(token_server.cert_path),
             }
         }
+    if tls is not None:
+        config["http"]["tls"] = {"certificate": str(tls.server_cert), "key": str(tls.server_key)}
     if notify is not None:
         endpoint = {"name": "imagegw", "url": notify.url, "timeout": "2s", "threshold": 3, "backoff": "1s",
                     "headers": {"Authorization": [notify.authorization]}}
@@ -115,10 +119,10 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, ca: Path | None = None) -> bool:
     """True when ``GET {url}/v2/`` gives 200 or 401."""
     try:
-        response = requests.get(f"{url}/v2/", timeout=1)
+        response = requests.get(f"{url}/v2/", timeout=1, verify=str(ca) if ca else True)
     except requests.RequestException:
         return False
     return response.status_code in (200, 401)
@@ -156,12 +160,14 @@ class RunningRegistry(ChildService):
         port: int,
         credentials: tuple[str, str] | None,
         token_server: TokenServer | None,
+        tls: PrivateCa | None = None,
     ) -> None:
         super().__init__(workdir / "registry.log")
         self.workdir = workdir
         self.port = port
         self.host = f"127.0.0.1:{port}"
-        self.url = f"http://{self.host}"
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
         self.storage = workdir / "storage"
         self.credentials = credentials
         self.token_server = token_server
@@ -174,12 +180,14 @@ class RunningRegistry(ChildService):
         htpasswd_users: dict[str, str] | None = None,
         token_server: TokenServer | None = None,
         notify: Notify | None = None,
+        tls: PrivateCa | None = None,
     ) -> RunningRegistry:
         """Start a registry in ``workdir`` and wait until ``/v2/`` answers.
 
         ``htpasswd_users`` enables Basic auth; ``token_server`` enables token auth
-        (the two are exclusive). Raises :class:`RegistryStartError` with the log
-        tail when the registry does not answer within ~15 s.
+        (the two are exclusive); ``tls`` serves HTTPS with a certificate of that private
+        CA. Raises :class:`RegistryStartError` with the log tail when the registry does
+        not answer within ~15 s.
         """
         if htpasswd_users and token_server is not None:
             raise ValueError("choose either htpasswd_users or token_server, not both")
@@ -196,7 +204,7 @@ class RunningRegistry(ChildService):
         elif token_server is not None and token_server.users:
             credentials = next(iter(token_server.users.items()))
         return retry_port_taken(
-            lambda: cls._start_once(binary, workdir, htpasswd, token_server, credentials, notify), _PortTaken,
+            lambda: cls._start_once(binary, workdir, htpasswd, token_server, credentials, notify, tls), _PortTaken,
             _BIND_ATTEMPTS
         )
 
@@ -209,22 +217,25 @@ class RunningRegistry(ChildService):
         token_server: TokenServer | None,
         credentials: tuple[str, str] | None,
         notify: Notify | None,
+        tls: PrivateCa | None,
     ) -> RunningRegistry:
         """One start attempt on a fresh port; raises :class:`_PortTaken` on a bind race."""
         port = free_port()
         config_path = workdir / "config.yml"
         write_config(
             config_path,
-            registry_config(port, workdir / "storage", htpasswd=htpasswd, token_server=token_server, notify=notify),
+            registry_config(port, workdir / "storage", htpasswd=htpasswd, token_server=token_server, notify=notify,
+                            tls=tls),
         )
-        registry = cls(workdir=workdir, port=port, credentials=credentials, token_server=token_server)
+        registry = cls(workdir=workdir, port=port, credentials=credentials, token_server=token_server, tls=tls)
         registry._spawn([binary, "serve", str(config_path)], cwd=workdir, env=_clean_env())
         registry._wait_ready()
         return registry
 
     def _wait_ready(self) -> None:
         """Poll ``/v2/`` until it answers, the process dies, or time runs out."""
-        failure = self._wait_answering(lambda: _answers(self.url), START_TIMEOUT, 0.05)
+        failure = self._wait_answering(lambda: _answers(self.url, self.tls.ca_cert if self.tls else None),
+                                       START_TIMEOUT, 0.05)
         if failure is None:
             return
         if failure.says("address already in use"):
