@@ -76,10 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imagegw", description="Image gateway for HPC clusters.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Any, help_text: str, *, image: bool = True) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+    def command(name: str, handler: Any, help_text: str, *, image: bool = True, within: Any = None,
+                image_help: str = "e.g. ubuntu:24.04 or myreg:5000/team/app:1") -> argparse.ArgumentParser:
+        """A command acting on a platform (and an image, unless ``image`` is False); a subcommand ``within``."""
+        sub = (within or commands).add_parser(name, help=help_text, description=help_text)
         if image:
-            sub.add_argument("image", metavar="IMAGE", help="e.g. ubuntu:24.04 or myreg:5000/team/app:1")
+            sub.add_argument("image", metavar="IMAGE", help=image_help)
         sub.add_argument("--platform", "-p", required=True, help="the platform (system) in the configuration")
         sub.add_argument("--config", "-c", help="imagemanager.json (default: $IMAGEGW_CONFIG)")
         sub.set_defaults(command=handler)
@@ -87,26 +89,22 @@ def _parser() -> argparse.ArgumentParser:
 
     pull = command("pull", pull_command, "Pull an image and publish it as a squashfs; print its record.")
     pull.add_argument("--verbose", "-v", action="store_true", help="show Prefect's flow and task logs")
-    login = pull.add_mutually_exclusive_group()
-    login.add_argument("--registry-username", metavar="USER",
-                       help="log in to the image's registry as USER (the password is asked for, hidden, unless "
-                            "--registry-password gives it); environment variables IMAGEGW_REGISTRY_* come first")
+    registry_login = pull.add_mutually_exclusive_group()
+    registry_login.add_argument("--registry-username", metavar="USER",
+                                help="log in to the image's registry as USER (the password is asked for, "
+                                     "hidden, unless --registry-password gives it); environment variables "
+                                     "IMAGEGW_REGISTRY_* come first")
     pull.add_argument("--registry-password", metavar="PASSWORD", help="with --registry-username")
-    login.add_argument("--registry-token", metavar="TOKEN", help="a registry token, sent as it is")
-    login.add_argument("--registry-anon", action="store_true",
-                       help="pull anonymously, whatever the configuration or docker config hold")
+    registry_login.add_argument("--registry-token", metavar="TOKEN", help="a registry token, sent as it is")
+    registry_login.add_argument("--registry-anon", action="store_true",
+                                help="pull anonymously, whatever the configuration or docker config hold")
     command("lookup", lookup_command, "Print the READY record of an image, or exit 1.")
     command("images", images_command, "List the READY images of a platform.", image=False)
-    login = commands.add_parser("login", help="Check a registry login and save it for shifterimg's pulls.",
-                                description="Ask for a user name and password for LOCATION (default: the default "
-                                            "location), check them against its registry, and save them as "
-                                            "`shifterimg login` does (~/.udiRoot/.cred, mode 0600), so that later "
-                                            "pulls send them.")
+    login = command("login", login_command, "Ask for a user name and password for LOCATION, check them against its "
+                    "registry, and save them as `shifterimg login` does (~/.udiRoot/.cred, mode 0600), so that "
+                    "later pulls send them.", image=False)
     login.add_argument("location", metavar="LOCATION", nargs="?", default="default",
-                       help="a location in the configuration's Locations, or 'default'")
-    login.add_argument("--platform", "-p", required=True, help="the platform (system) the login is for")
-    login.add_argument("--config", "-c", help="imagemanager.json (default: $IMAGEGW_CONFIG)")
-    login.set_defaults(command=login_command)
+                       help="a location in the configuration's Locations, or 'default' (the default location)")
     watch = commands.add_parser("watch", help="Keep a platform's watch list: images its refresh flow holds READY.",
                                 description="Keep a platform's watch list: images (or tag patterns such as "
                                             "'myreg:5000/team/app:v1.*') its refresh flow pulls and holds READY.")
@@ -115,12 +113,8 @@ def _parser() -> argparse.ArgumentParser:
             ("add", watch_add_command, "Watch an image or a tag pattern.", True),
             ("remove", watch_remove_command, "Stop watching an image or tag pattern.", True),
             ("list", watch_list_command, "Print the platform's watch list.", False)):
-        action = actions.add_parser(name, help=help_text, description=help_text)
-        if needs_image:
-            action.add_argument("image", metavar="IMAGE", help="e.g. ubuntu:24.04 or myreg:5000/team/app:v1.*")
-        action.add_argument("--platform", "-p", required=True, help="the platform (system) in the configuration")
-        action.add_argument("--config", "-c", help="imagemanager.json (default: $IMAGEGW_CONFIG)")
-        action.set_defaults(command=handler)
+        command(name, handler, help_text, image=needs_image, within=actions,
+                image_help="e.g. ubuntu:24.04 or myreg:5000/team/app:v1.*")
 
     def service(name: str, handler: Any, help_text: str, *, listens: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
