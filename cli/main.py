@@ -144,9 +144,9 @@ def pull_command(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     job = plan_pull(settings, pull_key(args.platform, args.image))
     _prepare_prefect(settings, verbose=args.verbose)
-    from flows.pull import (
-        pull_image,  # Prefect reads its settings at import, so import it late.
-    )
+    from prefect import tags  # Prefect reads its settings at import, so import it late.
+
+    from flows.pull import pull_image
     # What is imported lives as long as this one-shot process: frozen, it is left out of the
     # garbage collector's passes, which otherwise walk all of Prefect's objects again and again.
     gc.freeze()
@@ -159,7 +159,8 @@ def pull_command(args: argparse.Namespace) -> int:
                            f"({record.get('status')}: {record.get('status_message')})")
     if flags is not None:
         store.store_login(job.key, flags)
-    with _progress_shown(store, job.key, enabled=sys.stderr.isatty()):
+    # Tagged by platform as the deployments' runs are, so the UI filters them alike.
+    with _progress_shown(store, job.key, enabled=sys.stderr.isatty()), tags(f"platform:{args.platform}"):
         state = asyncio.run(pull_image(args.image, args.platform, str(settings.source), return_state=True))
     record = store.lookup(job.key) if state.is_completed() else None
     if record is None:

@@ -8,6 +8,8 @@ import subprocess
 import sys
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 
 from cli.main import main
 from tests.gateway_fixtures import Gateway
@@ -31,6 +33,10 @@ def test_pull_then_lookup_and_images(gateway: Gateway, capsys: pytest.CaptureFix
     image_id = built.manifest_digest.removeprefix("sha256:")
     assert record["status"] == "READY" and record["id"] == image_id and record["tag"] == ["cli/app:1"]
     assert str(gateway.image_dir / f"{image_id}.squashfs") in err
+    with get_client(sync_client=True) as client:
+        [run_record] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=["pull cli/app:1 for mycluster"])))
+    assert run_record.tags == ["platform:mycluster"], "tagged by platform, as the deployments' runs are"
 
     status, out, _ = run(capsys, "lookup", "cli/app", "-p", "mycluster", "-c", config)
     assert status == 1  # "cli/app" means cli/app:latest, which was never pulled
