@@ -60,7 +60,7 @@ _TOP_LEVEL_KEYS = {
     "SealKeyFile",
 } | _SHIFTER_KEYS_IGNORED
 _LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
-                  "passwordFile", "passwordEnv",
+                  "passwordFile", "passwordEnv", "iaas",
                   "authentication"}
 _PLATFORM_KEYS = {"mungeSocketPath", "accesstype", "admins", "local", "ssh", "host", "use_external",
                   "policy_file", "arch", "os", "variant", "Compression", "BlockSize", "usergroupService",
@@ -78,6 +78,9 @@ class Location:
     cacert: str | None = None
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    iaas: str | None = None
+    """The cloud whose own credentials log in to it (one of ``IAAS_PROVIDERS``), for a registry reached through
+    an alias or a private endpoint; None: told by the host name (imagegw.registry.iaas)."""
 
     @property
     def host(self) -> str:
@@ -91,6 +94,8 @@ class Location:
 
 DOCKER_HUB_HOSTS = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 DOCKER_HUB_URL = "https://registry-1.docker.io"
+IAAS_PROVIDERS = ("ecr", "gcp", "acr")
+"""AWS ECR, Google (gcr.io, Artifact Registry), Azure ACR: the values of a location's ``iaas``."""
 
 
 @dataclass(frozen=True)
@@ -429,10 +434,13 @@ class _Reader:
         cacert = spec.get("sslcacert")
         if cacert is not None and not Path(cacert).is_file():
             raise self.fail(key + ".sslcacert", f"{cacert!r} is not a readable file")
+        iaas = spec.get("iaas")
+        if iaas is not None and iaas not in IAAS_PROVIDERS:
+            raise self.fail(key + ".iaas", f"{iaas!r} must be one of {', '.join(map(repr, IAAS_PROVIDERS))}")
         # "insecure" means plain HTTP, whatever scheme the url was written with.
         scheme = "http" if spec.get("insecure") else parts.scheme
         return Location(name=name, url=f"{scheme}://{parts.netloc}",
-                        auth_method=auth_method, cacert=cacert,
+                        auth_method=auth_method, cacert=cacert, iaas=iaas,
                         username=spec.get("username"), password=self._location_password(spec, key))
 
     def _location_password(self, spec: dict[str, Any], key: str) -> str | None:
