@@ -127,7 +127,7 @@ class Authenticator:
             if response.status_code >= 300:
                 raise RegistryError(f"token service of registry {self._location.host} answered HTTP "
                                     f"{response.status_code} for {subject}")
-            answer = _json_object(response)
+            answer = json_object(response)
         token = answer.get("token") or answer.get("access_token")
         if not isinstance(token, str) or not token:
             raise RegistryError(f"token service of registry {self._location.host} returned no token for {subject}")
@@ -169,7 +169,8 @@ class Authenticator:
         if self._credential is not None:
             return f"the credential from {self._credential.source} is not a username and password"
         return (f"no credential was found for it (a login sent with the request, IMAGEGW_REGISTRY_* variables, "
-                f"username and password of location '{self._location.name}', or a docker config)")
+                f"a cloud provider's with IMAGEGW_ENABLE_IAAS_AUTH, username and password of location "
+                f"'{self._location.name}', or a docker config)")
 
 
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -180,7 +181,8 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
-def _json_object(response: requests.Response) -> dict[str, Any]:
+def json_object(response: requests.Response) -> dict[str, Any]:
+    """The JSON object a token service answered; ``{}`` for anything else (the caller reports what is missing)."""
     try:
         answer = response.json()
     except ValueError:

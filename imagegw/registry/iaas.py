@@ -36,13 +36,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
 
 import requests
 
 from imagegw.config import Location
 from imagegw.errors import ConfigError, RegistryUnauthorized
 from imagegw.hostglob import host_matches
+from imagegw.registry.auth import json_object
 from imagegw.registry.credentials import Credential
 
 ENABLE_VARIABLE = "IMAGEGW_ENABLE_IAAS_AUTH"
@@ -160,7 +160,7 @@ def _gcp(location: Location, now: float) -> _Kept:
     with response:
         if response.status_code != 200:
             raise _refused(described, location, f"{host} answered HTTP {response.status_code}")
-        answer = _json_object(response)
+        answer = json_object(response)
     token, lifetime = answer.get("access_token"), answer.get("expires_in")
     if not isinstance(token, str) or not token or not isinstance(lifetime, int):
         raise _refused(described, location, f"{host} answered without an access token and its expires_in")
@@ -199,7 +199,7 @@ def _exchange(location: Location, aad_token: str) -> str:
     with response:
         if response.status_code != 200:
             raise _refused(described, location, f"HTTP {response.status_code}")
-        refresh_token = _json_object(response).get("refresh_token")
+        refresh_token = json_object(response).get("refresh_token")
     if not isinstance(refresh_token, str) or not refresh_token:
         raise _refused(described, location, "the answer has no refresh_token")
     return refresh_token
@@ -235,11 +235,3 @@ def _sdk(module: str, extra: str, location: Location) -> ModuleType:
 
 def _refused(provider: str, location: Location, reason: str) -> RegistryUnauthorized:
     return RegistryUnauthorized(f"IaaS: {provider} gave no credential for registry {location.host}: {reason}")
-
-
-def _json_object(response: requests.Response) -> dict[str, Any]:
-    try:
-        answer = response.json()
-    except ValueError:
-        return {}
-    return answer if isinstance(answer, dict) else {}
