@@ -76,8 +76,15 @@ def test_two_workers_share_a_platform_and_never_exceed_its_limit(
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(deployment_name("mycluster"))
-        # The session's server also holds other tests' runs: only this deployment's are read.
-        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+        # The session's server also holds other tests' runs: only this deployment's are read. A run ends a
+        # moment after its pull is READY (its report is written, its process exits), and on a busy host later.
+        deadline = time.monotonic() + 60
+        while True:
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+            if all(run.state is not None and run.state.is_final() for run in runs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         ours = FlowRunFilter(id=FlowRunFilterId(any_=[run.id for run in runs]))
         deadline = time.monotonic() + 20  # the server records task runs from events, a moment later
         while True:
