@@ -1,13 +1,16 @@
 """Importing a squashfs file a user already has on the gateway host (Shifter's ``doimport``).
 
-The gateway may run with more rights than the user, so it reads only files the
-user could read themselves, refuses anything that is not a squashfs, and works
-on its own copy: the user's file is never linked into the image directory,
-where later changes to it would change a published image.
+The gateway may run with more rights than the user, so it opens the file as the
+user (:func:`imagegw.publish.asuser.open_as`): the kernel applies the parent
+directories' search permission, ACLs and groups as it would to the user's own
+processes. It refuses anything that is not a squashfs, and works on its own
+copy: the user's file is never linked into the image directory, where later
+changes to it would change a published image.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -16,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from imagegw.errors import BadRequest, Forbidden
+from imagegw.publish.asuser import open_as
 
 SQUASHFS_MAGIC = b"hsqs"
 _CHUNK = 1 << 20
@@ -31,35 +35,32 @@ class ImportedFile:
     size: int
 
 
-def copy_importable(source: str, uid: int, gids: frozenset[int], scratch: Path) -> ImportedFile:
+def copy_importable(source: str, uid: int, gid: int, groups: frozenset[int], scratch: Path) -> ImportedFile:
     """Copy a user's squashfs into ``scratch`` (hashing it on the way), if that user may read it."""
     path = Path(source)
     if not path.is_absolute():
         raise BadRequest(f"filepath must be absolute, not {source!r}")
-    try:
-        handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise BadRequest(f"cannot open {source}: {exc.strerror}") from None
-    with os.fdopen(handle, "rb") as reader:
-        info = os.fstat(reader.fileno())
-        if not stat.S_ISREG(info.st_mode):
+    with os.fdopen(_open_for(source, uid, gid, groups), "rb") as reader:
+        if not stat.S_ISREG(os.fstat(reader.fileno()).st_mode):
             raise BadRequest(f"{source} is not a regular file")
-        if not _readable_by(info, uid, gids):
-            raise Forbidden(f"uid {uid} may not read {source}")
         if reader.read(len(SQUASHFS_MAGIC)) != SQUASHFS_MAGIC:
             raise BadRequest(f"{source} is not a squashfs image")
         reader.seek(0)
         return _copy(reader, scratch / "import.squashfs")
 
 
-def _readable_by(info: os.stat_result, uid: int, gids: frozenset[int]) -> bool:
-    if uid == 0:
-        return True
-    if info.st_uid == uid:
-        return bool(info.st_mode & stat.S_IRUSR)
-    if info.st_gid in gids:
-        return bool(info.st_mode & stat.S_IRGRP)
-    return bool(info.st_mode & stat.S_IROTH)
+def _open_for(source: str, uid: int, gid: int, groups: frozenset[int]) -> int:
+    try:
+        return open_as(source, uid, gid, groups)
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise Forbidden(f"uid {uid} may not read {source}") from None
+        if exc.errno == errno.ELOOP:
+            # Links are not followed: the filepath recorded with the image must be the file that was read,
+            # not a link its owner can point elsewhere later.
+            raise BadRequest(f"{source} is a symbolic link (or loops through some): give the path of the file "
+                             "itself") from None
+        raise BadRequest(f"cannot open {source}: {exc.strerror}") from None
 
 
 def _copy(reader: BinaryIO, target: Path) -> ImportedFile:

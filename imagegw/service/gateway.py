@@ -93,7 +93,7 @@ class Gateway:
         access = acl.access_for(caller.uid, caller.gid) if acl.uids or acl.gids else PUBLIC
         key = self._lookup_key(system, itype, tag)
         with scratch_directory(self.settings.expand_dir, "import-") as scratch, publisher_for(platform) as publisher:
-            copied = copy_importable(filepath, caller.uid, caller.groups, scratch)
+            copied = copy_importable(filepath, caller.uid, caller.gid, caller.groups, scratch)
             meta = render_meta(env=[], entry=None, cmd=None, workdir=None,
                                user_acl=access.user_acl, group_acl=access.group_acl)
             published = publisher.publish(copied.path, meta, copied.image_id)
