@@ -16,4 +16,4 @@ os.environ.pop("IMAGEGW_CONFIG", None)
 os.environ.pop("IMAGEGW_STATE_DIR", None)
 
 pytest_plugins = ["testsupport.fixtures", "tests.gateway_fixtures", "tests.api_fixtures", "tests.fake_registry",
-                  "tests.layer_fixtures", "tests.disk_fixtures"]
+                  "tests.layer_fixtures", "tests.disk_fixtures", "tests.iaas_fixtures"]

@@ -15,14 +15,13 @@ from imagegw.errors import ConfigError, RegistryUnauthorized
 from imagegw.registry import Credential, ImageRef, PlatformSpec, RegistryClient
 from imagegw.registry.iaas import ACR_USERNAME, GCP_USERNAME, IaasCredentials, provider_for
 from imagegw.registry.keychain import FLAGS, HandedCredential, Keychain
+from tests.iaas_fixtures import AWS_SECRET, ECR_PASSWORD
 from testsupport.iaas import AcrRegistry, AzureIdentity, EcrApi, GceMetadata, jwt_shaped
 from testsupport.images import LayerBuilder, push_image
 from testsupport.registry import RunningRegistry
 
 ON = {"IMAGEGW_ENABLE_IAAS_AUTH": "true"}
 ECR_HOST = "123456789012.dkr.ecr.eu-west-3.amazonaws.com"
-AWS_SECRET = "emulated-secret-access-key"
-ECR_PASSWORD = "ecr-password-from-the-api"
 _AZURE_VARIABLES = ("AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID", "AZURE_USERNAME",
                     "AZURE_CLIENT_CERTIFICATE_PATH", "AZURE_FEDERATED_TOKEN_FILE", "MSI_ENDPOINT", "MSI_SECRET",
                     "IMDS_ENDPOINT", "IDENTITY_SERVER_THUMBPRINT", "AZURE_TOKEN_CREDENTIALS")
@@ -34,22 +33,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def ecr(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[EcrApi]:
-    """The ECR emulation, and an AWS environment of keys only (no profile, no instance metadata) leading to it."""
-    with EcrApi(f"AWS:{ECR_PASSWORD}") as api:
-        for variable in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL"):
-            monkeypatch.delenv(variable, raising=False)
-        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
-        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
-        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEMULATED")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-2")
-        monkeypatch.setenv("AWS_ENDPOINT_URL_ECR", api.url)
-        yield api
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
-"""Registry secrets stay secret: private images pulled through every credential source, then every place the
-gateway writes is searched for every password and token. None may be found anywhere."""
+"""Registry secrets stay secret: private images pulled through every credential source (a cloud's too, emulated),
+then every place the gateway writes is searched for every password and token. None may be found anywhere."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from cli.main import main
 from imagegw.store import PullKey
 from tests.api_fixtures import Api, logins
 from tests.gateway_fixtures import pull
+from tests.iaas_fixtures import AWS_SECRET
+from testsupport.iaas import EcrApi
 from testsupport.images import LayerBuilder, push_image
 from testsupport.registry import RunningRegistry
 
@@ -48,7 +50,7 @@ def files_under(*roots: Path) -> dict[Path, bytes]:
 
 
 def test_no_password_or_token_is_found_anywhere(api: Api, basic_registry: RunningRegistry,
-                                                token_registry: RunningRegistry, tmp_path: Path,
+                                                token_registry: RunningRegistry, ecr: EcrApi, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch,
                                                 capfd: pytest.CaptureFixture[str]) -> None:
     user, password = basic_registry.credentials or ("", "")
@@ -63,10 +65,11 @@ def test_no_password_or_token_is_found_anywhere(api: Api, basic_registry: Runnin
     basic, token = basic_registry.host, token_registry.host
     api.reconfigure(Locations={basic: {"url": basic_registry.url}, token: {"url": token_registry.url},
                                "filed": {"url": basic_registry.url, "username": user,
-                                         "passwordFile": str(secrets_dir / "password")}},
+                                         "passwordFile": str(secrets_dir / "password")},
+                               "cloud": {"url": basic_registry.url, "iaas": "ecr"}},
                     Platforms={"mycluster": {"accesstype": "local", "local": {"imageDir": str(api.gateway.image_dir)},
                                              "mungeSocketPath": api.munged.socket_path}})
-    for name in ("request", "environment", "flags", "configuration", "docker", "identity", "token"):
+    for name in ("request", "environment", "flags", "configuration", "docker", "identity", "token", "iaas"):
         push_image(basic_registry, f"sealed/{name}", "1", [LayerBuilder().file("s", name.encode())],
                    auth=(user, password))
         push_image(token_registry, f"sealed/{name}", "1", [LayerBuilder().file("s", name.encode())],
@@ -96,11 +99,17 @@ def test_no_password_or_token_is_found_anywhere(api: Api, basic_registry: Runnin
         assert pull(api.gateway, f"{token}/sealed/identity:1")[0].is_completed()
         assert "refresh_token" in tokens.grants[grants:], "the identity token was used"
     with monkeypatch.context() as env:
+        env.setenv("IMAGEGW_ENABLE_IAAS_AUTH", "true")
+        ecr.token = f"{user}:{password}"  # what the emulated ECR API hands out
+        assert pull(api.gateway, "cloud/sealed/iaas:1")[0].is_completed()
+        assert ecr.requests, "the credential came from the ECR API"
+    with monkeypatch.context() as env:
         auth = base64.b64encode(f"{user}:{password}".encode()).decode()
         (docker_config / "config.json").write_text(json.dumps({"auths": {basic: {"auth": auth}}}))
         env.setenv("DOCKER_CONFIG", str(docker_config))
         assert pull(api.gateway, f"{basic}/sealed/docker:1")[0].is_completed()
     for image in (f"{basic}/sealed/flags:1", "filed/sealed/configuration:1", f"{token}/sealed/token:1",
+                  "cloud/sealed/iaas:1",
                   f"{basic}/sealed/environment:1", f"{basic}/sealed/docker:1"):
         pulled(image)
 
@@ -112,7 +121,7 @@ def test_no_password_or_token_is_found_anywhere(api: Api, basic_registry: Runnin
         **{str(path): data for path, data in files_under(api.gateway.root).items()},
     }
     secrets = {"password": secret_forms(password, user), "identity token": [identity_token.encode()],
-               "registry token": [registry_token.encode()]}
+               "registry token": [registry_token.encode()], "AWS secret key": [AWS_SECRET.encode()]}
     found = [f"{what} in {place}" for place, data in places.items()
              for what, forms in secrets.items() if any(form in data for form in forms)]
     assert found == []
