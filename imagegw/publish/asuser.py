@@ -14,7 +14,7 @@ import struct
 from collections.abc import Iterable
 from typing import NoReturn
 
-from imagegw.errors import Forbidden
+from imagegw.errors import Forbidden, ServiceUnavailable
 
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 """Read only; a symbolic link as the last component fails (ELOOP) instead of being followed; a FIFO
@@ -84,11 +84,11 @@ def _become_and_open(channel: socket.socket, path: str, uid: int, gid: int, grou
 
 def _received(answer: bytes, fds: list[int], path: str, uid: int) -> int:
     if len(answer) != _REPLY.size:
-        raise RuntimeError(f"the process opening {path} as uid {uid} ended without an answer")
+        raise ServiceUnavailable(f"the process opening {path} as uid {uid} ended without an answer")
     stage, number = _REPLY.unpack(answer)
     if stage == _OPENED:
         if not fds:
-            raise RuntimeError(f"the process opening {path} as uid {uid} sent no descriptor")
+            raise ServiceUnavailable(f"the process opening {path} as uid {uid} sent no descriptor")
         return fds[0]
     if stage == _SWITCH_FAILED:
         raise Forbidden(f"the gateway cannot take on uid {uid} to open {path}: {os.strerror(number)}")
