@@ -41,13 +41,21 @@ class Sealer:
         return document
 
 
+_sealers: dict[Path, Sealer] = {}
+
+
 def sealer_for(key_file: Path) -> Sealer:
-    """The sealer of ``key_file``, which is created (mode 0600) with a new key if it does not exist."""
+    """The sealer of ``key_file``, which is created (mode 0600) with a new key if it does not exist.
+
+    The key is read once per process: the store is opened for every API request.
+    """
+    if key_file in _sealers:
+        return _sealers[key_file]
     if not key_file.exists():
         _create_key(key_file)
     try:
-        key = key_file.read_bytes().strip()
-        return Sealer(key)
+        sealer = _sealers[key_file] = Sealer(key_file.read_bytes().strip())
+        return sealer
     except OSError as exc:
         raise ConfigError(f"SealKeyFile {key_file}: {exc.strerror}") from None
     except ValueError:
