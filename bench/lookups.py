@@ -1,0 +1,284 @@
+"""The lookup load benchmark: many clients looking an image up through ``imagegw serve`` on loopback.
+
+``.venv/bin/python bench/lookups.py [--clients 16] [--seconds 20] [--large-mb 800]`` starts a registry, a
+munged and ``imagegw serve`` (its embedded database and Prefect server), pulls a small image, then runs
+two rounds of lookups: idle, and while a large image (``--large-mb`` of files, built here) converts.
+
+Each lookup carries a MUNGE credential of its own (munged refuses a replayed one), minted before the
+round so that the clients spend their time on requests. The clients are ``--processes`` processes of
+threads, each thread with one keep-alive connection. Reported per round: lookups per second, p50 and
+p99 latency, errors (must be 0), and the peak RSS of every process of the gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from imagegw.processes import free_port  # noqa: E402 (after the sys.path line)
+from imagegw.service.munge import encode_credential  # noqa: E402
+from testsupport.images import LayerBuilder, push_image  # noqa: E402
+from testsupport.munge import RunningMunged  # noqa: E402
+from testsupport.registry import RunningRegistry  # noqa: E402
+
+PLATFORM = "benchcluster"
+SMALL = "bench/lookup:1"
+LARGE = "bench/large:1"
+
+
+@dataclass(frozen=True)
+class Round:
+    name: str
+    lookups: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def per_second(self) -> float:
+        return self.lookups / self.seconds if self.seconds else 0.0
+
+    def percentile(self, share: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default: 16)")
+    parser.add_argument("--processes", type=int, default=2, help="client processes sharing them (default: 2)")
+    parser.add_argument("--seconds", type=float, default=20, help="length of the idle round (default: 20)")
+    parser.add_argument("--large-mb", type=int, default=800, help="size of the image converting in the second "
+                                                                  "round, in MB (0: no second round; default 800)")
+    parser.add_argument("--workdir", default=None, help="where everything lives (default: a temporary directory)")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="imagegw-lookups-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    registry = RunningRegistry.start(workdir / "registry")
+    munged = RunningMunged.start(workdir / "munged")
+    serve = None
+    try:
+        push_image(registry, *SMALL.split(":"), [LayerBuilder().file("hello", b"lookups")])
+        config = write_config(workdir, registry, munged)
+        api_port = free_port()
+        serve = start_serve(workdir, config, api_port)
+        api = f"127.0.0.1:{api_port}"
+        image = f"{registry.host}/{SMALL}"
+        pull_until_ready(api, image, munged)
+        rounds = [run_round("idle", api, image, munged, args, lambda started: time.monotonic() - started
+                            >= args.seconds)]
+        if args.large_mb:
+            large = f"{registry.host}/{LARGE}"
+            push_large_image(registry, args.large_mb)
+            start_pull(api, large, munged)
+            rounds.append(run_round("while a large pull converts", api, image, munged, args,
+                                    lambda started: pull_status(api, large, munged) in ("READY", "FAILURE")))
+        peaks = peak_rss(serve.pid)
+        print(report(rounds, peaks, args))
+        return 0 if all(round_.errors == 0 for round_ in rounds) else 1
+    finally:
+        if serve is not None:
+            serve.send_signal(signal.SIGINT)
+            serve.wait(60)
+        munged.stop()
+        registry.stop()
+
+
+def write_config(workdir: Path, registry: RunningRegistry, munged: RunningMunged) -> Path:
+    config = workdir / "imagemanager.json"
+    config.write_text(json.dumps({
+        "StateDirectory": str(workdir / "state"),
+        "Locations": {registry.host: {"url": registry.url}},
+        "Platforms": {PLATFORM: {"accesstype": "local", "local": {"imageDir": str(workdir / "images")},
+                                 "mungeSocketPath": munged.socket_path}},
+    }))
+    return config
+
+
+def start_serve(workdir: Path, config: Path, api_port: int) -> subprocess.Popen[bytes]:
+    environment = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "IMAGEGW_"))}
+    output = workdir / "serve.out"
+    with open(output, "wb") as sink:
+        serve = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--config", str(config), "--port",
+                                  str(api_port), "--prefect-port", str(free_port())],
+                                 cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, env=environment)
+    deadline = time.monotonic() + 180
+    while not any(line.startswith("ready") for line in output.read_text().splitlines()):
+        if serve.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"imagegw serve did not start:\n{output.read_text()}")
+        time.sleep(0.2)
+    return serve
+
+
+def request(api: str, method: str, path: str, credential: str) -> tuple[int, dict[str, Any]]:
+    connection = http.client.HTTPConnection(api, timeout=30)
+    try:
+        connection.request(method, path, headers={"authentication": credential})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}")
+    finally:
+        connection.close()
+
+
+def start_pull(api: str, image: str, munged: RunningMunged) -> dict[str, Any]:
+    return request(api, "POST", f"/api/pull/{PLATFORM}/docker/{image}/", munged.mint())[1]
+
+
+def pull_status(api: str, image: str, munged: RunningMunged) -> str:
+    return str(start_pull(api, image, munged).get("status"))
+
+
+def pull_until_ready(api: str, image: str, munged: RunningMunged) -> None:
+    deadline = time.monotonic() + 300
+    while (status := pull_status(api, image, munged)) != "READY":
+        if status == "FAILURE" or time.monotonic() > deadline:
+            raise RuntimeError(f"the pull of {image} ended {status}")
+        time.sleep(0.5)
+
+
+def push_large_image(registry: RunningRegistry, megabytes: int) -> None:
+    """Layers of 1 MB files, half random and half text, so that the squashfs compressor has work."""
+    layers = []
+    per_layer = max(1, megabytes // 4)
+    for number in range(4):
+        layer = LayerBuilder()
+        for index in range(per_layer):
+            layer.file(f"data/{number}/{index}.bin", os.urandom(1 << 19) + b"lookup bench " * 40330)
+        layers.append(layer)
+    push_image(registry, *LARGE.split(":"), layers, compression="none")
+
+
+def run_round(name: str, api: str, image: str, munged: RunningMunged, args: argparse.Namespace,
+              done: Any) -> Round:
+    """Clients look ``image`` up until ``done(started)``; each lookup spends one fresh credential."""
+    # Enough for 1500 lookups/s: the idle round lasts --seconds, the other until the pull ends (a minute at most).
+    budget = args.seconds if name == "idle" else 60
+    credentials = [encode_credential(b"", munged.socket_path) for _ in range(int(1500 * budget))]
+    stop = multiprocessing.Event()
+    results: Any = multiprocessing.Queue()
+    shares = [credentials[number::args.processes] for number in range(args.processes)]
+    path = f"/api/lookup/{PLATFORM}/docker/{image}/"
+    threads = max(1, args.clients // args.processes)
+    clients = [multiprocessing.Process(target=client_process, args=(api, path, share, threads, stop, results))
+               for share in shares]
+    started = time.monotonic()
+    for client in clients:
+        client.start()
+    while not done(started):
+        time.sleep(0.2)
+    stop.set()
+    seconds = time.monotonic() - started
+    latencies, errors = [], 0
+    for _ in clients:
+        client_latencies, client_errors = results.get()
+        latencies += client_latencies
+        errors += client_errors
+    for client in clients:
+        client.join()
+    return Round(name, len(latencies), errors, seconds, latencies)
+
+
+def client_process(api: str, path: str, credentials: list[str], threads: int, stop: Any, results: Any) -> None:
+    shares = [credentials[number::threads] for number in range(threads)]
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def client(share: list[str]) -> None:
+        connection = http.client.HTTPConnection(api, timeout=30)
+        mine = []
+        for credential in share:
+            if stop.is_set():
+                break
+            began = time.perf_counter()
+            try:
+                connection.request("GET", path, headers={"authentication": credential})
+                response = connection.getresponse()
+                response.read()
+                ok = response.status == 200
+            except (OSError, http.client.HTTPException):
+                connection.close()
+                connection = http.client.HTTPConnection(api, timeout=30)
+                ok = False
+            if ok:
+                mine.append((time.perf_counter() - began) * 1000)
+            else:
+                with lock:
+                    errors[0] += 1
+        with lock:
+            latencies.extend(mine)
+
+    workers = [threading.Thread(target=client, args=(share,)) for share in shares]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    results.put((latencies, errors[0]))
+
+
+def peak_rss(root: int) -> dict[str, int]:
+    """Peak RSS (VmHWM, bytes) of ``root`` and every process below it, by a short name."""
+    peaks = {}
+    for pid in [root, *descendants(root)]:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        hwm = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+        peaks[f"{pid} {' '.join(part.decode(errors='replace') for part in command[:4])[:60]}"] = hwm
+    return peaks
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+def report(rounds: list[Round], peaks: dict[str, int], args: argparse.Namespace) -> str:
+    lines = [f"{args.clients} clients in {args.processes} processes, one MUNGE credential a lookup", "",
+             "| round | lookups | lookups/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
+    for round_ in rounds:
+        lines.append(f"| {round_.name} | {round_.lookups} | {round_.per_second:.0f} | "
+                     f"{statistics.median(round_.latencies_ms) if round_.latencies_ms else float('nan'):.1f} | "
+                     f"{round_.percentile(0.99):.1f} | {round_.errors} |")
+    lines += ["", "| gateway process | peak RSS MB |", "|---|---|"]
+    lines += [f"| {name} | {peak / 1e6:.0f} |" for name, peak in sorted(peaks.items())]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
