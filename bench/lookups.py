@@ -68,6 +68,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--large-mb", type=int, default=800, help="size of the image converting in the second "
                                                                   "round, in MB (0: no second round; default 800)")
     parser.add_argument("--workdir", default=None, help="where everything lives (default: a temporary directory)")
+    parser.add_argument("--profile", action="store_true",
+                        help="sample the API and database processes with py-spy during the idle round; write "
+                             "their folded stacks to the workdir and print where the time goes")
     return parser.parse_args()
 
 
@@ -86,8 +89,12 @@ def main() -> int:
         api = f"127.0.0.1:{api_port}"
         image = f"{registry.host}/{SMALL}"
         pull_until_ready(api, image, munged)
+        profiles = start_profiles(serve.pid, workdir, args) if args.profile else []
         rounds = [run_round("idle", api, image, munged, args, lambda started: time.monotonic() - started
                             >= args.seconds)]
+        for name, profiler, folded in profiles:
+            profiler.wait()
+            print(f"\n{name}: {folded}\n{hottest(folded)}")
         if args.large_mb:
             large = f"{registry.host}/{LARGE}"
             push_large_image(registry, args.large_mb)
@@ -103,6 +110,36 @@ def main() -> int:
             serve.wait(60)
         munged.stop()
         registry.stop()
+
+
+def start_profiles(serve: int, workdir: Path, args: argparse.Namespace) -> list[tuple[str, Any, Path]]:
+    """py-spy recorders of the API and the database, started now and sampling through most of the idle round
+    (the credentials are minted first: about 2 s of the round's start)."""
+    profiles = []
+    for pid in descendants(serve):
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        name = "api" if b" cli api" in command else "database" if b"secantus" in command else None
+        if name is None:
+            continue
+        folded = workdir / f"{name}.folded"
+        profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
+                                     "--duration", str(int(args.seconds)), "--format", "raw", "--nonblocking",
+                                     "--output", str(folded)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        profiles.append((name, profiler, folded))
+    return profiles
+
+
+def hottest(folded: Path, shown: int = 25) -> str:
+    """The functions with the most samples on the stack (inclusive), from py-spy's folded stacks."""
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in folded.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        total += int(count)
+        for frame in set(stack.split(";")):
+            inclusive[frame] = inclusive.get(frame, 0) + int(count)
+    rows = sorted(inclusive.items(), key=lambda item: -item[1])[:shown]
+    return "\n".join(f"{100 * count / total:5.1f}%  {frame}" for frame, count in rows)
 
 
 def write_config(workdir: Path, registry: RunningRegistry, munged: RunningMunged) -> Path:

@@ -194,11 +194,16 @@ def test_autoexpire_expires_past_due_images_and_clears_failures(api: Api) -> Non
 def test_lookup_renews_expiration_and_is_counted_in_metrics(api: Api) -> None:
     image, record = ready_image(api, "api/used")
     images = pymongo.MongoClient(api.gateway.mongo_uri)[api.gateway.database]["images"]
+    # Last used two minutes ago: a lookup renews it (at most once a minute, so lookups cost one round trip).
+    images.update_one({"id": record["id"]}, {"$inc": {"last_used": -120, "expiration": -120}})
     before = images.find_one({"id": record["id"]})["expiration"]
 
     api.lookup(image, uid=1000, gid=1000)
 
-    assert images.find_one({"id": record["id"]})["expiration"] > before
+    renewed = images.find_one({"id": record["id"]})["expiration"]
+    assert renewed > before
+    api.lookup(image, uid=1000, gid=1000)
+    assert images.find_one({"id": record["id"]})["expiration"] == renewed, "renewed again within the minute"
     rows = api.call("GET", "/api/metrics/mycluster/?limit=5", uid=0, gid=0).json()
     assert rows[0]["uid"] == 1000 and rows[0]["id"] == record["id"] and rows[0]["tag"] == image
 

@@ -17,7 +17,7 @@ from imagegw.errors import BadRequest, Forbidden, ImageNotFound
 from imagegw.expiry import expire_due, expire_image
 from imagegw.plan import plan_pull, pull_key
 from imagegw.publish import copy_importable, publisher_for, render_meta
-from imagegw.registry import Credential, normalize_tag
+from imagegw.registry import Credential, normalize_tag, parse_image_reference
 from imagegw.registry.keychain import REQUEST, HandedCredential
 from imagegw.service.identity import Caller
 from imagegw.service.launch import PullLauncher, start_pull
@@ -52,7 +52,7 @@ class Gateway:
         # A private image the caller may not read is "not found": its existence must not leak.
         if record is None or not caller.may_read(Access.of(record), platform):
             raise ImageNotFound(f"no READY image {key.tag} ({itype}) on {system}")
-        store.renew(system, record["id"])
+        store.renew_if_due(record)
         if self.settings.metrics:
             store.record_lookup(system, itype, key.tag, record["id"], caller.uid, caller.user)
         return to_response(record)
@@ -142,8 +142,10 @@ class Gateway:
         pulled_lately = time.time() - ready.get("last_pull", 0) < self.settings.pull_update_timeout
         return pulled_lately and Access.of(ready).covers(access)
 
-    @staticmethod
-    def _lookup_key(system: str, itype: str, tag: str) -> PullKey:
+    def _lookup_key(self, system: str, itype: str, tag: str) -> PullKey:
         if itype not in LOOKUP_TYPES:
             raise BadRequest(f"image type {itype!r} is not one of {', '.join(LOOKUP_TYPES)}")
+        # A name no pull or import could have filed (NUL, '..', over-long) gets pull's 400 saying what is wrong
+        # with it, not a 404 that makes it look merely absent.
+        parse_image_reference(tag, self.settings.locations, self.settings.default_location)
         return PullKey(system, itype, normalize_tag(tag))

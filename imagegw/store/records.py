@@ -130,6 +130,8 @@ QUEUED_STATES = (Status.INIT, Status.PENDING)
 HEARTBEAT_INTERVAL = 30
 STALE_RUNNING = 180
 STALE_QUEUED = 3600
+# Seconds within which a looked-up image is not renewed again (lookups come at every job start).
+RENEW_INTERVAL = 60
 # Registry logins wait here for the flow run that needs them, and no longer than this.
 LOGIN_LIFETIME = 3600
 
@@ -335,6 +337,12 @@ class ImageStore:
         with mongo_errors():
             self._images.update_one({"system": system, "id": image_id},
                                     {"$set": {"expiration": now + self._expiration_timeout, "last_used": now}})
+
+    def renew_if_due(self, record: dict[str, Any]) -> None:
+        """Renew a looked-up image unless that was done within RENEW_INTERVAL: a lookup then costs one
+        database round trip, not two, and the expiration lags by at most that much."""
+        if time.time() - record.get("last_used", 0) >= RENEW_INTERVAL:
+            self.renew(record["system"], record["id"])
 
     def hold(self, system: str, image_id: str) -> None:
         """Push an image's expiration out without counting a use: the platform's watch list holds it."""
