@@ -9,12 +9,12 @@ from prefect import flow
 
 from flows import PULL_FLOW
 from imagegw.build import SquashResult, streamed_build
-from imagegw.config import Platform, load_settings
+from imagegw.config import Limits, Platform, load_settings
 from imagegw.disk import scratch_directory
-from imagegw.plan import pull_key
+from imagegw.plan import image_bytes_limit, pull_key
 from imagegw.publish import publisher_for
 from imagegw.pullreport import PullRecorder
-from imagegw.registry import LayerCache, RegistryClient, ResolvedImage
+from imagegw.registry import ImageBytesLimit, LayerCache, RegistryClient, ResolvedImage
 from imagegw.store import PullTracker, open_store
 from tasks.index import index, is_ready, plan, settle_access
 from tasks.pull import pull, resolve
@@ -38,12 +38,14 @@ async def pull_image(image: str, platform: str, config: str | None = None) -> di
     with PullTracker(store, key).running() as tracker, scratch_directory(settings.expand_dir, "pull-") as scratch, \
             publisher_for(target) as publisher:
         job = plan(store, settings, key)
-        with RegistryClient(job.ref.location, credential=job.credential, config_cache=cache.config_dir) as client:
+        with RegistryClient(job.ref.location, credential=job.credential, config_cache=cache.config_dir,
+                            limits=settings.limits) as client:
             manifest = resolve(client, job, tracker, recorder)
             access = settle_access(store, job, manifest)
             squashfs = None
             if not is_ready(store, publisher, job, manifest):  # an unchanged digest is not downloaded again
-                squashfs = pull_unpack_squash(client, manifest, cache, target, scratch, tracker, recorder)
+                squashfs = pull_unpack_squash(client, manifest, cache, target, scratch, tracker, recorder,
+                                              settings.limits, image_bytes_limit(settings.limits, publisher))
         published = transfer(publisher, manifest, access, squashfs, tracker, recorder)
         record = index(store, key, manifest, published, access, recorder)
     # Outside the tracker: a report that cannot be written does not turn a READY image into a FAILURE.
@@ -52,13 +54,14 @@ async def pull_image(image: str, platform: str, config: str | None = None) -> di
 
 
 def pull_unpack_squash(client: RegistryClient, manifest: ResolvedImage, cache: LayerCache, target: Platform,
-                       scratch: Path, tracker: PullTracker, recorder: PullRecorder) -> SquashResult:
+                       scratch: Path, tracker: PullTracker, recorder: PullRecorder, limits: Limits,
+                       max_bytes: ImageBytesLimit | None) -> SquashResult:
     """The three stages run side by side, like a shell pipeline: each layer is flattened into
     the tar stream as it downloads, and tar2sqfs compresses the stream as it is written."""
     digests = [layer.digest for layer in manifest.layers]
     # Held from before the first download to the last read: eviction cannot take a layer from under the build.
-    with cache.holding(digests), streamed_build(digests) as build:
-        pulling = pull.submit(client, manifest, cache, build.arrivals, tracker, recorder)
+    with cache.holding(digests), streamed_build(digests, limits) as build:
+        pulling = pull.submit(client, manifest, cache, build.arrivals, tracker, recorder, limits, max_bytes)
         # Whatever becomes of the pull (retries included), the unpack stage must stop waiting for layers.
         pulling.add_done_callback(build.downloads_ended)
         squashing = squash.submit(build.stream, scratch / "image.squashfs", target.compression, target.block_size,

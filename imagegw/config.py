@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from imagegw.errors import ConfigError, UnknownPlatform
+from imagegw.errors import ConfigError, LimitExceeded, UnknownPlatform
 from imagegw.hostglob import host_matches
 from imagegw.sshconfig import RemoteAccess, read_remote_access
 
@@ -57,11 +57,16 @@ _TOP_LEVEL_KEYS = {
     "ImageExpirationTimeout", "MongoDBURI", "MongoDB", "CacheDirectory", "ExpandDirectory",
     "StateDirectory", "Compression", "BlockSize", "Locations", "Platforms", "Metrics", "ImportUsers",
     "ExpireSchedule", "CacheSizeLimit", "RefreshSchedule", "NotifySecret", "AllowedRegistries",
-    "SealKeyFile",
+    "SealKeyFile", "Limits",
 } | _SHIFTER_KEYS_IGNORED
 _LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
                   "passwordFile", "passwordEnv", "iaas",
                   "authentication"}
+_LIMIT_KEYS = {  # key in the file: (Limits field, whether it is a number of bytes)
+    "maxManifestBytes": ("manifest_bytes", True), "maxLayers": ("layers", False),
+    "maxImageBytes": ("image_bytes", True), "maxEntries": ("entries", False),
+    "maxPathDepth": ("path_depth", False), "maxHeaderBytes": ("header_bytes", True),
+}
 _PLATFORM_KEYS = {"mungeSocketPath", "accesstype", "admins", "local", "ssh", "host", "use_external",
                   "policy_file", "arch", "os", "variant", "Compression", "BlockSize", "usergroupService",
                   "maxConcurrentPulls"}
@@ -132,6 +137,39 @@ class SizeLimit:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Bounds on what an image may make the gateway read and hold (``Limits``): registries and layers are
+    untrusted input, and each bound stops one way of exhausting memory, disk or time."""
+
+    manifest_bytes: int = 4 << 20
+    """A manifest, index or image config (``maxManifestBytes``). Distribution, the registry Docker ships,
+    refuses manifests over 4 MiB, so no stored manifest is larger; a config that large would need tens
+    of thousands of history entries. Each document is held whole in memory."""
+    layers: int = 128
+    """Layers of one image (``maxLayers``). Docker cannot build or run an image of more than 127 (overlay2's
+    "max depth exceeded"), so 128 passes every image a Docker host runs."""
+    image_bytes: int | None = None
+    """All layers' tars together, uncompressed (``maxImageBytes``), counted as they stream from the registry,
+    so a compression bomb stops at the limit. None: what the platform's image directory has free when the
+    pull starts (an image larger than that could not be published if it did not compress)."""
+    entries: int = 1_000_000
+    """Tar entries of all layers together, whiteouts and replaced files included (``maxEntries``). A large
+    real image holds a few hundred thousand; each costs the in-memory model a few hundred bytes."""
+    path_depth: int = 256
+    """Names in one path of the image (``a/b/c`` has three), symbolic links followed (``maxPathDepth``).
+    Deep package trees (node_modules) stay under 100; the bound stops paths built thousands deep."""
+    header_bytes: int = 1 << 20
+    """One tar entry's header (``maxHeaderBytes``): a GNU long name or link, or a PAX record set, which is
+    read whole into memory. Real ones (long paths, xattrs, SELinux labels) are a few KiB at most."""
+
+
+def limit_exceeded(what: str, key: str, limit: int) -> LimitExceeded:
+    """The refusal of ``what`` (which says what went past it) by the limit ``Limits.<key>``, now ``limit``."""
+    return LimitExceeded(f"{what} (the limit, Limits.{key}, is {limit}; raise it in the gateway's configuration "
+                         "to accept this image)")
+
+
+@dataclass(frozen=True)
 class Platform:
     """A cluster (Shifter's *system*) whose image directory the gateway fills."""
 
@@ -192,6 +230,8 @@ class Settings:
     allowed_registries: tuple[str, ...] = ()
     """Host patterns of the registries images may come from (``AllowedRegistries``, see imagegw.hostglob);
     ``("*",)`` allows any. Default: the configured Locations' hosts and Docker Hub's."""
+    limits: Limits = Limits()
+    """Bounds on an image's documents, layers, entries and sizes (``Limits``)."""
 
     @property
     def seal_key_path(self) -> Path:
@@ -282,6 +322,7 @@ class _Reader:
             seal_key_file=self._path(raw.get("SealKeyFile"), "SealKeyFile"),
             cache_size_limit=self._size_limit(raw.get("CacheSizeLimit", f"{DEFAULT_CACHE_SIZE_PERCENT}%"),
                                               "CacheSizeLimit"),
+            limits=self._limits(raw.get("Limits", {})),
         )
 
     def _reject_unknown(self, raw: dict[str, Any], known: set[str], prefix: str) -> None:
@@ -361,6 +402,31 @@ class _Reader:
         if size < 1:
             raise self.fail(key, f"{usage}, more than 0, not {value!r}")
         return SizeLimit(bytes=size)
+
+    def _limits(self, raw: Any) -> Limits:
+        if not isinstance(raw, dict):
+            raise self.fail("Limits", "must be an object of limit names to values")
+        self._reject_unknown(raw, set(_LIMIT_KEYS), "Limits.")
+        values: dict[str, Any] = {}
+        for key, (field_name, is_bytes) in _LIMIT_KEYS.items():
+            if key not in raw or (raw[key] is None and field_name == "image_bytes"):
+                continue  # the default; maxImageBytes null is the default spelled out
+            read = self._bytes if is_bytes else self._count
+            values[field_name] = read(raw[key], f"Limits.{key}")
+        return Limits(**values)
+
+    def _bytes(self, value: Any, key: str) -> int:
+        """A number of bytes: a whole number, or a size like ``"4M"`` or ``"50G"`` (powers of 1024)."""
+        match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            size = value
+        elif match is not None and match.group(2) != "%":
+            size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+        else:
+            size = 0
+        if size < 1:
+            raise self.fail(key, f"must be a number of bytes from 1 up, or a size like '4M' or '50G', not {value!r}")
+        return size
 
     def _count(self, value: Any, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -64,6 +64,12 @@ class UnsafeLayerEntry(LayerError):
     """A layer entry that would break the image root or the host if obeyed."""
 
 
+class LimitExceeded(ImagegwError):
+    """An image past one of the configured bounds on untrusted input (``Limits``): too many layers or
+    entries, too large a document, header or whole, too deep a path. Not retried: the image stays the
+    same; the message names the limit, its value and the key that raises it."""
+
+
 class SquashError(ImagegwError):
     """Building or verifying the squashfs failed."""
 

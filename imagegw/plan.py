@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from imagegw.access import PUBLIC, Access
-from imagegw.config import Platform, Settings
+from imagegw.config import Limits, Platform, Settings
 from imagegw.errors import BadImageReference, RegistryUnauthorized
-from imagegw.registry import Credential, ImageRef, PlatformSpec, image_reference, normalize_tag
+from imagegw.publish import Publisher
+from imagegw.registry import Credential, ImageBytesLimit, ImageRef, PlatformSpec, image_reference, normalize_tag
 from imagegw.registry.keychain import HandedCredential, Keychain
 from imagegw.store import PullKey
 
@@ -41,6 +42,15 @@ def pull_key(platform: str, image: str, itype: str = "docker") -> PullKey:
     if itype not in PULLABLE_TYPES:
         raise BadImageReference(f"image type {itype!r} cannot be pulled (only {', '.join(PULLABLE_TYPES)})")
     return PullKey(system=platform, itype=itype, tag=normalize_tag(image))
+
+
+def image_bytes_limit(limits: Limits, publisher: Publisher) -> ImageBytesLimit | None:
+    """What an image's layers may hold uncompressed: ``Limits.maxImageBytes``, else what the image directory
+    has free now (None: it cannot tell, and the pull is bounded by its disks filling only)."""
+    if limits.image_bytes is not None:
+        return ImageBytesLimit(limits.image_bytes)
+    free = publisher.free_bytes()
+    return None if free is None else ImageBytesLimit(free, free_in=str(publisher))
 
 
 def plan_pull(settings: Settings, key: PullKey, handed: HandedCredential | None = None,

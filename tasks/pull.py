@@ -8,10 +8,12 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NONE
 
 from imagegw.build import LayerArrivals, LayerSource, prepare_layer
+from imagegw.config import Limits
 from imagegw.plan import PullPlan
 from imagegw.pullreport import PullRecorder
 from imagegw.registry import (
     DownloadProgress,
+    ImageBytesLimit,
     LayerCache,
     RegistryClient,
     ResolvedImage,
@@ -35,18 +37,20 @@ def resolve(client: RegistryClient, job: PullPlan, tracker: PullTracker, recorde
 @task(name="pull", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=transient_failure,
       cache_policy=NONE)
 def pull(client: RegistryClient, image: ResolvedImage, cache: LayerCache, arrivals: LayerArrivals,
-         tracker: PullTracker, recorder: PullRecorder) -> list[Path]:
+         tracker: PullTracker, recorder: PullRecorder, limits: Limits,
+         max_bytes: ImageBytesLimit | None) -> list[Path]:
     """Download the layers not yet in the cache, verified against their digests, and read their tar headers.
 
-    ``arrivals`` hears of each layer's bytes as they are written, for the unpack stage.
+    ``arrivals`` hears of each layer's bytes as they are written, for the unpack stage; the layers
+    together may hold ``max_bytes`` uncompressed, and their tars what ``limits`` allows.
     """
     cached = sum(1 for layer in image.layers if cache.has(layer.digest))
     tracker.stage(Status.PULLING, f"Pulling {len(image.layers)} layers ({cached} cached)")
     progress = DownloadProgress(image.layers, lambda message: tracker.stage(Status.PULLING, message))
     with recorder.timing("pull"):
         paths = fetch_layers(client, image, cache, progress=progress,
-                             prepare=lambda layer, path: prepare_layer(LayerSource(path, layer.digest)),
-                             arrivals=arrivals)
+                             prepare=lambda layer, path: prepare_layer(LayerSource(path, layer.digest), limits),
+                             arrivals=arrivals, limit=max_bytes)
     recorder.downloaded(fetched=len(image.layers) - cached, cached=cached, received=progress.received)
     # Unpack and squash have been at work on the layers as they came; what is left is theirs.
     tracker.stage(Status.CONVERSION, "All layers in; finishing the squashfs")

@@ -227,7 +227,9 @@ def test_a_full_image_directory_fails_the_pull_at_once_naming_it(gateway: Gatewa
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    gateway.write_config(Platforms={"mycluster": {"accesstype": "local", "local": {"imageDir": str(small_disk)}}})
+    # maxImageBytes set: by default (the disk's free space) the image would be refused before it is built.
+    gateway.write_config(Platforms={"mycluster": {"accesstype": "local", "local": {"imageDir": str(small_disk)}}},
+                         Limits={"maxImageBytes": "1G"})
     push_image(gateway.registry, "test/big", "1", [LayerBuilder().file("noise", os.urandom(1 << 20))])
 
     state, record = pull(gateway, gateway.image("test/big:1"))

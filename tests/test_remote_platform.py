@@ -59,7 +59,8 @@ def test_a_pull_is_published_over_ssh_through_the_first_host_that_answers(
 
 def test_a_full_remote_disk_fails_the_pull_and_the_tags_previous_image_is_still_served(
         gateway: GatewayFixture, sshd: SshServer, small_disk: Path) -> None:
-    gateway.write_config(Platforms={"mycluster": remote_platform(sshd, small_disk)})
+    # maxImageBytes set: by default (the disk's free space) the image would be refused before it is built.
+    gateway.write_config(Platforms={"mycluster": remote_platform(sshd, small_disk)}, Limits={"maxImageBytes": "1G"})
     tag = gateway.image("test/grows:latest")
     first = push_image(gateway.registry, "test/grows", "latest", [LayerBuilder().file("small", b"fits\n")])
     state, record = pull(gateway, tag)

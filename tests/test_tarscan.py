@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from imagegw.build.tarscan import Header, scan_headers
+from imagegw.config import Limits
+from imagegw.errors import LimitExceeded
 
 
 def by_tarfile(path: Path) -> list[Header]:
@@ -98,7 +100,7 @@ def test_unusual_archives_are_left_to_tarfile(tmp_path: Path) -> None:
     assert scan_headers(tmp_path / "global.tar") is None
 
 
-def test_hostile_extended_headers_are_left_to_tarfile(tmp_path: Path) -> None:
+def test_hostile_extended_headers_are_left_to_tarfile_or_refused_when_too_large(tmp_path: Path) -> None:
     negative = tarfile.TarInfo("neg")
     with tarfile.open(tmp_path / "neg.tar", "w", format=tarfile.PAX_FORMAT) as out:
         negative.pax_headers = {"size": "-5"}
@@ -108,4 +110,7 @@ def test_hostile_extended_headers_are_left_to_tarfile(tmp_path: Path) -> None:
         out.addfile(tarfile.TarInfo(huge_name))
 
     assert scan_headers(tmp_path / "neg.tar") is None
-    assert scan_headers(tmp_path / "huge.tar") is None
+    # tarfile would read it whole: refused, naming the limit that allows it.
+    with pytest.raises(LimitExceeded, match=r"header at byte 0 is 1200001 bytes .*Limits.maxHeaderBytes, is 1048576"):
+        scan_headers(tmp_path / "huge.tar")
+    assert len(scan_headers(tmp_path / "huge.tar", Limits(header_bytes=2 << 20)) or []) == 1

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal, cast, overload
 
-from imagegw.build.tarscan import Header, scan_headers
+from imagegw.build.tarscan import Header, bounded_tarinfo, scan_headers, too_many_entries
 from imagegw.build.tarwrite import TAR_BLOCK, TarWriter, encode_header
-from imagegw.errors import LayerError, UnsafeLayerEntry
+from imagegw.config import Limits, limit_exceeded
+from imagegw.errors import LayerError, LimitExceeded, UnsafeLayerEntry
 
 _log = logging.getLogger(__name__)
 
@@ -87,17 +88,32 @@ class LayerSource:
     digest: str
 
 
-def flatten_layers(layers: Sequence[LayerSource], warn: Callable[[str], None] | None = None) -> ImageTree:
+def flatten_layers(layers: Sequence[LayerSource], warn: Callable[[str], None] | None = None,
+                   limits: Limits = Limits()) -> ImageTree:
     """Apply ``layers`` (base first) with OCI semantics and return the resulting file tree.
 
     ``warn`` hears about entries that were changed or dropped (names climbing above the
     root, devices, ...); by default they are logged. An entry that cannot be obeyed safely
-    raises :class:`UnsafeLayerEntry`, an unreadable tar :class:`LayerError`.
+    raises :class:`UnsafeLayerEntry`, an unreadable tar :class:`LayerError`, too many
+    entries, too large a header or too deep a path :class:`LimitExceeded`.
     """
     root = _Dir(0o755, 0)
+    entries = 0
     for index, layer in enumerate(layers):
-        _LayerApplier(root, index, layer, warn or _log.warning).apply()
+        members = read_members(layer, limits)
+        entries = count_entries(entries, members, layer, limits)
+        _LayerApplier(root, index, layer, warn or _log.warning, limits.path_depth).apply(members)
     return ImageTree(root, layers)
+
+
+def count_entries(so_far: int, members: Sequence[Header], layer: LayerSource, limits: Limits) -> int:
+    """The image's tar entries up to and including ``layer``'s, which follows layers holding ``so_far``;
+    refused past ``limits.entries``, as each entry costs the model memory."""
+    total = so_far + len(members)
+    if total > limits.entries:
+        raise limit_exceeded(f"layer {layer.digest} brings the image's tar entries to {total}", "maxEntries",
+                             limits.entries)
+    return total
 
 
 class ImageTree:
@@ -238,51 +254,75 @@ _MEMBERS_FORMAT = 1
 """Bump when Header changes: older member files are then re-read from the tar."""
 
 
-def prepare_layer(source: LayerSource) -> None:
+def prepare_layer(source: LayerSource, limits: Limits = Limits()) -> None:
     """Read a layer's tar headers once and keep them beside it, so flattening need not read them.
 
-    Raises LayerError for a tar that cannot be read, which is better found while the other
-    layers still download than after.
+    Raises LayerError for a tar that cannot be read, LimitExceeded for one past ``limits``: better
+    found while the other layers still download than after.
     """
-    read_members(source)
+    read_members(source, limits)
 
 
-def read_members(source: LayerSource) -> list[Header]:
-    """A layer's entries in tar order, from its member file when one was written before."""
-    cached = _members_path(source)
+def read_members(source: LayerSource, limits: Limits = Limits()) -> list[Header]:
+    """A layer's entries in tar order, from its member file when one was written before.
+
+    A layer of more entries than ``limits.entries`` or with a header larger than
+    ``limits.header_bytes`` raises LimitExceeded (its reading stops there, so memory stays bounded).
+    """
+    members = _cached_members(source)
+    if members is None:
+        members = _scan(source, limits)
+        _write_members(_members_path(source), members)
+    elif len(members) > limits.entries:  # read under a higher limit
+        raise _in_layer(source, too_many_entries(limits))
+    return members
+
+
+def _cached_members(source: LayerSource) -> list[Header] | None:
     try:
-        version, rows = marshal.loads(cached.read_bytes())
+        version, rows = marshal.loads(_members_path(source).read_bytes())
         if version == _MEMBERS_FORMAT:
             return [Header(*row) for row in rows]
     except (OSError, ValueError, EOFError, TypeError):
         pass
-    members = _scan(source)
-    _write_members(cached, members)
-    return members
+    return None
+
+
+def _in_layer(source: LayerSource, refusal: LimitExceeded) -> LimitExceeded:
+    """A refusal from reading a tar, naming the layer it is."""
+    return LimitExceeded(f"layer {source.digest}: {refusal}")
 
 
 def _members_path(source: LayerSource) -> Path:
     return source.path.with_name(source.path.name + ".members")
 
 
-def _scan(source: LayerSource) -> list[Header]:
+def _scan(source: LayerSource, limits: Limits) -> list[Header]:
     try:
-        headers = scan_headers(source.path)
+        headers = scan_headers(source.path, limits)
+        if headers is None:
+            # Sparse files, global PAX headers, damage: tarfile reads (or rejects) what the fast reader does not.
+            headers = _scan_with_tarfile(source, limits)
+    except LimitExceeded as refusal:
+        raise _in_layer(source, refusal) from None
     except OSError as exc:
         raise LayerError(f"layer {source.digest}: unreadable tar: {exc}") from None
-    if headers is not None:
-        return headers
-    # Sparse files, global PAX headers, damage: tarfile reads (or rejects) what the fast reader does not.
-    members = []
+    return headers
+
+
+def _scan_with_tarfile(source: LayerSource, limits: Limits) -> list[Header]:
+    members: list[Header] = []
     try:
-        with tarfile.open(source.path, "r:") as archive:
+        with tarfile.open(source.path, "r:", tarinfo=bounded_tarinfo(limits.header_bytes)) as archive:
             while (info := archive.next()) is not None:
                 # TarFile keeps every member it reads; a layer can hold 200k of them.
                 archive.members.clear()  # type: ignore[attr-defined]
+                if len(members) == limits.entries:
+                    raise too_many_entries(limits)
                 members.append(_member(info))
             end = archive.offset
         _check_end(source, end)
-    except (tarfile.TarError, OSError) as exc:
+    except tarfile.TarError as exc:
         raise LayerError(f"layer {source.digest}: unreadable tar: {exc}") from None
     return members
 
@@ -325,15 +365,19 @@ class _LayerApplier:
     on lower layers only, wherever they come in the layer's tar.
     """
 
-    def __init__(self, root: _Dir, index: int, source: LayerSource, warn: Callable[[str], None]) -> None:
+    def __init__(self, root: _Dir, index: int, source: LayerSource, warn: Callable[[str], None],
+                 max_depth: int) -> None:
         self.root = root
         self.index = index
         self.source = source
         self.warn = warn
+        self.max_depth = max_depth
+        """Names an entry's path may have, symbolic links followed (Limits.path_depth)."""
         self.touched: set[tuple[_Dir, str]] = set()
 
-    def apply(self) -> None:
-        for member in read_members(self.source):
+    def apply(self, members: Sequence[Header]) -> None:
+        """Apply the layer's entries, ``members`` in tar order."""
+        for member in members:
             self._entry(member)
 
     def _entry(self, member: Header) -> None:
@@ -432,6 +476,8 @@ class _LayerApplier:
                     self.touched.add((current, name))
                 walked.append((current, name))
                 current = child
+                if create and len(walked) >= self.max_depth:  # the entry itself goes one deeper
+                    raise self._too_deep(entry)
             elif isinstance(child, _Symlink):
                 hops += 1
                 if hops > _MAX_LINK_HOPS:
@@ -443,6 +489,12 @@ class _LayerApplier:
                 where = "/".join([n for _, n in walked] + [name])
                 raise UnsafeLayerEntry(f"layer {self.source.digest}: {entry!r}: parent {where!r} is not a directory")
         return current
+
+    def _too_deep(self, entry: str) -> LimitExceeded:
+        # Only the start of the name: one this deep is kilobytes long.
+        shown = entry if len(entry) <= 100 else entry[:100] + "..."
+        return limit_exceeded(f"layer {self.source.digest}: {shown!r} lies more than {self.max_depth} names deep "
+                              "(symbolic links followed)", "maxPathDepth", self.max_depth)
 
     def _place(self, parent: _Dir, name: str, node: _Node) -> None:
         existing = parent.children.get(name)

@@ -30,6 +30,7 @@ from imagegw.build.flatten import (
     WHITEOUT,
     ImageTree,
     LayerSource,
+    count_entries,
     file_header,
     flatten_layers,
     lexical_parts,
@@ -37,6 +38,7 @@ from imagegw.build.flatten import (
 )
 from imagegw.build.tarscan import Header, ReadWindow, follow_headers
 from imagegw.build.tarwrite import TarWriter, data_cut_short
+from imagegw.config import Limits, limit_exceeded
 from imagegw.errors import SquashError
 
 _PIPE_SIZE = 1 << 20
@@ -59,9 +61,11 @@ class StreamedBuild:
     """One image built as its layers download: the layers arriving in the cache, and the tar
     stream the unpack stage writes from them while the squash stage compresses it."""
 
-    def __init__(self, layer_digests: Sequence[str]) -> None:
+    def __init__(self, layer_digests: Sequence[str], limits: Limits = Limits()) -> None:
         self.arrivals = LayerArrivals(layer_digests)
         self.stream = ImageStream()
+        self.limits = limits
+        """What the layers' tars may hold (entries, header sizes, path depth)."""
 
     def downloads_ended(self, _outcome: object = None) -> None:
         """The pull stage ended, however: the unpack side stops waiting for layers that did not come."""
@@ -70,7 +74,7 @@ class StreamedBuild:
     def write_image(self, warn: Callable[[str], None] | None = None) -> StreamedImage:
         """Flatten the layers into the stream as they arrive; the reading side learns how it ended."""
         try:
-            image = flatten_top_down(self.arrivals, self.stream.writer, warn=warn)
+            image = flatten_top_down(self.arrivals, self.stream.writer, warn=warn, limits=self.limits)
         except BaseException as exc:
             self.stream.fail(exc)
             raise
@@ -79,10 +83,10 @@ class StreamedBuild:
 
 
 @contextmanager
-def streamed_build(layer_digests: Sequence[str]) -> Iterator[StreamedBuild]:
+def streamed_build(layer_digests: Sequence[str], limits: Limits = Limits()) -> Iterator[StreamedBuild]:
     """A :class:`StreamedBuild` of the layers (base first) whose files and pipe are released however it ends;
     downloads still writing its layers then stop (see :meth:`LayerArrivals.release`)."""
-    build = StreamedBuild(layer_digests)
+    build = StreamedBuild(layer_digests, limits)
     try:
         yield build
     finally:
@@ -90,16 +94,19 @@ def streamed_build(layer_digests: Sequence[str]) -> Iterator[StreamedBuild]:
         build.stream.close_reader()
 
 
-def flatten_top_down(arrivals: LayerArrivals, out: int, warn: Callable[[str], None] | None = None) -> StreamedImage:
+def flatten_top_down(arrivals: LayerArrivals, out: int, warn: Callable[[str], None] | None = None,
+                     limits: Limits = Limits()) -> StreamedImage:
     """Write the image of the layers in ``arrivals`` (base first) to the descriptor ``out`` as one tar.
 
     Returns once every layer is in and the stream is complete, or is known to be spoiled
     (``intact`` false: a streamed file is not where the exact model puts it, or the
-    reader of ``out`` went away). Raises what the exact model raises for a bad layer.
+    reader of ``out`` went away). Raises what the exact model raises for a bad layer, and
+    LimitExceeded for layers past ``limits``.
     """
     writer = TarWriter(out)
     streamed: dict[str, tuple[int, int]] = {}
     above = _Shadow()
+    entries_above = 0
     reader_gone = False
     for index in reversed(range(len(arrivals.digests))):
         if reader_gone or arrivals.all_stored():
@@ -107,14 +114,18 @@ def flatten_top_down(arrivals: LayerArrivals, out: int, warn: Callable[[str], No
             # per entry of this pass (which pays for reading headers and checking names).
             break
         try:
-            _stream_layer(arrivals, index, writer, above, streamed)
+            _stream_layer(arrivals, index, writer, above, streamed, limits)
         except BrokenPipeError:
             reader_gone = True  # tar2sqfs stopped: the squash stage reports why
-        above.add(read_members(LayerSource(arrivals.wait_stored(index), arrivals.digests[index])))
+        layer = LayerSource(arrivals.wait_stored(index), arrivals.digests[index])
+        members = read_members(layer, limits)
+        # Counted here too: the shadow of the layers above grows with their entries, as the model does.
+        entries_above = count_entries(entries_above, members, layer, limits)
+        above.add(members)
     # Built only now: building it beside the stream, as layers arrive, cost more in contention
     # for the interpreter lock than it saved.
     tree = flatten_layers([LayerSource(arrivals.wait_stored(index), digest)
-                           for index, digest in enumerate(arrivals.digests)], warn)
+                           for index, digest in enumerate(arrivals.digests)], warn, limits)
     intact = not reader_gone and all(tree.file_at(path) == where for path, where in streamed.items())
     if intact:
         try:
@@ -171,14 +182,17 @@ class ImageStream:
 
 
 def _stream_layer(arrivals: LayerArrivals, index: int, writer: TarWriter, above: _Shadow,
-                  streamed: dict[str, tuple[int, int]]) -> None:
+                  streamed: dict[str, tuple[int, int]], limits: Limits) -> None:
     """Write the regular files of layer ``index`` that no layer above hides, as their bytes arrive."""
     digest = arrivals.digests[index]
     window = ReadWindow(functools.partial(arrivals.read, index))
-    for header in follow_headers(window):
+    for header in follow_headers(window, limits.header_bytes):
         path = _streamable_path(header)
         if path is None or path in streamed or above.hides(path):
             continue
+        if len(streamed) == limits.entries:  # every streamed file is an entry: bounds what this pass holds
+            raise limit_exceeded(f"layer {digest} brings the image's tar entries past {limits.entries}", "maxEntries",
+                                 limits.entries)
         what = f"layer {digest}: {path!r}"
         writer.write(file_header(path, header.mode, header.mtime, header.size))
         if header.size <= _SMALL_FILE:  # most likely in the window already, beside its header

@@ -5,23 +5,29 @@ reading them was the largest Python cost of a pull. This reader handles ustar, G
 long names and links, and PAX path/linkpath/size/mtime records. Anything else (GNU
 sparse files, PAX global headers, base-256 numbers, a bad checksum, a damaged end) makes
 it give up and return None, and the caller reads the layer with ``tarfile``, which
-knows every corner and says what is wrong.
+knows every corner and says what is wrong. What only bounds can stop (a header too large
+to hold in memory, too many entries) it refuses itself, as ``tarfile`` would not.
 """
 
 from __future__ import annotations
 
 import os
+import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from imagegw.config import Limits, limit_exceeded
+from imagegw.errors import LimitExceeded
+
 _BLOCK = 512
 _ZERO_BLOCK = bytes(_BLOCK)
 _ZEROS_CHUNK = 1 << 20
-_MAX_EXTENDED_HEADER = 1 << 20
 _WINDOW = 64 << 10
 _POSIX_MAGIC = b"ustar\x0000"
 _GNU_LONGNAME, _GNU_LONGLINK, _PAX_LOCAL = b"L", b"K", b"x"
+_EXTENDED_HEADERS = {_GNU_LONGNAME, _GNU_LONGLINK, _PAX_LOCAL, b"g", b"X"}
+"""Entries whose data is header (names, PAX records: global, and Solaris' older type), held whole to be read."""
 _NO_DATA_TYPES = {b"1", b"2", b"3", b"4", b"5", b"6"}  # links, devices, directories, FIFOs
 _DIRTYPE, _REGTYPE, _AREGTYPE, _CONTTYPE = b"5", b"0", b"\0", b"7"
 _KNOWN_TYPES = _NO_DATA_TYPES | {_REGTYPE, _AREGTYPE, _CONTTYPE}
@@ -66,17 +72,50 @@ class _Unsupported(Exception):
     """Something only tarfile handles."""
 
 
-def scan_headers(path: Path) -> list[Header] | None:
-    """Every entry of the tar at ``path``, or None if it needs ``tarfile`` to be read."""
+def scan_headers(path: Path, limits: Limits = Limits()) -> list[Header] | None:
+    """Every entry of the tar at ``path``, or None if it needs ``tarfile`` to be read.
+
+    A tar of more than ``limits.entries`` entries, or with a header larger than
+    ``limits.header_bytes``, raises LimitExceeded (whose message the caller prefixes with the layer).
+    """
     with open(path, "rb") as layer:
         size = os.fstat(layer.fileno()).st_size
+        # pread, not mmap: mapping a gigabyte layer would count its pages in the process's
+        # resident memory, and only the headers are wanted.
+        window = ReadWindow(lambda offset, count, ahead: os.pread(layer.fileno(), count + ahead, offset))
+        headers: list[Header] = []
         try:
-            # pread, not mmap: mapping a gigabyte layer would count its pages in the process's
-            # resident memory, and only the headers are wanted.
-            return list(_headers(ReadWindow(lambda offset, count, ahead: os.pread(layer.fileno(), count + ahead,
-                                                                                  offset)), size))
+            for header in _headers(window, size, limits.header_bytes):
+                if len(headers) == limits.entries:
+                    raise too_many_entries(limits)
+                headers.append(header)
         except (_Unsupported, ValueError, IndexError):
             return None
+        return headers
+
+
+def too_many_entries(limits: Limits) -> LimitExceeded:
+    """The refusal of one layer's tar holding more than ``limits.entries`` entries."""
+    return limit_exceeded(f"more than {limits.entries} tar entries", "maxEntries", limits.entries)
+
+
+def _header_too_large(offset: int, size: int, limit: int) -> LimitExceeded:
+    """The refusal of an extended header (long name or link, PAX records) of ``size`` bytes at ``offset``."""
+    return limit_exceeded(f"the tar header at byte {offset} is {size} bytes", "maxHeaderBytes", limit)
+
+
+def bounded_tarinfo(max_header: int) -> type[tarfile.TarInfo]:
+    """tarfile's member class, but refusing an extended header larger than ``max_header`` before
+    reading it whole (tarfile itself would read a header of any size into memory)."""
+
+    class Bounded(tarfile.TarInfo):
+        def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+            if self.type in _EXTENDED_HEADERS and self.size > max_header:
+                raise _header_too_large(self.offset, self.size, max_header)
+            member: tarfile.TarInfo = super()._proc_member(archive)  # type: ignore[misc]
+            return member
+
+    return Bounded
 
 
 class ReadWindow:
@@ -106,21 +145,23 @@ class ReadWindow:
         return self._data[:count]
 
 
-def follow_headers(read: Callable[[int, int], bytes]) -> Iterator[Header]:
+def follow_headers(read: Callable[[int, int], bytes], max_header: int) -> Iterator[Header]:
     """The entries of a tar that ``read(offset, count)`` returns bytes of, as far as this reader can go.
 
     ``read`` may wait for bytes still being written, and returns fewer only at the end. The
-    entries stop at the tar's end, or quietly before anything only ``tarfile`` reads; the
-    caller must not take a stop for the end of the layer.
+    entries stop at the tar's end, or quietly before anything only ``tarfile`` reads or any
+    header larger than ``max_header`` (which ``scan_headers`` then refuses); the caller must
+    not take a stop for the end of the layer.
     """
     try:
-        yield from _headers(read, None)
-    except (_Unsupported, ValueError, IndexError):
+        yield from _headers(read, None, max_header)
+    except (_Unsupported, ValueError, IndexError, LimitExceeded):
         return
 
 
-def _headers(read: Callable[[int, int], bytes], size: int | None) -> Iterator[Header]:
-    """The entries; with ``size`` None the tar's length is unknown, and what follows its end is not checked."""
+def _headers(read: Callable[[int, int], bytes], size: int | None, max_header: int) -> Iterator[Header]:
+    """The entries; with ``size`` None the tar's length is unknown, and what follows its end is not checked.
+    An extended header larger than ``max_header`` raises LimitExceeded before it is read."""
     offset = 0
     long_name: str | None = None
     long_link: str | None = None
@@ -136,12 +177,13 @@ def _headers(read: Callable[[int, int], bytes], size: int | None) -> Iterator[He
         _check_sum(block)
         kind = block[156:157]
         length = _number(block[124:136])
+        if kind in _EXTENDED_HEADERS and length > max_header:
+            # Refused here, not left to tarfile, which would read it whole into memory.
+            raise _header_too_large(offset, length, max_header)
         data_offset = offset + _BLOCK
         next_offset = data_offset + -(-length // _BLOCK) * _BLOCK
         if size is not None and next_offset > size:
             raise _Unsupported
-        if kind in (_GNU_LONGNAME, _GNU_LONGLINK, _PAX_LOCAL) and length > _MAX_EXTENDED_HEADER:
-            raise _Unsupported  # a name or record set larger than any real one
         if kind in (_GNU_LONGNAME, _GNU_LONGLINK):
             text = _text(read(data_offset, length))
             if kind == _GNU_LONGNAME:

@@ -59,6 +59,17 @@ class LocalPublisher:
             size = target.stat().st_size
         return PublishedImage(squashfs=target, meta=meta_target, size=size)
 
+    def free_bytes(self) -> int | None:
+        """Bytes free now in the filesystem the image directory is on (or will be: it is made on publishing)."""
+        directory = self.image_dir
+        while not directory.exists() and directory != directory.parent:
+            directory = directory.parent
+        try:
+            stats = os.statvfs(directory)
+        except OSError:
+            return None
+        return stats.f_bavail * stats.f_frsize
+
     def unpublish(self, image_id: str) -> None:
         """Remove an image's files (the ``.meta`` first, so no reader finds a meta without its image)."""
         squashfs, meta = self.paths(image_id)

@@ -39,6 +39,10 @@ class Publisher(Protocol):
         """Remove an image's files (the ``.meta`` first)."""
         ...
 
+    def free_bytes(self) -> int | None:
+        """Bytes free now in the image directory's filesystem (None: it cannot tell)."""
+        ...
+
     def __enter__(self) -> Publisher: ...
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,

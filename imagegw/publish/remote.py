@@ -122,6 +122,11 @@ class RemotePublisher:
                 size = sftp.stat(target).st_size or 0
         return PublishedImage(squashfs=Path(target), meta=Path(meta_target), size=size)
 
+    def free_bytes(self) -> int | None:
+        """Bytes free now in the remote image directory's filesystem (None: ``df`` cannot tell)."""
+        with self._operation("checking the free space"):
+            return self._free_bytes()
+
     def unpublish(self, image_id: str) -> None:
         """Remove an image's files from the remote image directory (the ``.meta`` first)."""
         with self._operation(f"removing image {image_id}") as sftp:

@@ -12,13 +12,14 @@ from imagegw.registry.credentials import (
     login_for,
     parse_authorized_locations,
 )
-from imagegw.registry.layercache import LayerCache, fetch_layers
+from imagegw.registry.layercache import ImageBytesLimit, LayerCache, fetch_layers
 from imagegw.registry.progress import DownloadProgress
 from imagegw.registry.reference import ImageRef, image_reference, normalize_tag, parse_image_reference
 
 __all__ = [
     "Credential",
     "DownloadProgress",
+    "ImageBytesLimit",
     "ImageRef",
     "LayerCache",
     "LayerDescriptor",

@@ -26,7 +26,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from imagegw.config import Location
+from imagegw.config import Limits, Location, limit_exceeded
 from imagegw.errors import (
     DigestMismatch,
     ManifestUnknown,
@@ -55,9 +55,6 @@ _ACCEPT = ", ".join((OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_L
 
 # Digests become cache file names, so anything but sha256 hex is refused up front.
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
-# Distribution itself refuses manifests over 4 MiB; configs with long histories
-# are bigger, but anything past this is a broken or hostile registry.
-_MAX_DOCUMENT_BYTES = 32 * 1024 * 1024
 _MAX_REDIRECTS = 5
 _TAGS_PER_PAGE = 1000
 _MAX_TAG_PAGES = 10_000
@@ -128,11 +125,12 @@ class RegistryClient:
     """Talks to one registry location; safe to share between download threads."""
 
     def __init__(self, location: Location, *, credential: Credential | None = None, timeout: float = 60.0,
-                 user_agent: str = "imagegw", config_cache: Path | None = None) -> None:
+                 user_agent: str = "imagegw", config_cache: Path | None = None, limits: Limits = Limits()) -> None:
         """``credential``: what to authenticate with (default: the location's configured username and
         password, if it has them; else anonymous). ``config_cache``: a directory keeping image configs
-        by digest, so a re-pull fetches no blob."""
+        by digest, so a re-pull fetches no blob. ``limits``: the bounds on documents and layer counts."""
         self.location = location
+        self._limits = limits
         self._timeout = timeout
         self._config_cache = config_cache
         self._session = requests.Session()
@@ -158,15 +156,17 @@ class RegistryClient:
             manifest = self._fetch_manifest(ref, chosen)
             if manifest.media_type in _INDEXES:
                 raise UnsupportedManifest(f"{ref}: the index entry for {platform} is itself an index")
+        raw_layers = manifest.document.get("layers")
+        if not isinstance(raw_layers, list):
+            raise UnsupportedManifest(f"malformed manifest for {ref}: no layer list")
+        if len(raw_layers) > self._limits.layers:
+            raise limit_exceeded(f"{ref} has {len(raw_layers)} layers", "maxLayers", self._limits.layers)
         config_descriptor = _descriptor(manifest.document.get("config"), "config", ref)
         if config_descriptor.media_type not in _IMAGE_CONFIGS:
             raise UnsupportedManifest(
                 f"{ref} is not a container image (its config is {config_descriptor.media_type!r})"
             )
         config = self._fetch_config(ref, config_descriptor)
-        raw_layers = manifest.document.get("layers")
-        if not isinstance(raw_layers, list):
-            raise UnsupportedManifest(f"malformed manifest for {ref}: no layer list")
         layers = tuple(_descriptor(entry, "layer", ref) for entry in raw_layers)
         image = ResolvedImage(ref, manifest.digest, manifest.media_type, config, layers, tag_digest)
         if len(image.diff_ids) != len(layers):
@@ -223,7 +223,8 @@ class RegistryClient:
                 raise ManifestUnknown(f"repository unknown: {self.location.host}/{repository} ({message})")
             self._check(response, subject)
             following = response.links.get("next", {}).get("url")
-            page = _parse_json(_read_document(response, subject), subject).get("tags") or []
+            body = _read_document(response, self._limits.manifest_bytes, subject)
+            page = _parse_json(body, subject).get("tags") or []
             if not isinstance(page, list) or not all(isinstance(tag, str) for tag in page):
                 raise RegistryError(f"registry {self.location.host} sent a malformed tag list for {repository}")
             tags.extend(page)
@@ -274,7 +275,7 @@ class RegistryClient:
                 raise ManifestUnknown(f"repository unknown: {ref}")
             raise ManifestUnknown(f"manifest unknown: {ref}")
         self._check(response, str(ref))
-        body = _read_document(response, f"manifest of {ref}")
+        body = _read_document(response, self._limits.manifest_bytes, f"manifest of {ref}")
         digest = _sha256(body)
         if reference.startswith("sha256:") and digest != reference:
             raise DigestMismatch(f"manifest of {ref}: registry sent bytes with digest {digest}, asked for {reference}")
@@ -298,7 +299,7 @@ class RegistryClient:
         if cached is not None:
             return _parse_json(cached, f"image config of {ref}")
         response = self._open_blob(ref.repository, descriptor.digest)
-        body = _read_document(response, f"image config of {ref}")
+        body = _read_document(response, self._limits.manifest_bytes, f"image config of {ref}")
         if _sha256(body) != descriptor.digest:
             raise DigestMismatch(
                 f"image config of {ref}: downloaded bytes have digest {_sha256(body)}, expected {descriptor.digest}"
@@ -479,14 +480,15 @@ def _chunks(response: requests.Response, subject: str, chunk_size: int) -> Itera
         raise RegistryUnreachable(f"download of {subject} interrupted: {describe_network_error(exc)}") from None
 
 
-def _read_document(response: requests.Response, what: str) -> bytes:
+def _read_document(response: requests.Response, limit: int, what: str) -> bytes:
+    """The body of a manifest, index, config or tag list: held whole, so never more than ``limit`` bytes."""
     chunks, size = [], 0
     with response:
         try:
             for chunk in response.iter_content(65536):
                 size += len(chunk)
-                if size > _MAX_DOCUMENT_BYTES:
-                    raise RegistryError(f"{what} is larger than {_MAX_DOCUMENT_BYTES // 2**20} MiB; refusing it")
+                if size > limit:
+                    raise limit_exceeded(f"{what} is larger than {limit} bytes", "maxManifestBytes", limit)
                 chunks.append(chunk)
         except requests.RequestException as exc:
             raise RegistryUnreachable(f"download of the {what} interrupted: {describe_network_error(exc)}") from None

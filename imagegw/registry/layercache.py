@@ -39,6 +39,7 @@ except ImportError:
     _inflate = zlib  # type: ignore[misc]
 
 from imagegw.build import LayerArrivals
+from imagegw.config import limit_exceeded
 from imagegw.disk import disk_errors, fsync_directory, start_writeback
 from imagegw.errors import DigestMismatch, LayerError
 from imagegw.registry.client import LayerDescriptor, RegistryClient, ResolvedImage
@@ -75,6 +76,39 @@ class CachedLayer:
     size: int
     used: float
     """When a pull last wanted it (the tar's mtime)."""
+
+
+@dataclass(frozen=True)
+class ImageBytesLimit:
+    """How many bytes an image's layers may hold uncompressed: ``Limits.maxImageBytes``, or (``free_in``
+    set) what the platform's image directory ``free_in`` had free when the pull started."""
+
+    bytes: int
+    free_in: str | None = None
+
+
+class _ImageBytes:
+    """The uncompressed bytes of one image's layers, counted by all its downloads as they decompress.
+
+    Counting as the bytes stream, not after a layer is complete, is what stops a compression bomb
+    (a few megabytes inflating to terabytes) at the limit instead of at a full disk.
+    """
+
+    def __init__(self, image: str, limit: ImageBytesLimit) -> None:
+        self._image = image
+        self._limit = limit
+        self._total = 0
+        self._lock = threading.Lock()
+
+    def add(self, count: int) -> None:
+        """Count ``count`` more bytes; LimitExceeded once they pass the limit (they must not be written)."""
+        with self._lock:
+            self._total += count
+            total = self._total
+        if total > self._limit.bytes:
+            free = f", more than {self._limit.free_in} had free" if self._limit.free_in else ""
+            raise limit_exceeded(f"{self._image}: its layers hold more than {self._limit.bytes} bytes uncompressed"
+                                 f"{free}", "maxImageBytes", self._limit.bytes)
 
 
 class LayerCache:
@@ -155,31 +189,35 @@ class LayerCache:
         return self.root / "layers" / "sha256"
 
     def fetch(self, client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None = None,
-              progress: Callable[[int], None] | None = None, arrivals: LayerArrivals | None = None) -> Path:
+              progress: Callable[[int], None] | None = None, arrivals: LayerArrivals | None = None,
+              count: Callable[[int], None] | None = None) -> Path:
         """The cached tar of ``layer``, downloaded and verified first if needed.
 
         ``progress`` gets the number of newly downloaded (compressed) bytes after each chunk;
-        ``arrivals`` hears of the partial file as it grows and of the layer once stored.
+        ``arrivals`` hears of the partial file as it grows and of the layer once stored;
+        ``count`` of the uncompressed bytes, before each write (a cached layer's all at once),
+        and may raise to stop the download.
         """
-        final = self._fetch(client, repository, layer, diff_id, progress, arrivals)
+        final = self._fetch(client, repository, layer, diff_id, progress, arrivals, count)
         if arrivals is not None:
             arrivals.stored(layer.digest, final)
         return final
 
     def _fetch(self, client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None,
-               progress: Callable[[int], None] | None, arrivals: LayerArrivals | None) -> Path:
+               progress: Callable[[int], None] | None, arrivals: LayerArrivals | None,
+               count: Callable[[int], None] | None) -> Path:
         final = self.path(layer.digest)
         if _mark_used(final):
-            return final
+            return _counted(final, count)
         # An OSError here is the cache's own files failing (a full disk, say): the registry
         # client turns every network failure into a RegistryError, none of them an OSError.
         doing = f"storing layer {layer.digest} of {client.location.host}/{repository}"
         with disk_errors(final.parent, doing), self._locked(layer.digest):
             # Whoever held the lock before us may have just finished this very layer.
             if final.is_file():
-                return final
+                return _counted(final, count)
             self._remove_stale_partials(final)
-            self._download(client, repository, layer, diff_id, progress, arrivals, final)
+            self._download(client, repository, layer, diff_id, progress, arrivals, count, final)
         return final
 
     @contextlib.contextmanager
@@ -221,7 +259,8 @@ class LayerCache:
 
     @staticmethod
     def _download(client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None,
-                  progress: Callable[[int], None] | None, arrivals: LayerArrivals | None, final: Path) -> None:
+                  progress: Callable[[int], None] | None, arrivals: LayerArrivals | None,
+                  count: Callable[[int], None] | None, final: Path) -> None:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".partial", dir=final.parent)
         try:
@@ -230,7 +269,7 @@ class LayerCache:
                 if arrivals is not None:
                     arrivals.writing(layer.digest, Path(partial))
                     written = functools.partial(arrivals.written, layer.digest)
-                _transfer(client, repository, layer, diff_id, progress, out, written)
+                _transfer(client, repository, layer, diff_id, progress, out, written, count)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(partial, final)
@@ -243,7 +282,7 @@ class LayerCache:
 def fetch_layers(client: RegistryClient, image: ResolvedImage, cache: LayerCache, *, parallel: int = 3,
                  progress: Callable[[str, int], None] | None = None,
                  prepare: Callable[[LayerDescriptor, Path], None] | None = None,
-                 arrivals: LayerArrivals | None = None) -> list[Path]:
+                 arrivals: LayerArrivals | None = None, limit: ImageBytesLimit | None = None) -> list[Path]:
     """The cached tars of all of ``image``'s layers, in layer order; missing ones fetched in parallel.
 
     The largest layer starts first, as it is the critical path; the others follow from the top
@@ -251,12 +290,14 @@ def fetch_layers(client: RegistryClient, image: ResolvedImage, cache: LayerCache
     ``progress(digest, new_bytes)`` is called from the download threads. ``prepare(layer, path)``
     runs in the download thread once a layer is in the cache, so per-layer work (reading its
     tar headers) overlaps the other downloads. On the first failure the other downloads are
-    abandoned and that failure is raised.
+    abandoned and that failure is raised. ``limit`` bounds the layers' uncompressed bytes together
+    (LimitExceeded), counted as they decompress.
     """
     wanted = dict(zip((layer.digest for layer in image.layers), zip(image.layers, image.diff_ids, strict=True)))
     if not wanted:
         return []
     failed = threading.Event()
+    count = _ImageBytes(str(image.ref), limit).add if limit is not None else None
 
     def fetch_one(layer: LayerDescriptor, diff_id: str) -> Path:
         def report(new_bytes: int) -> None:
@@ -265,7 +306,7 @@ def fetch_layers(client: RegistryClient, image: ResolvedImage, cache: LayerCache
                 raise _Abandoned()
             if progress:
                 progress(layer.digest, new_bytes)
-        path = cache.fetch(client, image.ref.repository, layer, diff_id, report, arrivals)
+        path = cache.fetch(client, image.ref.repository, layer, diff_id, report, arrivals, count)
         if prepare:
             prepare(layer, path)
         return path
@@ -297,15 +338,16 @@ def _first_error(futures: Iterable[Future[Path]]) -> BaseException | None:
 
 def _transfer(client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None,
               progress: Callable[[int], None] | None, out: BinaryIO,
-              written: Callable[[int], None] | None = None) -> None:
+              written: Callable[[int], None] | None = None, count: Callable[[int], None] | None = None) -> None:
     """Stream the blob into ``out`` decompressed, then check size, digest and diff_id.
 
-    ``written`` is told how many bytes ``out`` holds after each write.
+    ``written`` is told how many bytes ``out`` holds after each write; ``count`` of each piece of
+    uncompressed bytes before it is written.
     """
     subject = f"layer {layer.digest} of {client.location.host}/{repository}"
     compressed = hashlib.sha256()
     received = 0
-    decoder = _LayerDecoder(out, written)
+    decoder = _LayerDecoder(out, written, count)
     try:
         with client.blob_chunks(repository, layer.digest, _CHUNK) as chunks:
             for chunk in chunks:
@@ -349,8 +391,10 @@ class _LayerDecoder:
     tell whether the downloaded bytes are the layer at all.
     """
 
-    def __init__(self, out: BinaryIO, written: Callable[[int], None] | None = None) -> None:
+    def __init__(self, out: BinaryIO, written: Callable[[int], None] | None = None,
+                 count: Callable[[int], None] | None = None) -> None:
         self._sink = _HashingWriter(out, written)
+        self._count = count
         self._head = b""
         self._codec: _Codec | None = None
         self.error: str | None = None
@@ -400,6 +444,8 @@ class _LayerDecoder:
             self.error = str(exc)
 
     def _emit(self, data: bytes) -> None:
+        if self._count is not None:
+            self._count(len(data))  # raises past the image's limit: the bytes are never written
         self._sink.write(data)
 
 
@@ -542,6 +588,13 @@ class _Zstd:
     def finish(self, emit: Callable[[bytes], None]) -> None:
         if not self._frame.eof:
             raise _Truncated("zstd data ends in the middle of a frame")
+
+
+def _counted(path: Path, count: Callable[[int], None] | None) -> Path:
+    """A cached layer's ``path``, its size first told to ``count``."""
+    if count is not None:
+        count(path.stat().st_size)
+    return path
 
 
 def _mark_used(path: Path) -> bool:
