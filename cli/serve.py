@@ -31,7 +31,7 @@ from urllib.request import Request, urlopen
 from deployments import work_pool_name
 from imagegw.config import MONGODB_URI_ENV, Settings
 from imagegw.errors import ServiceUnavailable
-from imagegw.processes import listening, log_tail
+from imagegw.processes import dying_with_this_process, listening, log_tail
 from imagegw.store import ensure_embedded_server
 
 STOP_TIMEOUT = 5.0
@@ -64,7 +64,8 @@ class Child:
             output.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} imagegw serve starts {name}\n".encode())
             output.flush()
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output,
-                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                       stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                       preexec_fn=dying_with_this_process())
         return cls(name, process, log)
 
     def exited(self) -> bool:

@@ -1,9 +1,17 @@
-"""Small facts about this host's processes: a free loopback port, a listening one, a log's end."""
+"""Small facts about this host's processes: a free loopback port, a listening one, a log's end; children
+that do not outlive their parent."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
 
 
 def free_port() -> int:
@@ -28,3 +36,25 @@ def log_tail(path: Path, lines: int) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def dying_with_this_process() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGTERM the child when this process dies, even by SIGKILL, so
+    that no part of the gateway is left orphaned; None off the main thread (the kernel ties the signal to
+    the thread that forks, and other threads may end before the process does) or where prctl is missing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:
+        # Runs in the child between fork and exec: only system calls, nothing that could take a lock.
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_parent_death_signal

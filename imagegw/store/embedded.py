@@ -22,7 +22,7 @@ from pathlib import Path
 
 from imagegw.config import MONGODB_URI_ENV
 from imagegw.errors import IndexUnavailable
-from imagegw.processes import free_port, listening, log_tail
+from imagegw.processes import dying_with_this_process, free_port, listening, log_tail
 
 _START_TIMEOUT = 30.0
 _closers: dict[str, Callable[[], None]] = {}
@@ -92,6 +92,7 @@ def _start_server(home: Path) -> EmbeddedServer:
             [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port),
              "--storage-path", str(data)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=dying_with_this_process(),
         )
     deadline = time.monotonic() + _START_TIMEOUT
     while not listening("127.0.0.1", port):
