@@ -11,12 +11,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import requests
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
-from api.errors import gateway_error, invalid_request
+from api.errors import gateway_error, invalid_request, no_such_call
+from api.health import check_health, vouches_for_admin
 from deployments.launcher import DeploymentLauncher
 from imagegw.access import parse_acl
 from imagegw.config import Settings
@@ -26,11 +27,9 @@ from imagegw.service import (
     Gateway,
     PullLauncher,
     decode_credential,
-    encode_credential,
     identify,
 )
 from imagegw.service.notify import check_secret, pull_pushed, pushed_tags
-from imagegw.store import check_reachable, open_database
 
 TAG = "{system}/{itype}/{tag:path}"
 
@@ -43,6 +42,7 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
                   default_response_class=JSONResponse, redirect_slashes=False)
     app.add_exception_handler(ImagegwError, gateway_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(HTTPException, no_such_call)
 
     def caller(system: str, authentication: str | None = Header(default=None)) -> Caller:
         """The user the request's MUNGE credential vouches for, decoded by the system's munged."""
@@ -64,14 +64,11 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
         return {"service": "imagegw", "api": ["lookup", "pull", "expire", "list", "queue", "metrics", "notify"]}
 
     @app.get("/healthz")
-    def healthz() -> JSONResponse:
-        """Which of the services the gateway needs are up."""
-        checks = {"mongodb": _check(lambda: check_reachable(open_database(settings))),
-                  "prefect": _check(_prefect_health),
-                  **{f"munge:{name}": _check(lambda socket=platform.munge_socket: encode_credential(b"", socket))
-                     for name, platform in settings.platforms.items()}}
-        healthy = all(state == "up" for state in checks.values())
-        return JSONResponse({"healthy": healthy, "checks": checks}, status_code=200 if healthy else 503)
+    def healthz(authentication: str | None = Header(default=None)) -> JSONResponse:
+        """Which of the services the gateway needs are up; why one is down only for a platform's admins."""
+        health = check_health(settings)
+        answer = health.details() if vouches_for_admin(settings, authentication) else health.summary()
+        return JSONResponse(answer, status_code=200 if health.healthy else 503)
 
     @route("GET", "/api/list/{system}")
     def list_images(system: str, who: Caller = Depends(caller)) -> dict[str, Any]:
@@ -132,21 +129,3 @@ async def _json_body(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object")
     return body
-
-
-def _check(probe) -> str:
-    try:
-        probe()
-    except Exception as exc:  # a health check reports every failure, whatever its kind
-        return f"down: {exc}"
-    return "up"
-
-
-def _prefect_health() -> None:
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise RuntimeError("PREFECT_API_URL is not set")
-    response = requests.get(f"{url.rstrip('/')}/health", timeout=3)
-    response.raise_for_status()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 from imagegw.errors import (
     AuthenticationFailed,
@@ -53,3 +54,10 @@ async def invalid_request(request: Request, error: Exception) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
                          for item in error.errors())
     return JSONResponse({"error": f"bad request: {problems}"}, status_code=400)
+
+
+async def no_such_call(request: Request, error: Exception) -> JSONResponse:
+    """A path or method no route takes (404, 405), as ``{"error": ...}`` like every other answer."""
+    assert isinstance(error, HTTPException)
+    return JSONResponse({"error": f"{error.detail}: {request.method} {request.url.path}"},
+                        status_code=error.status_code, headers=error.headers)

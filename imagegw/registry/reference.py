@@ -18,6 +18,8 @@ _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _MAX_NAME = 255
 """The distribution spec's limit on a repository name."""
+_MAX_HOST = 253 + len(":65535")
+"""A DNS name's limit, and a port: a longer first component is no registry, so the name is too long."""
 _HOST = re.compile(r"(?:[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?")
 
 
@@ -123,7 +125,8 @@ def _split_location(name: str, locations: dict[str, Location], default_location:
 
 
 def _looks_like_host(component: str) -> bool:
-    return (component == "localhost" or "." in component or ":" in component) and bool(_HOST.fullmatch(component))
+    return ((component == "localhost" or "." in component or ":" in component) and len(component) <= _MAX_HOST
+            and bool(_HOST.fullmatch(component)))
 
 
 def _docker_hub(locations: dict[str, Location]) -> Location:
