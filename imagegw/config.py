@@ -252,7 +252,8 @@ class Settings:
         except KeyError:
             known = ", ".join(sorted(self.platforms)) or "none"
             raise UnknownPlatform(
-                f"platform {name!r} is not defined under Platforms in {self.source} (defined: {known})"
+                # Not the file's path: the API answers this to callers it has not authenticated yet.
+                f"platform {name!r} is not defined under Platforms (defined: {known})"
             ) from None
 
 

@@ -59,11 +59,13 @@ def test_environment_overrides_mongodb_uri_and_state_dir(tmp_path: Path, monkeyp
     assert settings.state_dir == tmp_path / "state"
 
 
-def test_unknown_platform_names_the_file_and_the_known_ones(tmp_path: Path) -> None:
+def test_unknown_platform_names_the_known_ones_but_not_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, SHIFTER_EXAMPLE)
 
-    with pytest.raises(UnknownPlatform, match=r"'other'.*" + str(path).replace(".", r"\.") + r".*mycluster"):
+    with pytest.raises(UnknownPlatform) as error:
         load_settings(path).platform("other")
+    assert str(error.value) == "platform 'other' is not defined under Platforms (defined: mycluster)"
+    assert str(tmp_path) not in str(error.value)
 
 
 @pytest.mark.parametrize("change, key", [
