@@ -50,6 +50,8 @@ class Round:
     errors: int
     seconds: float
     latencies_ms: list[float]
+    cpu_seconds: dict[str, float]
+    """CPU time each gateway process (and the clients, together) used during the round."""
 
     @property
     def per_second(self) -> float:
@@ -67,6 +69,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20, help="length of the idle round (default: 20)")
     parser.add_argument("--large-mb", type=int, default=800, help="size of the image converting in the second "
                                                                   "round, in MB (0: no second round; default 800)")
+    parser.add_argument("--images", type=int, default=500,
+                        help="READY images in the index besides the one looked up, as a site's index has them "
+                             "(default: 500)")
     parser.add_argument("--workdir", default=None, help="where everything lives (default: a temporary directory)")
     parser.add_argument("--profile", action="store_true",
                         help="sample the API and database processes with py-spy during the idle round; write "
@@ -89,9 +94,10 @@ def main() -> int:
         api = f"127.0.0.1:{api_port}"
         image = f"{registry.host}/{SMALL}"
         pull_until_ready(api, image, munged)
+        fill_index(config, args.images)
         profiles = start_profiles(serve.pid, workdir, args) if args.profile else []
         rounds = [run_round("idle", api, image, munged, args, lambda started: time.monotonic() - started
-                            >= args.seconds)]
+                            >= args.seconds, serve.pid)]
         for name, profiler, folded in profiles:
             profiler.wait()
             print(f"\n{name}: {folded}\n{hottest(folded)}")
@@ -100,7 +106,8 @@ def main() -> int:
             push_large_image(registry, args.large_mb)
             start_pull(api, large, munged)
             rounds.append(run_round("while a large pull converts", api, image, munged, args,
-                                    lambda started: pull_status(api, large, munged) in ("READY", "FAILURE")))
+                                    lambda started: pull_status(api, large, munged) in ("READY", "FAILURE"),
+                                    serve.pid))
         peaks = peak_rss(serve.pid)
         print(report(rounds, peaks, args))
         return 0 if all(round_.errors == 0 for round_ in rounds) else 1
@@ -114,7 +121,7 @@ def main() -> int:
 
 def start_profiles(serve: int, workdir: Path, args: argparse.Namespace) -> list[tuple[str, Any, Path]]:
     """py-spy recorders of the API and the database, started now and sampling through most of the idle round
-    (the credentials are minted first: about 2 s of the round's start)."""
+    (the credentials are minted first). Only samples holding the GIL count: CPU, not waiting."""
     profiles = []
     for pid in descendants(serve):
         command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
@@ -124,6 +131,7 @@ def start_profiles(serve: int, workdir: Path, args: argparse.Namespace) -> list[
         folded = workdir / f"{name}.folded"
         profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
                                      "--duration", str(int(args.seconds)), "--format", "raw", "--nonblocking",
+                                     "--gil",
                                      "--output", str(folded)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         profiles.append((name, profiler, folded))
     return profiles
@@ -140,6 +148,19 @@ def hottest(folded: Path, shown: int = 25) -> str:
             inclusive[frame] = inclusive.get(frame, 0) + int(count)
     rows = sorted(inclusive.items(), key=lambda item: -item[1])[:shown]
     return "\n".join(f"{100 * count / total:5.1f}%  {frame}" for frame, count in rows)
+
+
+def fill_index(config: Path, count: int) -> None:
+    """Record ``count`` more READY images, through the gateway's own store (their files are not needed)."""
+    from imagegw.config import load_settings
+    from imagegw.store import ImageFacts, PullKey, open_store
+
+    store = open_store(load_settings(config))
+    for number in range(count):
+        image_id = f"{number:064x}"
+        store.publish(PullKey(PLATFORM, "docker", f"site/app{number}:1"),
+                      ImageFacts(id=image_id, manifest_digest=f"sha256:{image_id}", registry="site", repository=
+                                 f"app{number}", arch="amd64", os="linux", size=1 << 30, layers=[]))
 
 
 def write_config(workdir: Path, registry: RunningRegistry, munged: RunningMunged) -> Path:
@@ -207,7 +228,7 @@ def push_large_image(registry: RunningRegistry, megabytes: int) -> None:
 
 
 def run_round(name: str, api: str, image: str, munged: RunningMunged, args: argparse.Namespace,
-              done: Any) -> Round:
+              done: Any, serve_pid: int) -> Round:
     """Clients look ``image`` up until ``done(started)``; each lookup spends one fresh credential."""
     # Enough for 1500 lookups/s: the idle round lasts --seconds, the other until the pull ends (a minute at most).
     budget = args.seconds if name == "idle" else 60
@@ -219,6 +240,7 @@ def run_round(name: str, api: str, image: str, munged: RunningMunged, args: argp
     threads = max(1, args.clients // args.processes)
     clients = [multiprocessing.Process(target=client_process, args=(api, path, share, threads, stop, results))
                for share in shares]
+    cpu_before = cpu_times(serve_pid)
     started = time.monotonic()
     for client in clients:
         client.start()
@@ -226,6 +248,8 @@ def run_round(name: str, api: str, image: str, munged: RunningMunged, args: argp
         time.sleep(0.2)
     stop.set()
     seconds = time.monotonic() - started
+    cpu_after = cpu_times(serve_pid)
+    cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
     latencies, errors = [], 0
     for _ in clients:
         client_latencies, client_errors = results.get()
@@ -233,7 +257,7 @@ def run_round(name: str, api: str, image: str, munged: RunningMunged, args: argp
         errors += client_errors
     for client in clients:
         client.join()
-    return Round(name, len(latencies), errors, seconds, latencies)
+    return Round(name, len(latencies), errors, seconds, latencies, cpu)
 
 
 def client_process(api: str, path: str, credentials: list[str], threads: int, stop: Any, results: Any) -> None:
@@ -274,17 +298,47 @@ def client_process(api: str, path: str, credentials: list[str], threads: int, st
     results.put((latencies, errors[0]))
 
 
+def cpu_times(root: int) -> dict[str, float]:
+    """CPU seconds (user and system) used so far by ``root``, each process below it, and munged."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found = {}
+    for pid in [root, *descendants(root), *munged_pids()]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[process_name(pid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
+
+
+def munged_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir()
+            if entry.name.isdigit() and (entry / "comm").exists() and _comm(entry) == "munged"]
+
+
+def _comm(entry: Path) -> str:
+    try:
+        return (entry / "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def process_name(pid: int) -> str:
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return f"{pid} {' '.join(part.decode(errors='replace') for part in command[:4])[:60]}"
+
+
 def peak_rss(root: int) -> dict[str, int]:
     """Peak RSS (VmHWM, bytes) of ``root`` and every process below it, by a short name."""
     peaks = {}
     for pid in [root, *descendants(root)]:
         try:
             status = Path(f"/proc/{pid}/status").read_text()
-            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            name = process_name(pid)
         except OSError:
             continue
-        hwm = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0)
-        peaks[f"{pid} {' '.join(part.decode(errors='replace') for part in command[:4])[:60]}"] = hwm
+        peaks[name] = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")),
+                           0)
     return peaks
 
 
@@ -306,14 +360,18 @@ def descendants(pid: int) -> list[int]:
 
 
 def report(rounds: list[Round], peaks: dict[str, int], args: argparse.Namespace) -> str:
-    lines = [f"{args.clients} clients in {args.processes} processes, one MUNGE credential a lookup", "",
+    lines = [f"{args.clients} clients in {args.processes} processes, one MUNGE credential a lookup; "
+             f"{args.images + 1} images in the index", "",
              "| round | lookups | lookups/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
     for round_ in rounds:
         lines.append(f"| {round_.name} | {round_.lookups} | {round_.per_second:.0f} | "
                      f"{statistics.median(round_.latencies_ms) if round_.latencies_ms else float('nan'):.1f} | "
                      f"{round_.percentile(0.99):.1f} | {round_.errors} |")
-    lines += ["", "| gateway process | peak RSS MB |", "|---|---|"]
-    lines += [f"| {name} | {peak / 1e6:.0f} |" for name, peak in sorted(peaks.items())]
+    lines += ["", "| gateway process | peak RSS MB | " + " | ".join(f"CPU s ({r.name})" for r in rounds) + " |",
+              "|---|---|" + "---|" * len(rounds)]
+    for name in sorted(set(peaks) | {n for r in rounds for n in r.cpu_seconds}):
+        cpu = " | ".join(f"{r.cpu_seconds.get(name, 0.0):.1f}" for r in rounds)
+        lines.append(f"| {name} | {peaks.get(name, 0) / 1e6:.0f} | {cpu} |")
     return "\n".join(lines)
 
 

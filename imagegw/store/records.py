@@ -28,6 +28,7 @@ from typing import Any
 
 from pymongo import ASCENDING, ReturnDocument
 from pymongo.collection import Collection
+from pymongo.cursor import Cursor
 from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
@@ -325,11 +326,20 @@ class ImageStore:
 
     def ready_image(self, system: str, image_id: str) -> dict[str, Any] | None:
         """The READY record of an image id on a system, if any."""
-        return self._first(self._images, {"system": system, "id": image_id, "status": Status.READY.value})
+        return self._ready(self._images.find({"system": system, "id": image_id}).limit(1))
 
     def lookup(self, key: PullKey) -> dict[str, Any] | None:
         """The READY image a tag names on a system, if any."""
-        return self._first(self._images, {**key.query(), "status": Status.READY.value})
+        return self._ready(self._images.find(key.query()))
+
+    @staticmethod
+    def _ready(records: Cursor[dict[str, Any]]) -> dict[str, Any] | None:
+        """The READY one of a query's records. The status is checked here, not in the query: given it,
+        SecantusDB scans every READY image through the (status, expiration) index instead of using
+        the tag's or the id's (13 ms, not 1.1, among 200 images; more with more). A tag or an id
+        names one record per system, whatever its status."""
+        with mongo_errors():
+            return next((record for record in records if record.get("status") == Status.READY.value), None)
 
     def renew(self, system: str, image_id: str) -> None:
         """Push an image's expiration out again: somebody still uses it."""
