@@ -12,6 +12,7 @@ from imagegw.build import SquashResult, streamed_build
 from imagegw.config import Limits, Platform, load_settings
 from imagegw.disk import scratch_directory
 from imagegw.plan import image_bytes_limit, pull_key
+from imagegw.processes import run_as_batch_work
 from imagegw.publish import publisher_for
 from imagegw.pullreport import PullRecorder
 from imagegw.registry import ImageBytesLimit, LayerCache, RegistryClient, ResolvedImage
@@ -29,6 +30,7 @@ from tasks.unpack import unpack
 @flow(name=PULL_FLOW, flow_run_name="pull {image} for {platform}")
 async def pull_image(image: str, platform: str, config: str | None = None) -> dict[str, Any]:
     """Pull an image from its registry and publish it as a squashfs on one platform."""
+    run_as_batch_work()
     settings = load_settings(config)
     target = settings.platform(platform)
     key = pull_key(platform, image)

@@ -58,3 +58,15 @@ def dying_with_this_process() -> Callable[[], None] | None:
             os.kill(os.getpid(), signal.SIGTERM)
 
     return set_parent_death_signal
+
+
+BATCH_NICENESS = 10
+"""How much lower than the API a pull's work runs: lookups at job start must not wait behind a conversion."""
+
+
+def run_as_batch_work() -> None:
+    """Lower this process's CPU priority, for it and the threads and programs it starts from now on (tar2sqfs
+    among them): the kernel then gives a conversion's CPU to the API's lookups when both want it."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if current < BATCH_NICENESS:
+        os.setpriority(os.PRIO_PROCESS, 0, BATCH_NICENESS)
