@@ -16,17 +16,16 @@ from __future__ import annotations
 import base64
 import json
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import requests
 
-from testsupport.service import StoppedOnExit
+from testsupport.service import LoopbackHttpServer
 
 ECR_TARGET = "AmazonEC2ContainerRegistry_V20150921.GetAuthorizationToken"
 GCE_TOKEN_PATH = "/computeMetadata/v1/instance/service-accounts/default/token"
@@ -53,33 +52,17 @@ class Reply:
         return cls(status, json.dumps(document).encode(), {"Content-Type": content_type})
 
 
-class _Emulation(StoppedOnExit):
+class _Emulation(LoopbackHttpServer):
     """One HTTP server on a free loopback port; subclasses answer its requests in :meth:`answer`."""
 
     def __init__(self) -> None:
         self.requests: list[Request] = []
         self.refusal: int | None = None
         """An HTTP status to refuse every credential request with; None: answer them."""
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.emulation = self  # type: ignore[attr-defined]
-        self.host = f"127.0.0.1:{self._httpd.server_address[1]}"
-        self.url = f"http://{self.host}"
-        # A short poll interval: every test stops its emulations, and waiting half a second each adds up.
-        self._thread: threading.Thread | None = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                                                 daemon=True, name=f"{type(self).__name__}-{self.host}")
-        self._thread.start()
+        super().__init__(_Handler)
 
     def answer(self, request: Request) -> Reply:
         raise NotImplementedError
-
-    def stop(self) -> None:
-        """Shut the server down. Safe to call twice."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            thread.join(timeout=5)
 
 
 class EcrApi(_Emulation):
@@ -221,7 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         request = Request(self.command, url.path, {key: values[0] for key, values in parse_qs(url.query).items()},
                           {name.lower(): value for name, value in self.headers.items()}, body)
-        emulation: _Emulation = self.server.emulation  # type: ignore[attr-defined]
+        emulation: _Emulation = self.server.owner  # type: ignore[attr-defined]
         reply = emulation.answer(request)
         self.send_response(reply.status)
         for name, value in reply.headers.items():

@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, ClassVar, Self, TypeVar
@@ -31,6 +33,32 @@ class StoppedOnExit:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class LoopbackHttpServer(StoppedOnExit):
+    """An HTTP server in a thread of this process, on a free loopback port; its handler finds this object
+    as ``self.server.owner``."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler], poll_interval: float = 0.05) -> None:
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self._httpd.owner = self  # type: ignore[attr-defined]
+        self.port = int(self._httpd.server_address[1])
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        # A short poll interval: every test stops its servers, and waiting half a second each adds up.
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._httpd.serve_forever, args=(poll_interval,), daemon=True,
+            name=f"{type(self).__name__}-{self.host}")
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Shut the server down. Safe to call twice."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            thread.join(timeout=5)
 
 
 def wait_until_answering(answers: Callable[[], bool], process: subprocess.Popen[bytes] | None, timeout: float,

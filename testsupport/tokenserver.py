@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from testsupport.service import StoppedOnExit
+from testsupport.service import LoopbackHttpServer
 
 TOKEN_TTL = 300
 ANONYMOUS_ACTIONS = frozenset({"pull"})
@@ -126,7 +126,7 @@ class _Reply:
     headers: dict[str, str]
 
 
-class TokenServer(StoppedOnExit):
+class TokenServer(LoopbackHttpServer):
     """A running token server.
 
     Attributes:
@@ -162,16 +162,8 @@ class TokenServer(StoppedOnExit):
         self.cert_path = workdir / "token.crt"
         self.key_path = workdir / "token.key"
         self._write_identity()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.token_server = self  # type: ignore[attr-defined]
-        self.port = int(self._httpd.server_address[1])
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(_Handler)
         self.realm = f"{self.url}/token"
-        self._thread: threading.Thread | None = threading.Thread(
-            target=self._httpd.serve_forever, name=f"token-server-{self.port}", daemon=True
-        )
-        self._thread.start()
 
     @classmethod
     def start(
@@ -274,14 +266,6 @@ class TokenServer(StoppedOnExit):
         body = {"token": token, "access_token": token, "expires_in": self.advertised_ttl, "issued_at": issued_at}
         return _Reply(200, body, {})
 
-    def stop(self) -> None:
-        """Shut the HTTP server down. Safe to call twice."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            thread.join(timeout=5)
-
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -294,7 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path != "/token":
             self._send(_Reply(404, {"errors": [{"code": "NOT_FOUND", "message": url.path}]}, {}))
             return
-        owner: TokenServer = self.server.token_server  # type: ignore[attr-defined]
+        owner: TokenServer = self.server.owner  # type: ignore[attr-defined]
         self._send(owner.handle_token_request(url.query, self.headers.get("Authorization")))
 
     def do_POST(self) -> None:  # noqa: N802 - http.server naming
@@ -303,7 +287,7 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path != "/token":
             self._send(_Reply(404, {"errors": [{"code": "NOT_FOUND", "message": url.path}]}, {}))
             return
-        owner: TokenServer = self.server.token_server  # type: ignore[attr-defined]
+        owner: TokenServer = self.server.owner  # type: ignore[attr-defined]
         self._send(owner.handle_token_post(form))
 
     def _send(self, reply: _Reply) -> None:
@@ -318,6 +302,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         """Keep test output quiet; append to tokenserver.log instead of stderr."""
-        owner: TokenServer = self.server.token_server  # type: ignore[attr-defined]
+        owner: TokenServer = self.server.owner  # type: ignore[attr-defined]
         with open(owner.workdir / "tokenserver.log", "a") as log:
             log.write(f"{self.address_string()} {format % args}\n")
