@@ -1,0 +1,41 @@
+"""Faults around the gateway, through the real parts: what the user sees, what the record says."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from deployments.launcher import DeploymentLauncher
+from imagegw.access import AclRequest
+from imagegw.errors import ServiceUnavailable
+from imagegw.processes import free_port
+from imagegw.service import Caller, Gateway
+from imagegw.store import PullKey
+from tests.gateway_fixtures import Gateway as GatewayFixture
+from tests.gateway_fixtures import pull
+from testsupport.images import LayerBuilder, push_image
+
+USER = Caller(uid=1000, gid=1000, user=None, groups=frozenset({1000}))
+
+
+def test_with_the_prefect_api_down_pulls_are_refused_and_lookups_keep_working(gateway: GatewayFixture) -> None:
+    push_image(gateway.registry, "faults/served", "1", [LayerBuilder().file("f", b"served")])
+    push_image(gateway.registry, "faults/new", "1", [LayerBuilder().file("f", b"new")])
+    served, new = gateway.image("faults/served:1"), gateway.image("faults/new:1")
+    assert pull(gateway, served)[0].is_completed()
+    service = Gateway(gateway.settings, DeploymentLauncher(str(gateway.config_path)))
+
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailable) as refused:
+            service.pull(USER, "mycluster", "docker", new, AclRequest())
+        refused_after = time.monotonic() - started
+        looked_up = service.lookup(USER, "mycluster", "docker", served)
+
+    assert str(refused.value).startswith(f"cannot start a flow run for {new} on mycluster: ")
+    assert refused_after < 30, "the user is told at once, not after a long wait"
+    record = gateway.store().pull_record(PullKey("mycluster", "docker", new))
+    assert record is not None and record["status"] == "FAILURE", "nothing is left INIT, waiting for nobody"
+    assert looked_up["status"] == "READY" and looked_up["tag"] == [served]
