@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -13,9 +15,11 @@ from imagegw.errors import ServiceUnavailable
 from imagegw.processes import free_port
 from imagegw.service import Caller, Gateway
 from imagegw.store import PullKey
+from tests.api_fixtures import Api
 from tests.gateway_fixtures import Gateway as GatewayFixture
 from tests.gateway_fixtures import pull
 from testsupport.images import LayerBuilder, push_image
+from testsupport.munge import RunningMunged
 
 USER = Caller(uid=1000, gid=1000, user=None, groups=frozenset({1000}))
 
@@ -39,3 +43,22 @@ def test_with_the_prefect_api_down_pulls_are_refused_and_lookups_keep_working(ga
     record = gateway.store().pull_record(PullKey("mycluster", "docker", new))
     assert record is not None and record["status"] == "FAILURE", "nothing is left INIT, waiting for nobody"
     assert looked_up["status"] == "READY" and looked_up["tag"] == [served]
+
+
+def test_with_munged_stopped_the_api_answers_503_naming_it_and_recovers(api: Api, tmp_path: Path) -> None:
+    with RunningMunged.start(tmp_path / "munged") as munged:
+        platform = {"accesstype": "local", "local": {"imageDir": str(api.gateway.image_dir)},
+                    "mungeSocketPath": munged.socket_path}
+        api.reconfigure(Platforms={"mycluster": platform})
+
+        def listing() -> Any:
+            return api.call("GET", "/api/list/mycluster/", credential=munged.mint(uid=1000, gid=1000))
+
+        assert listing().status_code == 200
+        credential = munged.mint(uid=1000, gid=1000)
+        munged.interrupt()
+        down = api.call("GET", "/api/list/mycluster/", credential=credential)
+        munged.resume()
+        assert listing().status_code == 200, "recovered without restarting the gateway"
+    assert down.status_code == 503
+    assert down.json()["error"].startswith(f"munged is not reachable at {munged.socket_path}: ")

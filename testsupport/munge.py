@@ -96,16 +96,27 @@ class RunningMunged(ChildService):
         socket_dir = Path(tempfile.mkdtemp(prefix="munged-", dir=_SOCKET_PARENT))
         socket_dir.chmod(0o755)
         running = cls(workdir=workdir, socket_dir=socket_dir)
-        running._spawn([
+        running._launch(munged)
+        return running
+
+    def _launch(self, munged: str) -> None:
+        self._spawn([
             munged,
             "--foreground",
-            f"--socket={running.socket_path}",
-            f"--key-file={key}",
-            f"--pid-file={workdir / 'munged.pid'}",
-            f"--seed-file={workdir / 'munged.seed'}",
+            f"--socket={self.socket_path}",
+            f"--key-file={self.workdir / 'munge.key'}",
+            f"--pid-file={self.workdir / 'munged.pid'}",
+            f"--seed-file={self.workdir / 'munged.seed'}",
         ])
-        running._wait_ready()
-        return running
+        self._wait_ready()
+
+    def interrupt(self) -> None:
+        """Stop munged but keep its socket's place and its key, as when a site restarts the daemon."""
+        super().stop()
+
+    def resume(self) -> None:
+        """Start munged again after :meth:`interrupt`, on the same socket with the same key."""
+        self._launch(find_binary("munged"))
 
     def _wait_ready(self) -> None:
         """Poll the socket until it answers, munged exits, or time runs out."""
