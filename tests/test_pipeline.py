@@ -230,6 +230,9 @@ def test_a_full_image_directory_fails_the_pull_at_once_naming_it(gateway: Gatewa
     # maxImageBytes set: by default (the disk's free space) the image would be refused before it is built.
     gateway.write_config(Platforms={"mycluster": {"accesstype": "local", "local": {"imageDir": str(small_disk)}}},
                          Limits={"maxImageBytes": "1G"})
+    push_image(gateway.registry, "test/big", "1", [LayerBuilder().file("small", b"the tag's image so far")])
+    assert pull(gateway, gateway.image("test/big:1"))[0].is_completed()
+    served = os.listdir(small_disk)
     push_image(gateway.registry, "test/big", "1", [LayerBuilder().file("noise", os.urandom(1 << 20))])
 
     state, record = pull(gateway, gateway.image("test/big:1"))
@@ -237,7 +240,9 @@ def test_a_full_image_directory_fails_the_pull_at_once_naming_it(gateway: Gatewa
     assert state.is_failed()
     assert record["status"] == "FAILURE"
     assert record["status_message"].startswith(f"{small_disk}: No space left on device (publishing image ")
-    assert os.listdir(small_disk) == []  # no partial file under any name
+    assert sorted(os.listdir(small_disk)) == sorted(served)  # no partial file under any name
+    still = gateway.store().lookup(PullKey("mycluster", "docker", gateway.image("test/big:1")))
+    assert still is not None and f"{still['id']}.squashfs" in served, "the tag's previous image is still served"
     this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
     deadline = time.monotonic() + 20  # the server records task runs from events, a moment later
     with get_client(sync_client=True) as client:
