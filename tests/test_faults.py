@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from imagegw.store import PullKey
 from tests.api_fixtures import Api
 from tests.gateway_fixtures import Gateway as GatewayFixture
 from tests.gateway_fixtures import pull
+from testsupport.faulty import FaultyProxy
 from testsupport.images import LayerBuilder, push_image
 from testsupport.munge import RunningMunged
 
@@ -62,3 +65,59 @@ def test_with_munged_stopped_the_api_answers_503_naming_it_and_recovers(api: Api
         assert listing().status_code == 200, "recovered without restarting the gateway"
     assert down.status_code == 503
     assert down.json()["error"].startswith(f"munged is not reachable at {munged.socket_path}: ")
+
+
+@pytest.fixture
+def faulty(gateway: GatewayFixture) -> Iterator[FaultyProxy]:
+    """The session's registry behind a proxy that fails on purpose, configured as a location."""
+    with FaultyProxy(gateway.registry.url) as proxy:
+        gateway.write_config(Locations={proxy.host: {"url": proxy.url}})
+        yield proxy
+
+
+def left_on_disk(gateway: GatewayFixture) -> list[str]:
+    """Files a failed pull may not leave: layers or partial downloads, scratch, published images."""
+    roots = [gateway.cache_dir / "layers", gateway.root / "expand", gateway.image_dir]
+    return sorted(str(path) for root in roots if root.exists() for path in root.rglob("*") if path.is_file())
+
+
+def test_a_registry_answering_503_is_retried_until_it_recovers(gateway: GatewayFixture,
+                                                               faulty: FaultyProxy) -> None:
+    push_image(gateway.registry, "faults/flaky", "1", [LayerBuilder().file("f", b"flaky")])
+    faulty.failures = 2
+
+    state, record = pull(gateway, f"{faulty.host}/faults/flaky:1")
+
+    assert state.is_completed() and record["status"] == "READY", record["status_message"]
+    assert faulty.failures == 0 and len(faulty.seen) > 2, "the two failures were answered, then the pull went on"
+
+
+def test_a_blob_cut_short_fails_the_pull_after_its_retries_and_leaves_nothing(gateway: GatewayFixture,
+                                                                              faulty: FaultyProxy) -> None:
+    built = push_image(gateway.registry, "faults/cut", "1", [LayerBuilder().file("f", os.urandom(1 << 20))],
+                       compression="none")
+    faulty.cut_blobs_after = 100_000
+
+    state, record = pull(gateway, f"{faulty.host}/faults/cut:1")
+
+    assert state.is_failed() and record["status"] == "FAILURE"
+    assert f"layer {built.layer_digests[0]}" in record["status_message"]
+    assert "interrupted" in record["status_message"]
+    assert len([seen for seen in faulty.seen if "/blobs/" + built.layer_digests[0] in seen]) == 3, \
+        "tried, then retried twice"
+    assert left_on_disk(gateway) == []
+
+
+def test_a_blob_whose_bytes_are_not_its_digest_fails_and_is_not_cached(gateway: GatewayFixture) -> None:
+    built = push_image(gateway.registry, "faults/corrupt", "1", [LayerBuilder().file("f", os.urandom(1 << 16))],
+                       compression="none")
+    blob = gateway.registry.blob_path(built.layer_digests[0])
+    data = bytearray(blob.read_bytes())
+    data[-100] ^= 0xFF  # same size, other bytes: as a broken disk under the registry would serve them
+    blob.write_bytes(bytes(data))
+
+    state, record = pull(gateway, gateway.image("faults/corrupt:1"))
+
+    assert state.is_failed() and record["status"] == "FAILURE"
+    assert f"expected {built.layer_digests[0]}" in record["status_message"]
+    assert left_on_disk(gateway) == []

@@ -1,0 +1,76 @@
+"""A loopback HTTP proxy in front of a real registry that can fail on purpose: answer 5xx, or cut a blob short.
+
+Requests are passed to the registry and its answers streamed back unchanged, except while a fault is
+armed: ``failures`` more requests are answered ``failure_status``; ``cut_blobs_after`` bytes of each blob
+are sent with the full Content-Length, and then the connection is closed.
+"""
+
+from __future__ import annotations
+
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+import requests
+
+from testsupport.service import LoopbackHttpServer
+
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+class FaultyProxy(LoopbackHttpServer):
+    """Relays to ``upstream`` (a registry's URL); see the module for the faults it can be told to make."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.failures = 0
+        self.failure_status = 503
+        self.cut_blobs_after: int | None = None
+        self.seen: list[str] = []
+        super().__init__(_Relay)
+
+
+class _Relay(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        self._relay()
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._relay()
+
+    def _relay(self) -> None:
+        proxy: FaultyProxy = self.server.owner  # type: ignore[attr-defined]
+        proxy.seen.append(f"{self.command} {self.path}")
+        if proxy.failures > 0:
+            proxy.failures -= 1
+            self._answer(proxy.failure_status, b'{"errors": [{"code": "UNAVAILABLE", "message": "injected"}]}')
+            return
+        headers = {name: value for name, value in self.headers.items() if name.lower() != "host"}
+        with requests.request(self.command, proxy.upstream + self.path, headers=headers, stream=True,
+                              allow_redirects=False, timeout=30) as answer:
+            self.send_response(answer.status_code)
+            for name, value in answer.headers.items():
+                if name.lower() not in _HOP_BY_HOP:
+                    self.send_header(name, value)
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            cut = proxy.cut_blobs_after if "/blobs/" in self.path else None
+            sent = 0
+            for chunk in answer.raw.stream(64 * 1024, decode_content=False):
+                if cut is not None and sent + len(chunk) > cut:
+                    self.wfile.write(chunk[:cut - sent])
+                    self.close_connection = True
+                    return
+                self.wfile.write(chunk)
+                sent += len(chunk)
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
