@@ -163,6 +163,17 @@ class Limits:
     read whole into memory. Real ones (long paths, xattrs, SELinux labels) are a few KiB at most."""
 
 
+def _size_in_bytes(value: Any) -> int | None:
+    """A whole number, or a string such as ``"500M"`` or ``"1.5T"`` (K, M, G, T: powers of 1024), in bytes;
+    None for anything else (a percentage included)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None or match.group(2) == "%":
+        return None
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
+
+
 def limit_exceeded(what: str, key: str, limit: int) -> LimitExceeded:
     """The refusal of ``what`` (which says what went past it) by the limit ``Limits.<key>``, now ``limit``."""
     return LimitExceeded(f"{what} (the limit, Limits.{key}, is {limit}; raise it in the gateway's configuration "
@@ -387,19 +398,15 @@ class _Reader:
         """Bytes as a number, or a string: ``"500M"``, ``"1.5T"`` (K, M, G, T: powers of 1024), ``"25%"``."""
         usage = ("must be a whole number of bytes, a size like '500M', '50G' or '1.5T', "
                  "or a percentage of the disk ('25%')")
-        if isinstance(value, int) and not isinstance(value, bool):
-            if value < 1:
-                raise self.fail(key, f"{usage}, more than 0, not {value!r}")
-            return SizeLimit(bytes=value)
         match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
-        if match is None:
-            raise self.fail(key, f"{usage}, not {value!r}")
-        number, unit = float(match.group(1)), match.group(2).upper()
-        if unit == "%":
-            if not 0 < number <= 100:
+        if match is not None and match.group(2) == "%":
+            percent = float(match.group(1))
+            if not 0 < percent <= 100:
                 raise self.fail(key, f"{value!r}: a percentage must be more than 0 and at most 100")
-            return SizeLimit(percent=number)
-        size = int(number * _SIZE_UNITS[unit])
+            return SizeLimit(percent=percent)
+        size = _size_in_bytes(value)
+        if size is None:
+            raise self.fail(key, f"{usage}, not {value!r}")
         if size < 1:
             raise self.fail(key, f"{usage}, more than 0, not {value!r}")
         return SizeLimit(bytes=size)
@@ -418,14 +425,8 @@ class _Reader:
 
     def _bytes(self, value: Any, key: str) -> int:
         """A number of bytes: a whole number, or a size like ``"4M"`` or ``"50G"`` (powers of 1024)."""
-        match = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
-        if isinstance(value, int) and not isinstance(value, bool):
-            size = value
-        elif match is not None and match.group(2) != "%":
-            size = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
-        else:
-            size = 0
-        if size < 1:
+        size = _size_in_bytes(value)
+        if size is None or size < 1:
             raise self.fail(key, f"must be a number of bytes from 1 up, or a size like '4M' or '50G', not {value!r}")
         return size
 

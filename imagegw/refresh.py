@@ -133,7 +133,7 @@ class _Refresher:
         try:
             ref = image_reference(candidate.image, self._settings)
             digest = self._registries.client(ref).tag_digest(ref)
-            if ready is not None and digest == self._store.tag_digest(key):
+            if ready is not None and digest == self._store.tag_digest(key, ready):
                 if candidate.watched:
                     self._store.hold(self._platform.name, ready["id"])
                 return TagRefresh(candidate.image, Outcome.UNCHANGED, digest)
@@ -153,4 +153,4 @@ class _Refresher:
             return [watched.image]
         client = self._registries.client(watched.repository)
         return [watched.image_for(tag) for tag in sorted(client.tags(watched.repository.repository))
-                if watched.matches(watched.repository.location.host, watched.repository.repository, tag)]
+                if watched.matches_tag(tag)]

@@ -43,7 +43,11 @@ class WatchedImage:
     def matches(self, registry_host: str, repository: str, tag: str) -> bool:
         """Whether a tag pushed to ``registry_host``/``repository`` is one this entry holds ready."""
         return (registry_host == self.repository.location.host and repository == self.repository.repository
-                and fnmatchcase(tag, self.tag))
+                and self.matches_tag(tag))
+
+    def matches_tag(self, tag: str) -> bool:
+        """Whether ``tag``, of this entry's repository, is one it holds ready."""
+        return fnmatchcase(tag, self.tag)
 
 
 def parse_watched(text: str, settings: Settings) -> WatchedImage:

@@ -124,7 +124,7 @@ class LayerCache:
 
     def path(self, digest: str) -> Path:
         """Where the uncompressed tar of the layer with blob ``digest`` lives (or will)."""
-        return self.root / "layers" / "sha256" / f"{_hex(digest)}.tar"
+        return self._layer_dir / f"{_hex(digest)}.tar"
 
     def has(self, digest: str) -> bool:
         """Whether the layer is cached (complete and verified: nothing else gets its name)."""
@@ -138,8 +138,7 @@ class LayerCache:
         exclusively. A layer being evicted at this moment is waited for, then fetched anew.
         """
         with contextlib.ExitStack() as held:
-            locks = self.root / "locks"
-            with disk_errors(locks, "holding the layers of a pull"):
+            with disk_errors(self._lock_dir, "holding the layers of a pull"):
                 for digest in dict.fromkeys(digests):
                     fd = self._open_lock(digest, _USE_LOCK)
                     held.callback(os.close, fd)
@@ -187,6 +186,10 @@ class LayerCache:
     @property
     def _layer_dir(self) -> Path:
         return self.root / "layers" / "sha256"
+
+    @property
+    def _lock_dir(self) -> Path:
+        return self.root / "locks"
 
     def fetch(self, client: RegistryClient, repository: str, layer: LayerDescriptor, diff_id: str | None = None,
               progress: Callable[[int], None] | None = None, arrivals: LayerArrivals | None = None,
@@ -247,9 +250,8 @@ class LayerCache:
         # flock (unlike lockf) binds to the open file, so it excludes other threads of this
         # process as well as other processes. Lock files stay: deleting one would let a
         # newcomer lock a fresh file while a waiter still holds the old one.
-        locks = self.root / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        return os.open(locks / f"{_hex(digest)}{kind}", os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        return os.open(self._lock_dir / f"{_hex(digest)}{kind}", os.O_RDWR | os.O_CREAT, 0o644)
 
     @staticmethod
     def _remove_stale_partials(final: Path) -> None:

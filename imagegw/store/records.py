@@ -299,7 +299,7 @@ class ImageStore:
             "WORKDIR": facts.workdir,
             "LABELS": facts.labels,
             "last_pull": now,
-            "last_used": replaced.get("last_used", replaced["last_pull"]) if replaced else now,
+            "last_used": _last_used(replaced) if replaced else now,
             "expiration": replaced["expiration"] if replaced else now + self._expiration_timeout,
             **{name: value for name, value in asdict(facts).items()
                if name not in ("id", "env", "entry", "cmd", "workdir", "labels", "tag_digest")},
@@ -362,16 +362,12 @@ class ImageStore:
 
     def used_since(self, system: str, since: float) -> list[dict[str, Any]]:
         """READY images of a system that a user pulled or looked up after ``since`` (epoch)."""
-        return [record for record in self.list_images(system)
-                if record.get("last_used", record.get("last_pull", 0)) >= since]
+        return [record for record in self.list_images(system) if _last_used(record) >= since]
 
-    def tag_digest(self, key: PullKey) -> str | None:
-        """The digest the tag named when its READY image was pulled (None if it has none)."""
-        image = self.lookup(key)
-        if image is None:
-            return None
+    def tag_digest(self, key: PullKey, image: dict[str, Any]) -> str:
+        """The digest ``key``'s tag named when ``image``, its READY record, was pulled."""
         pull = self.pull_record(key) or {}
-        return pull.get("tag_digest") or image.get("manifest_digest")
+        return str(pull.get("tag_digest") or image["manifest_digest"])
 
     def list_images(self, system: str) -> list[dict[str, Any]]:
         """All READY images of a system."""
@@ -409,6 +405,11 @@ class ImageStore:
         # find().limit(1) rather than find_one(): SecantusDB answers it far faster (bench/README.md).
         with mongo_errors():
             return next(iter(collection.find(query).limit(1)), None)
+
+
+def _last_used(image: dict[str, Any]) -> float:
+    """When a user last pulled or looked the image up (records older than ``last_used`` have ``last_pull``)."""
+    return float(image.get("last_used", image.get("last_pull", 0)))
 
 
 def _upserted(record: dict[str, Any] | None) -> dict[str, Any]:
