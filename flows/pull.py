@@ -61,19 +61,26 @@ def pull_unpack_squash(client: RegistryClient, manifest: ResolvedImage, cache: L
     """The three stages run side by side, like a shell pipeline: each layer is flattened into
     the tar stream as it downloads, and tar2sqfs compresses the stream as it is written."""
     digests = [layer.digest for layer in manifest.layers]
-    # Held from before the first download to the last read: eviction cannot take a layer from under the build.
-    with cache.holding(digests), streamed_build(digests, limits) as build:
-        pulling = pull.submit(client, manifest, cache, build.arrivals, tracker, recorder, limits, max_bytes)
-        # Whatever becomes of the pull (retries included), the unpack stage must stop waiting for layers.
-        pulling.add_done_callback(build.downloads_ended)
-        squashing = squash.submit(build.stream, scratch / "image.squashfs", target.compression, target.block_size,
-                                  recorder)
-        try:
-            unpack(build, recorder)
-        except Exception:
-            pulling.result()  # a failed download is the cause of whatever else failed: raised first
-            raise
-        # A cancellation (the worker's SIGTERM, a Ctrl-C: not an Exception) does not wait for the
-        # downloads: leaving the build stops them.
-        pulling.result()
-        return squashing.result()
+    squashing = None
+    try:
+        # Held from before the first download to the last read: eviction cannot take a layer from under the build.
+        with cache.holding(digests), streamed_build(digests, limits) as build:
+            pulling = pull.submit(client, manifest, cache, build.arrivals, tracker, recorder, limits, max_bytes)
+            # Whatever becomes of the pull (retries included), the unpack stage must stop waiting for layers.
+            pulling.add_done_callback(build.downloads_ended)
+            squashing = squash.submit(build.stream, scratch / "image.squashfs", target.compression,
+                                      target.block_size, recorder)
+            try:
+                unpack(build, recorder)
+            except Exception:
+                pulling.result()  # a failed download is the cause of whatever else failed: raised first
+                raise
+            # A cancellation (the worker's SIGTERM, a Ctrl-C: not an Exception) does not wait for the
+            # downloads: leaving the build stops them.
+            pulling.result()
+            return squashing.result()
+    finally:
+        if squashing is not None:
+            # Leaving the build closed tar2sqfs's input, so the squash stage ends at once; it must have ended
+            # before the scratch directory it writes in is removed, or the removal races its last files.
+            squashing.wait()
