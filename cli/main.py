@@ -230,7 +230,7 @@ def login_command(args: argparse.Namespace) -> int:
     if not username or not password:
         raise ConfigError("a login needs a user name and a password")
     credential = Credential(f"the login being saved for {args.location}", username=username, password=password)
-    with RegistryClient(location, credential=credential) as client:
+    with RegistryClient(location, credential=credential, timeout=settings.registry_timeout) as client:
         checked = client.check_credential()
     path = save_login(Path.home(), platform.name, args.location, RegistryLogin(username, password),
                       platform.munge_socket)

@@ -41,7 +41,7 @@ async def pull_image(image: str, platform: str, config: str | None = None) -> di
             publisher_for(target) as publisher:
         job = plan(store, settings, key)
         with RegistryClient(job.ref.location, credential=job.credential, config_cache=cache.config_dir,
-                            limits=settings.limits) as client:
+                            limits=settings.limits, timeout=settings.registry_timeout) as client:
             manifest = resolve(client, job, tracker, recorder)
             access = settle_access(store, job, manifest)
             squashfs = None

@@ -9,6 +9,7 @@ plain JSON and Shifter's files load unchanged.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ DEFAULT_BLOCK_SIZE = 131072
 DEFAULT_MAX_CONCURRENT_PULLS = 2
 DEFAULT_EXPIRE_SCHEDULE = "0 * * * *"
 """Hourly: an expired image's files go within the hour, and each pass has little to do."""
+DEFAULT_REGISTRY_TIMEOUT = 60.0
+"""Seconds a registry may stay silent (before it answers, or in the middle of a blob) before the request
+counts as failed and is retried: a registry under load, or a blob store behind it, can pause for tens of seconds."""
 DEFAULT_REFRESH_SCHEDULE = "*/15 * * * *"
 """A tag unchanged costs one HEAD request; a quarter hour keeps a pushed watched tag from waiting long
 where the registry sends no notifications."""
@@ -57,7 +61,7 @@ _TOP_LEVEL_KEYS = {
     "ImageExpirationTimeout", "MongoDBURI", "MongoDB", "CacheDirectory", "ExpandDirectory",
     "StateDirectory", "Compression", "BlockSize", "Locations", "Platforms", "Metrics", "ImportUsers",
     "ExpireSchedule", "CacheSizeLimit", "RefreshSchedule", "NotifySecret", "AllowedRegistries",
-    "SealKeyFile", "Limits",
+    "SealKeyFile", "Limits", "RegistryTimeout",
 } | _SHIFTER_KEYS_IGNORED
 _LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
                   "passwordFile", "passwordEnv", "iaas",
@@ -243,6 +247,8 @@ class Settings:
     ``("*",)`` allows any. Default: the configured Locations' hosts and Docker Hub's."""
     limits: Limits = Limits()
     """Bounds on an image's documents, layers, entries and sizes (``Limits``)."""
+    registry_timeout: float = DEFAULT_REGISTRY_TIMEOUT
+    """Seconds a registry may stay silent on a request before it fails as unreachable (``RegistryTimeout``)."""
 
     @property
     def seal_key_path(self) -> Path:
@@ -335,6 +341,7 @@ class _Reader:
             cache_size_limit=self._size_limit(raw.get("CacheSizeLimit", f"{DEFAULT_CACHE_SIZE_PERCENT}%"),
                                               "CacheSizeLimit"),
             limits=self._limits(raw.get("Limits", {})),
+            registry_timeout=self._timeout(raw.get("RegistryTimeout", DEFAULT_REGISTRY_TIMEOUT), "RegistryTimeout"),
         )
 
     def _reject_unknown(self, raw: dict[str, Any], known: set[str], prefix: str) -> None:
@@ -439,6 +446,11 @@ class _Reader:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self.fail(key, f"must be a whole number of seconds, not {value!r}")
         return value
+
+    def _timeout(self, value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+            raise self.fail(key, f"must be a number of seconds above 0 (e.g. 60 or 2.5), not {value!r}")
+        return float(value)
 
     def _duration(self, value: Any) -> int:
         key = "ImageExpirationTimeout"

@@ -65,7 +65,7 @@ class _Candidate:
 def refresh_platform(settings: Settings, platform: Platform, store: ImageStore, watch_list: WatchList,
                      launch: PullLauncher) -> RefreshReport:
     """Check every tag in use or watched on ``platform`` against its registry; pull those that moved."""
-    with _Registries(settings.limits) as registries:
+    with _Registries(settings.limits, settings.registry_timeout) as registries:
         refresher = _Refresher(settings, platform, store, registries, launch)
         expanded = list(refresher.candidates(watch_list))
         results = [item if isinstance(item, TagRefresh) else refresher.refresh(item) for item in expanded]
@@ -75,16 +75,18 @@ def refresh_platform(settings: Settings, platform: Platform, store: ImageStore, 
 class _Registries(ExitStack):
     """One client per registry location and credential for the whole refresh, so its tokens serve every tag."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, timeout: float) -> None:
         super().__init__()
         self._limits = limits
+        self._timeout = timeout
         self._keychain = Keychain()
         self._clients: dict[tuple[str, Credential | None], RegistryClient] = {}
 
     def client(self, ref: ImageRef) -> RegistryClient:
         credential = self._keychain.credential_for(ref)
         if (ref.location.name, credential) not in self._clients:
-            client = self.enter_context(RegistryClient(ref.location, credential=credential, limits=self._limits))
+            client = self.enter_context(RegistryClient(ref.location, credential=credential, limits=self._limits,
+                                                        timeout=self._timeout))
             self._clients[ref.location.name, credential] = client
         return self._clients[ref.location.name, credential]
 

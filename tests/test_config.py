@@ -47,6 +47,7 @@ def test_example_config_shipped_in_the_repository_loads() -> None:
     settings = load_settings(Path(__file__).parent.parent / "config" / "imagemanager.example.json")
 
     assert str(settings.platform("mycluster").compression) == "zstd:3"
+    assert settings.registry_timeout == 60
 
 
 def test_environment_overrides_mongodb_uri_and_state_dir(tmp_path: Path, monkeypatch) -> None:
@@ -79,6 +80,8 @@ def test_unknown_platform_names_the_known_ones_but_not_the_file(tmp_path: Path) 
     ({"Compression": "zstd:99"}, "Compression"),
     ({"Compression": "brotli"}, "Compression"),
     ({"BlockSize": 1000}, "BlockSize"),
+    ({"RegistryTimeout": 0}, "RegistryTimeout"),
+    ({"RegistryTimeout": "60"}, "RegistryTimeout"),
     ({"RefreshSchedule": "every 15 minutes"}, "RefreshSchedule"),
     ({"NotifySecret": "short"}, "NotifySecret"),
     ({"NotifySecret": 1234567890123456789}, "NotifySecret"),

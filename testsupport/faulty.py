@@ -1,12 +1,16 @@
-"""A loopback HTTP proxy in front of a real registry that can fail on purpose: answer 5xx, or cut a blob short.
+"""A loopback HTTP proxy in front of a real registry that can fail on purpose: answer 5xx, cut a blob short,
+or stall in the middle of one.
 
 Requests are passed to the registry and its answers streamed back unchanged, except while a fault is
 armed: ``failures`` more requests are answered ``failure_status``; ``cut_blobs_after`` bytes of each blob
-are sent with the full Content-Length, and then the connection is closed.
+are sent with the full Content-Length, and then the connection is closed; ``stalls`` more blobs stop
+after ``stall_blobs_after`` bytes and send nothing more, their connection held open (as a registry or
+its blob store that hangs) until the proxy stops.
 """
 
 from __future__ import annotations
 
+import threading
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -25,8 +29,27 @@ class FaultyProxy(LoopbackHttpServer):
         self.failures = 0
         self.failure_status = 503
         self.cut_blobs_after: int | None = None
+        self.stalls = 0
+        self.stall_blobs_after = 0
+        self.stalled = 0
+        """Blobs stalled so far."""
         self.seen: list[str] = []
+        self._stopping = threading.Event()
+        self._counting = threading.Lock()  # blobs are fetched in parallel
         super().__init__(_Relay)
+
+    def stop(self) -> None:
+        self._stopping.set()  # releases the stalled connections, so their threads end
+        super().stop()
+
+    def _take_stall(self) -> bool:
+        """Whether the blob being sent is one to stall (counting it down)."""
+        with self._counting:
+            if self.stalls <= 0:
+                return False
+            self.stalls -= 1
+            self.stalled += 1
+            return True
 
 
 class _Relay(BaseHTTPRequestHandler):
@@ -55,11 +78,19 @@ class _Relay(BaseHTTPRequestHandler):
             self.end_headers()
             if self.command == "HEAD":
                 return
-            cut = proxy.cut_blobs_after if "/blobs/" in self.path else None
+            blob = "/blobs/" in self.path
+            cut = proxy.cut_blobs_after if blob else None
+            stall = proxy.stall_blobs_after if blob else None
             sent = 0
             for chunk in answer.raw.stream(64 * 1024, decode_content=False):
                 if cut is not None and sent + len(chunk) > cut:
                     self.wfile.write(chunk[:cut - sent])
+                    self.close_connection = True
+                    return
+                if stall is not None and sent + len(chunk) > stall and proxy._take_stall():
+                    self.wfile.write(chunk[:stall - sent])
+                    self.wfile.flush()
+                    proxy._stopping.wait()
                     self.close_connection = True
                     return
                 self.wfile.write(chunk)

@@ -26,7 +26,7 @@ from urllib.parse import urljoin, urlsplit
 
 import requests
 
-from imagegw.config import Limits, Location, limit_exceeded
+from imagegw.config import DEFAULT_REGISTRY_TIMEOUT, Limits, Location, limit_exceeded
 from imagegw.errors import (
     DigestMismatch,
     ManifestUnknown,
@@ -124,11 +124,13 @@ class _Manifest(NamedTuple):
 class RegistryClient:
     """Talks to one registry location; safe to share between download threads."""
 
-    def __init__(self, location: Location, *, credential: Credential | None = None, timeout: float = 60.0,
+    def __init__(self, location: Location, *, credential: Credential | None = None,
+                 timeout: float = DEFAULT_REGISTRY_TIMEOUT,
                  user_agent: str = "imagegw", config_cache: Path | None = None, limits: Limits = Limits()) -> None:
         """``credential``: what to authenticate with (default: the location's configured username and
         password, if it has them; else anonymous). ``config_cache``: a directory keeping image configs
-        by digest, so a re-pull fetches no blob. ``limits``: the bounds on documents and layer counts."""
+        by digest, so a re-pull fetches no blob. ``limits``: the bounds on documents and layer counts.
+        ``timeout``: seconds the registry may stay silent, before answering or within a body (``RegistryTimeout``)."""
         self.location = location
         self._limits = limits
         self._timeout = timeout
@@ -223,7 +225,7 @@ class RegistryClient:
                 raise ManifestUnknown(f"repository unknown: {self.location.host}/{repository} ({message})")
             self._check(response, subject)
             following = response.links.get("next", {}).get("url")
-            body = _read_document(response, self._limits.manifest_bytes, subject)
+            body = _read_document(response, self._limits.manifest_bytes, subject, self._timeout)
             page = _parse_json(body, subject).get("tags") or []
             if not isinstance(page, list) or not all(isinstance(tag, str) for tag in page):
                 raise RegistryError(f"registry {self.location.host} sent a malformed tag list for {repository}")
@@ -242,7 +244,8 @@ class RegistryClient:
         """
         response = self._open_blob(repository, digest)
         try:
-            yield _chunks(response, f"layer {digest} of {self.location.host}/{repository}", chunk_size)
+            yield _chunks(response, f"layer {digest} of {self.location.host}/{repository}", chunk_size,
+                          self._timeout)
         finally:
             response.close()
 
@@ -275,7 +278,7 @@ class RegistryClient:
                 raise ManifestUnknown(f"repository unknown: {ref}")
             raise ManifestUnknown(f"manifest unknown: {ref}")
         self._check(response, str(ref))
-        body = _read_document(response, self._limits.manifest_bytes, f"manifest of {ref}")
+        body = _read_document(response, self._limits.manifest_bytes, f"manifest of {ref}", self._timeout)
         digest = _sha256(body)
         if reference.startswith("sha256:") and digest != reference:
             raise DigestMismatch(f"manifest of {ref}: registry sent bytes with digest {digest}, asked for {reference}")
@@ -299,7 +302,8 @@ class RegistryClient:
         if cached is not None:
             return _parse_json(cached, f"image config of {ref}")
         response = self._open_blob(ref.repository, descriptor.digest)
-        body = _read_document(response, self._limits.manifest_bytes, f"image config of {ref}")
+        body = _read_document(response, self._limits.manifest_bytes, f"image config of {ref}",
+                              self._timeout)
         if _sha256(body) != descriptor.digest:
             raise DigestMismatch(
                 f"image config of {ref}: downloaded bytes have digest {_sha256(body)}, expected {descriptor.digest}"
@@ -411,13 +415,16 @@ class RegistryClient:
 
     def _reason(self, exc: requests.RequestException) -> str:
         if isinstance(exc, requests.Timeout):
-            return f"no answer within {self._timeout:g} s"
-        return describe_network_error(exc)
+            return _silent_for(self._timeout)
+        return describe_network_error(exc, self._timeout)
 
 
-def describe_network_error(exc: BaseException) -> str:
-    """A short reason for a network failure (``connection refused``), from the innermost cause."""
+def describe_network_error(exc: BaseException, timeout: float | None = None) -> str:
+    """A short reason for a network failure (``connection refused``), from the innermost cause;
+    ``timeout``: the one the request was made with, named when it ran out."""
     for cause in _causes(exc):
+        if isinstance(cause, TimeoutError) and timeout is not None:
+            return _silent_for(timeout)
         if isinstance(cause, ConnectionRefusedError):
             return "connection refused"
         if isinstance(cause, socket.gaierror):
@@ -433,6 +440,11 @@ def describe_network_error(exc: BaseException) -> str:
     if isinstance(exc, requests.exceptions.ChunkedEncodingError):
         return "connection broken mid-transfer"
     return "connection failed"
+
+
+def _silent_for(timeout: float) -> str:
+    # Names the setting: a registry that is merely slow, not gone, is served by a longer one.
+    return f"no answer within {timeout:g} s (RegistryTimeout)"
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -470,17 +482,19 @@ def _registry_message(response: requests.Response) -> str:
     return "; ".join(parts) or response.reason or f"HTTP {response.status_code}"
 
 
-def _chunks(response: requests.Response, subject: str, chunk_size: int) -> Iterator[bytes]:
-    """The body of ``response``; a failure to receive it is RegistryUnreachable, naming ``subject``."""
+def _chunks(response: requests.Response, subject: str, chunk_size: int, timeout: float) -> Iterator[bytes]:
+    """The body of ``response``; a failure to receive it (nothing for ``timeout`` s, say) is RegistryUnreachable,
+    naming ``subject``."""
     try:
         yield from response.iter_content(chunk_size)
     except OSError as exc:
         # requests' errors are OSErrors; so is a socket error that escaped them. None may reach
         # the caller as such: the layer cache takes an OSError for a failure of its own disk.
-        raise RegistryUnreachable(f"download of {subject} interrupted: {describe_network_error(exc)}") from None
+        reason = describe_network_error(exc, timeout)
+        raise RegistryUnreachable(f"download of {subject} interrupted: {reason}") from None
 
 
-def _read_document(response: requests.Response, limit: int, what: str) -> bytes:
+def _read_document(response: requests.Response, limit: int, what: str, timeout: float) -> bytes:
     """The body of a manifest, index, config or tag list: held whole, so never more than ``limit`` bytes."""
     chunks, size = [], 0
     with response:
@@ -491,7 +505,8 @@ def _read_document(response: requests.Response, limit: int, what: str) -> bytes:
                     raise limit_exceeded(f"{what} is larger than {limit} bytes", "maxManifestBytes", limit)
                 chunks.append(chunk)
         except requests.RequestException as exc:
-            raise RegistryUnreachable(f"download of the {what} interrupted: {describe_network_error(exc)}") from None
+            reason = describe_network_error(exc, timeout)
+            raise RegistryUnreachable(f"download of the {what} interrupted: {reason}") from None
     return b"".join(chunks)
 
 
