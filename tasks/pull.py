@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -9,6 +10,7 @@ from prefect.cache_policies import NONE
 
 from imagegw.build import LayerArrivals, LayerSource, prepare_layer
 from imagegw.config import Limits
+from imagegw.errors import IndexUnavailable
 from imagegw.plan import PullPlan
 from imagegw.pullreport import PullRecorder
 from imagegw.registry import (
@@ -46,7 +48,7 @@ def pull(client: RegistryClient, image: ResolvedImage, cache: LayerCache, arriva
     """
     cached = sum(1 for layer in image.layers if cache.has(layer.digest))
     tracker.stage(Status.PULLING, f"Pulling {len(image.layers)} layers ({cached} cached)")
-    progress = DownloadProgress(image.layers, lambda message: tracker.stage(Status.PULLING, message))
+    progress = DownloadProgress(image.layers, lambda message: _report_progress(tracker, message))
     with recorder.timing("pull"):
         paths = fetch_layers(client, image, cache, progress=progress,
                              prepare=lambda layer, path: prepare_layer(LayerSource(path, layer.digest), limits),
@@ -56,3 +58,14 @@ def pull(client: RegistryClient, image: ResolvedImage, cache: LayerCache, arriva
     tracker.stage(Status.CONVERSION, "All layers in; finishing the squashfs")
     get_run_logger().info("layers ready: %d fetched, %d from the cache", len(image.layers) - cached, cached)
     return paths
+
+
+def _report_progress(tracker: PullTracker, message: str) -> None:
+    """Write a download's progress to the record, if the image index takes it.
+
+    With the index away, a message is dropped (the next carries the whole count), not raised: raising
+    would throw away the download, and the record is written when its next stage begins, which a
+    task's retries cover.
+    """
+    with suppress(IndexUnavailable):
+        tracker.stage(Status.PULLING, message)

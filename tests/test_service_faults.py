@@ -5,14 +5,22 @@ sees, what the pull's record says, and what is left on disk."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import pymongo
 import pytest
 
+from imagegw.store import ImageStore, PullKey
 from tests.gateway_fixtures import Gateway as GatewayFixture
 from tests.gateway_fixtures import pull
 from testsupport.faulty import FaultyProxy
 from testsupport.images import LayerBuilder, push_image
+from testsupport.secantus import RunningSecantus
+from testsupport.throttle import ThrottlingProxy
 
 REGISTRY_TIMEOUT = 2
 """RegistryTimeout in these tests: a stalled blob fails in 2 s, not the default 60."""
@@ -60,3 +68,89 @@ def test_a_registry_stalling_once_is_retried_and_the_pull_succeeds(gateway: Gate
     assert state.is_completed() and record["status"] == "READY", record["status_message"]
     assert stalling.stalled == 1
     assert (gateway.image_dir / f"{record['id']}.squashfs").is_file()
+
+
+SLOW_RATE = 1 << 20
+"""Bytes a second the registry sends while a fault is set up: the pull is caught in its download."""
+SLOW_LAYER = 8 << 20
+"""Random, so it does not compress: 8 s at SLOW_RATE, time enough to stop a service under it."""
+DATABASE_DOWN = 6.0
+"""Seconds the database stays stopped: past one attempt of a stage (pymongo waits 5 s for a server), within
+the retries of the stages that write the record (2 and 8 s apart)."""
+
+
+def files_under(directory: Path) -> list[str]:
+    return sorted(str(path.relative_to(directory)) for path in directory.rglob("*") if path.is_file()) \
+        if directory.exists() else []
+
+
+def wait_for_record(store: ImageStore, key: PullKey, accept: Callable[[dict[str, Any]], bool], what: str,
+                    timeout: float) -> dict[str, Any]:
+    """The pull record once ``accept`` takes it; fails naming ``what`` and the record's last state."""
+    deadline = time.monotonic() + timeout
+    while not accept(record := store.pull_record(key) or {}):
+        assert time.monotonic() < deadline, \
+            f"not {what} within {timeout:.0f} s: {record.get('status')} {record.get('status_message')!r}"
+        time.sleep(0.2)
+    return record
+
+
+def downloading(record: dict[str, Any]) -> bool:
+    return record.get("status_message", "").startswith("Pulling layers: 0/1 done, ") \
+        and not record["status_message"].startswith("Pulling layers: 0/1 done, 0.0 of")
+
+
+@pytest.fixture
+def database(gateway: GatewayFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunningSecantus]:
+    """The gateway's image index on a SecantusDB of the test's own, which it may stop and start again."""
+    with RunningSecantus.start(tmp_path / "mongo") as server:
+        monkeypatch.delenv("IMAGEGW_MONGODB_URI", raising=False)  # the session's server exported it
+        gateway.mongo_uri = server.uri
+        yield server
+
+
+@pytest.fixture
+def slow_registry(gateway: GatewayFixture, database: RunningSecantus) -> Iterator[ThrottlingProxy]:
+    """The session's registry behind a relay sending SLOW_RATE bytes a second, configured as a location."""
+    with ThrottlingProxy(gateway.registry.host, SLOW_RATE) as proxy:
+        gateway.write_config(MongoDBURI=database.uri, Locations={proxy.host: {"url": proxy.url}})
+        yield proxy
+
+
+def test_the_database_stopped_under_a_pull_and_back_within_its_retries_ends_ready(
+        gateway: GatewayFixture, database: RunningSecantus, slow_registry: ThrottlingProxy) -> None:
+    push_image(gateway.registry, "faults/index", "1", [LayerBuilder().file("noise", os.urandom(SLOW_LAYER))],
+               compression="none")
+    push_image(gateway.registry, "faults/after", "1", [LayerBuilder().file("f", b"after")])
+    tag = f"{slow_registry.host}/faults/index:1"
+    # A client of the test's own, patient enough to wait out the stop.
+    watcher = ImageStore(pymongo.MongoClient(database.uri, serverSelectionTimeoutMS=30_000)[gateway.database], 3600)
+    stopped: list[float] = []
+
+    def stop_the_database_mid_download() -> None:
+        wait_for_record(watcher, PullKey("mycluster", "docker", tag), downloading, "downloading", 60)
+        database.interrupt()
+        stopped.append(time.monotonic())
+        slow_registry.rate = None  # the download ends while the database is away: the next stage meets it
+        time.sleep(DATABASE_DOWN)
+        database.resume()
+        stopped.append(time.monotonic())
+
+    outage = threading.Thread(target=stop_the_database_mid_download, daemon=True)
+    outage.start()
+    state, record = pull(gateway, tag)
+    ended = time.monotonic()
+    outage.join(timeout=60)
+
+    assert len(stopped) == 2, "the database was not stopped and started again while the pull ran"
+    assert ended > stopped[1], "the pull ended before the database came back: it never met the outage"
+    assert state.is_completed() and record["status"] == "READY", record["status_message"]
+    assert record["status_message"] == "Image ready"
+    assert files_under(gateway.image_dir) == sorted([f"{record['id']}.meta", f"{record['id']}.squashfs"]), \
+        "no partial or temporary file"
+    assert files_under(gateway.root / "expand") == []
+    assert [name for name in files_under(gateway.cache_dir) if name.endswith(".partial")] == []
+    assert watcher.lookup(PullKey("mycluster", "docker", tag))["status"] == "READY"
+
+    state, record = pull(gateway, f"{slow_registry.host}/faults/after:1")
+    assert state.is_completed() and record["status"] == "READY", record["status_message"]
