@@ -10,11 +10,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from imagegw.pullreport import PullReport
+from tasks.retry import prefect_api_unreachable
 
 OVERLAP_NOTE = "pull, unpack and squash run side by side: their times overlap and do not add up."
 
 
-@task(name="report", cache_policy=NONE)
+# Retried for as long as a Prefect server takes to restart: the image is READY by now, and a report lost
+# to a restart would fail the run of a pull that succeeded.
+@task(name="report", retries=3, retry_delay_seconds=[2, 8, 20], retry_condition_fn=prefect_api_unreachable,
+      cache_policy=NONE)
 def report_pull(report: PullReport) -> UUID:
     """Leave the pull's report as a markdown artifact, a new version of its image's key on every pull."""
     return create_markdown_artifact(

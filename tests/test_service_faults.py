@@ -13,12 +13,15 @@ from typing import Any
 
 import pymongo
 import pytest
+import requests
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from imagegw.store import ImageStore, PullKey
 from tests.gateway_fixtures import Gateway as GatewayFixture
 from tests.gateway_fixtures import pull
 from testsupport.faulty import FaultyProxy
 from testsupport.images import LayerBuilder, push_image
+from testsupport.prefect_server import RunningPrefectServer, send_queued_logs_and_events
 from testsupport.secantus import RunningSecantus
 from testsupport.throttle import ThrottlingProxy
 
@@ -154,3 +157,56 @@ def test_the_database_stopped_under_a_pull_and_back_within_its_retries_ends_read
 
     state, record = pull(gateway, f"{slow_registry.host}/faults/after:1")
     assert state.is_completed() and record["status"] == "READY", record["status_message"]
+
+
+PREFECT_DOWN = 3.0
+"""Seconds the Prefect server stays stopped before it starts again (which itself takes seconds)."""
+
+
+@pytest.fixture
+def prefect_server(tmp_path: Path) -> Iterator[RunningPrefectServer]:
+    """A Prefect server of the test's own (the session's is shared), which it may restart; this process's
+    flow runs report to it."""
+    with RunningPrefectServer.start(tmp_path / "prefect") as server, \
+            temporary_settings({PREFECT_API_URL: server.api_url}):
+        yield server
+        send_queued_logs_and_events()
+
+
+def test_the_prefect_server_restarted_under_a_pull_and_new_pulls_work_once_it_is_back(
+        gateway: GatewayFixture, prefect_server: RunningPrefectServer, tmp_path: Path) -> None:
+    push_image(gateway.registry, "faults/prefect", "1", [LayerBuilder().file("noise", os.urandom(4 * SLOW_LAYER))],
+               compression="none")
+    push_image(gateway.registry, "faults/later", "1", [LayerBuilder().file("f", b"later")])
+    with ThrottlingProxy(gateway.registry.host, SLOW_RATE) as slow_registry:
+        gateway.write_config(Locations={slow_registry.host: {"url": slow_registry.url}})
+        tag = f"{slow_registry.host}/faults/prefect:1"
+        store = gateway.store()
+        restarted: list[float] = []
+
+        def restart_prefect_mid_download() -> None:
+            wait_for_record(store, PullKey("mycluster", "docker", tag), downloading, "downloading", 60)
+            prefect_server.interrupt()
+            restarted.append(time.monotonic())
+            slow_registry.rate = None  # the pull's later stages start while the server is away
+            time.sleep(PREFECT_DOWN)
+            prefect_server.resume()
+            restarted.append(time.monotonic())
+
+        restart = threading.Thread(target=restart_prefect_mid_download, daemon=True)
+        restart.start()
+        state, record = pull(gateway, tag)
+        ended = time.monotonic()
+        restart.join(timeout=90)
+
+        assert len(restarted) == 2, "the Prefect server was not restarted while the pull ran"
+        assert ended > restarted[1], "the pull ended before the server was back: it never met the restart"
+        assert state.is_completed() and record["status"] == "READY", record["status_message"]
+        assert files_under(gateway.image_dir) == sorted([f"{record['id']}.meta", f"{record['id']}.squashfs"])
+        assert files_under(gateway.root / "expand") == []
+        reports = requests.post(f"{prefect_server.api_url}/artifacts/filter", json={}, timeout=10).json()
+        assert [report["key"] for report in reports if "faults-prefect" in (report["key"] or "")], \
+            "the pull's report, written once the server was back"
+
+        state, record = pull(gateway, f"{slow_registry.host}/faults/later:1")
+        assert state.is_completed() and record["status"] == "READY", record["status_message"]

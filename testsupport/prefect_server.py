@@ -42,6 +42,7 @@ class RunningPrefectServer(ChildService):
         self.home = home
         self.ui_url = f"http://127.0.0.1:{port}"
         self.api_url = f"{self.ui_url}/api"
+        self._env: dict[str, str] = {}
 
     @classmethod
     def start(cls, home: Path, *, database_url: str | None = None, ui: bool = False) -> RunningPrefectServer:
@@ -62,13 +63,22 @@ class RunningPrefectServer(ChildService):
         })
         if database_url is not None:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
-        server._spawn([sys.executable, "-m", "prefect", "server", "start"], env=env)
-        failure = server._wait_answering(server.healthy, START_TIMEOUT, 0.2)
+        server._env = env
+        server.resume()
+        return server
+
+    def interrupt(self) -> None:
+        """Stop the server, as an operator's restart does; its port, home and database stay for :meth:`resume`."""
+        self.stop()
+
+    def resume(self) -> None:
+        """Start the server (again, after :meth:`interrupt`: same port and database) and wait until it is healthy."""
+        self._spawn([sys.executable, "-m", "prefect", "server", "start"], env=self._env)
+        failure = self._wait_answering(self.healthy, START_TIMEOUT, 0.2)
         if failure is not None:
             state = failure.state(f"was not healthy within {START_TIMEOUT:.0f} s")
-            raise PrefectServerStartError(f"prefect server start {state}; last lines of {server.log_path}:\n"
+            raise PrefectServerStartError(f"prefect server start {state}; last lines of {self.log_path}:\n"
                                           f"{failure.log_tail}")
-        return server
 
     def healthy(self) -> bool:
         try:
