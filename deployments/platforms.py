@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from flows.pull import pull_image
 from flows.refresh import refresh_images
 from imagegw.config import Platform, Settings
 from imagegw.errors import ConfigError
+from imagegw.housekeeping import remove_dead_pulls_leftovers
+from imagegw.registry import LayerCache
 
 _CODE_ROOT = Path(flows.__file__).resolve().parent.parent
 """Where the flow's code is on this host; a worker's host must have it at the same path."""
@@ -90,8 +93,18 @@ def _ensure_pool(client: SyncPrefectClient, platform: Platform) -> None:
 
 
 def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
-    """Run a process worker on the pool of each of ``platforms`` (default: every one) until SIGINT or SIGTERM."""
+    """Run a process worker on the pool of each of ``platforms`` (default: every one) until SIGINT or SIGTERM.
+
+    First the scratch directories and partial downloads of pulls that died on this host (a worker killed
+    with its runs, the host rebooted) are removed: their records are taken over by the next request, and
+    nothing else would remove their files before the expire flow a day later.
+    """
     names = list(platforms) or list(settings.platforms)
+    leftovers = remove_dead_pulls_leftovers(LayerCache(settings.cache_dir), settings.expand_dir)
+    if leftovers.removed:
+        print(f"imagegw worker: removed {leftovers.removed} leftovers of dead pulls "
+              f"({leftovers.bytes_removed / 1e6:.1f} MB) under {settings.expand_dir} and {settings.cache_dir}",
+              file=sys.stderr, flush=True)
     with get_client(sync_client=True) as client:
         for name in names:
             try:

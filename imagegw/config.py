@@ -37,6 +37,13 @@ DEFAULT_EXPIRE_SCHEDULE = "0 * * * *"
 DEFAULT_REGISTRY_TIMEOUT = 60.0
 """Seconds a registry may stay silent (before it answers, or in the middle of a blob) before the request
 counts as failed and is retried: a registry under load, or a blob store behind it, can pause for tens of seconds."""
+DEFAULT_STALE_PULL_TIMEOUT = 180
+"""Seconds a running pull's record may go without a heartbeat before the pull counts as dead (its process
+killed, its host down) and a new request starts it again. Long enough that a busy host or database delaying
+a few beats is never taken for a dead pull: a live pull taken over would be pulled twice at once."""
+BEATS_PER_STALE_PULL_TIMEOUT = 6
+"""A running pull beats its record this many times within StalePullTimeout: it counts as dead only after
+missing that many beats in a row."""
 DEFAULT_REFRESH_SCHEDULE = "*/15 * * * *"
 """A tag unchanged costs one HEAD request; a quarter hour keeps a pushed watched tag from waiting long
 where the registry sends no notifications."""
@@ -61,7 +68,7 @@ _TOP_LEVEL_KEYS = {
     "ImageExpirationTimeout", "MongoDBURI", "MongoDB", "CacheDirectory", "ExpandDirectory",
     "StateDirectory", "Compression", "BlockSize", "Locations", "Platforms", "Metrics", "ImportUsers",
     "ExpireSchedule", "CacheSizeLimit", "RefreshSchedule", "NotifySecret", "AllowedRegistries",
-    "SealKeyFile", "Limits", "RegistryTimeout",
+    "SealKeyFile", "Limits", "RegistryTimeout", "StalePullTimeout",
 } | _SHIFTER_KEYS_IGNORED
 _LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
                   "passwordFile", "passwordEnv", "iaas",
@@ -249,6 +256,9 @@ class Settings:
     """Bounds on an image's documents, layers, entries and sizes (``Limits``)."""
     registry_timeout: float = DEFAULT_REGISTRY_TIMEOUT
     """Seconds a registry may stay silent on a request before it fails as unreachable (``RegistryTimeout``)."""
+    stale_pull_timeout: int = DEFAULT_STALE_PULL_TIMEOUT
+    """Seconds without a heartbeat after which a running pull counts as dead and may be started again
+    (``StalePullTimeout``)."""
 
     @property
     def seal_key_path(self) -> Path:
@@ -342,6 +352,7 @@ class _Reader:
                                               "CacheSizeLimit"),
             limits=self._limits(raw.get("Limits", {})),
             registry_timeout=self._timeout(raw.get("RegistryTimeout", DEFAULT_REGISTRY_TIMEOUT), "RegistryTimeout"),
+            stale_pull_timeout=self._stale_pull_timeout(raw.get("StalePullTimeout", DEFAULT_STALE_PULL_TIMEOUT)),
         )
 
     def _reject_unknown(self, raw: dict[str, Any], known: set[str], prefix: str) -> None:
@@ -445,6 +456,13 @@ class _Reader:
     def _seconds(self, value: Any, key: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise self.fail(key, f"must be a whole number of seconds, not {value!r}")
+        return value
+
+    def _stale_pull_timeout(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < BEATS_PER_STALE_PULL_TIMEOUT:
+            beats = BEATS_PER_STALE_PULL_TIMEOUT
+            raise self.fail("StalePullTimeout", f"must be a whole number of seconds from {beats} up (a running pull "
+                                                f"beats {beats} times within it, at most once a second), not {value!r}")
         return value
 
     def _timeout(self, value: Any, key: str) -> float:

@@ -15,7 +15,9 @@ fails, the fsync does all the work.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -66,14 +68,74 @@ def fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+SCRATCH_LOCK = ".owner.lock"
+"""In each scratch directory: its owner holds an exclusive flock on this file for the directory's whole life.
+The kernel drops a flock when its process dies, however it dies (SIGKILL, the OOM killer), so whoever can
+take the lock knows the owner is dead: no age or heartbeat to guess from, and a slow live pull is never
+mistaken for a dead one (on this host: flocks do not reach other hosts of a shared ExpandDirectory)."""
+
+
 @contextmanager
 def scratch_directory(parent: Path, prefix: str) -> Iterator[Path]:
-    """A private working directory under ``parent``, removed however the block ends."""
+    """A private working directory under ``parent``, owned (``SCRATCH_LOCK``) and removed however the block ends."""
     with disk_errors(parent, "creating a scratch directory"):
         parent.mkdir(parents=True, exist_ok=True)
-        scratch = tempfile.TemporaryDirectory(prefix=prefix, dir=parent)
-    with scratch as path:
-        yield Path(path)
+        path, lock = _owned_directory(parent, prefix)
+    try:
+        yield path
+    finally:
+        try:
+            shutil.rmtree(path)
+        finally:
+            os.close(lock)  # only once the directory is gone: no sweeper may take it for a dead pull's
+
+
+def _owned_directory(parent: Path, prefix: str) -> tuple[Path, int]:
+    """A new directory under ``parent`` and the descriptor of its lock, held."""
+    while True:
+        path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+        lock = os.open(path / SCRATCH_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _still_named(lock, path / SCRATCH_LOCK):
+            return path, lock
+        # A sweeper took the lock between its creation and ours, and removed the directory: make another.
+        os.close(lock)
+
+
+def remove_abandoned_scratch(scratch: Path) -> int | None:
+    """Remove a scratch directory whose owner died, as its free ``SCRATCH_LOCK`` shows: the bytes freed. None
+    when the owner lives, or when there is no lock to tell (an owner that died before taking it)."""
+    try:
+        lock = os.open(scratch / SCRATCH_LOCK, os.O_RDWR)  # never created here: it is the owner's to make
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        if not _still_named(lock, scratch / SCRATCH_LOCK):
+            return None  # its owner finished meanwhile and removed it
+        size = bytes_under(scratch)
+        shutil.rmtree(scratch)
+        return size
+    finally:
+        os.close(lock)
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (a directory removed meanwhile takes the name along)."""
+    try:
+        named = path.stat()
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+def bytes_under(directory: Path) -> int:
+    """The bytes of the files under ``directory``."""
+    return sum((Path(parent) / name).lstat().st_size for parent, _, files in os.walk(directory) for name in files)
 
 
 _SYNC_FILE_RANGE_WRITE = 2

@@ -1,8 +1,9 @@
 """Keeping the gateway's own disks from filling: the layer cache held under ``CacheSizeLimit`` (the least
 recently used layers go first, never one a running pull holds), and what dead pulls left behind.
 
-The expire flow runs this; the cache and the scratch space are shared by every platform on the host,
-and every step is safe to run twice at once, so each platform's flow may run it.
+The expire flow runs this, and a worker starting removes what pulls that died on its host left
+(``remove_dead_pulls_leftovers``); the cache and the scratch space are shared by every platform on the
+host, and every step is safe to run twice at once, so each platform's flow may run it.
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagegw.config import SizeLimit
-from imagegw.disk import disk_errors
+from imagegw.disk import SCRATCH_LOCK, bytes_under, disk_errors, remove_abandoned_scratch
 from imagegw.registry import LayerCache
 
 LEFTOVER_AGE = 24 * 3600
-"""Seconds a scratch directory or partial download goes unwritten before it counts as a dead pull's.
-A live pull writes all the time (its heartbeat is minutes apart, its files grow as layers arrive), so
-nothing of one goes a day untouched; a day also leaves an operator time to look at what a crash left."""
+"""Seconds a scratch directory without its owner's lock (see ``imagegw.disk.SCRATCH_LOCK``), or a partial
+download, goes unwritten before it counts as a dead pull's. A live pull writes all the time (its files
+grow as layers arrive), so nothing of one goes a day untouched; a day also leaves an operator time to look
+at what a crash left."""
 
 # The scratch directories of pulls (flows/pull.py) and imports (imagegw.service.gateway): only these are
 # ours to remove, in case ExpandDirectory is shared with something else.
@@ -73,20 +76,44 @@ def evict_layers(cache: LayerCache, limit: SizeLimit) -> Eviction:
 
 
 def remove_leftovers(cache: LayerCache, expand_dir: Path, now: float | None = None) -> Leftovers:
-    """Remove the scratch directories and partial downloads nobody wrote to for ``LEFTOVER_AGE``."""
+    """Remove what dead pulls left: scratch directories whose owner's lock is free, and scratch directories
+    without one and partial downloads nobody wrote to for ``LEFTOVER_AGE``."""
     cutoff = (time.time() if now is None else now) - LEFTOVER_AGE
-    removed = freed = 0
+
+    def scratch_if_dead(scratch: Path) -> int | None:
+        if (scratch / SCRATCH_LOCK).exists():
+            return remove_abandoned_scratch(scratch)
+        return _remove_if_older(scratch, cutoff)
+
+    def partial_if_old(partial: Path) -> int | None:
+        return _remove_partial_if_older(cache, partial, cutoff)
+
+    return _removed(cache, expand_dir, scratch_if_dead, partial_if_old)
+
+
+def remove_dead_pulls_leftovers(cache: LayerCache, expand_dir: Path) -> Leftovers:
+    """Remove, whatever their age, the scratch directories and partial downloads of pulls (and imports) that
+    died on this host, as their free locks show: a worker does this as it starts, so a killed pull's files do
+    not wait a day for the expire flow. A live pull's, on another worker of this host, hold their locks.
+
+    A partial download is written only under its layer's download lock (``imagegw.registry.layercache``),
+    so one whose lock is free is a dead download's."""
+    return _removed(cache, expand_dir, remove_abandoned_scratch, cache.remove_partial)
+
+
+def _removed(cache: LayerCache, expand_dir: Path, scratch_rule: Callable[[Path], int | None],
+             partial_rule: Callable[[Path], int | None]) -> Leftovers:
+    """Each scratch directory and partial download given to its rule, which removes it (the bytes freed) or
+    leaves it (None); what they removed."""
+    sizes = []
     for scratch in _scratch_directories(expand_dir):
         with disk_errors(scratch, "removing the scratch directory of a dead pull"):
-            size = _remove_if_older(scratch, cutoff)
-        if size is not None:
-            removed, freed = removed + 1, freed + size
+            sizes.append(scratch_rule(scratch))
     for partial in cache.partials():
         with disk_errors(partial, "removing the partial download of a dead pull"):
-            size = _remove_partial_if_older(cache, partial, cutoff)
-        if size is not None:
-            removed, freed = removed + 1, freed + size
-    return Leftovers(removed=removed, bytes_removed=freed)
+            sizes.append(partial_rule(partial))
+    removed = [size for size in sizes if size is not None]
+    return Leftovers(removed=len(removed), bytes_removed=sum(removed))
 
 
 def _remove_if_older(scratch: Path, cutoff: float) -> int | None:
@@ -94,7 +121,7 @@ def _remove_if_older(scratch: Path, cutoff: float) -> int | None:
     try:
         if _last_written(scratch) >= cutoff:
             return None
-        size = _bytes_under(scratch)
+        size = bytes_under(scratch)
         shutil.rmtree(scratch)
     except FileNotFoundError:  # its pull just ended and removed it, or another sweep is at it
         return None
@@ -135,6 +162,3 @@ def _last_written(directory: Path) -> float:
         newest = max(newest, Path(parent).lstat().st_mtime)
     return newest
 
-
-def _bytes_under(directory: Path) -> int:
-    return sum((Path(parent) / name).lstat().st_size for parent, _, files in os.walk(directory) for name in files)

@@ -40,6 +40,7 @@ def test_shifter_example_loads(tmp_path: Path) -> None:
     assert settings.platform("mycluster").image_dir == Path("/images")
     assert settings.locations["index.docker.io"].url == "https://registry-1.docker.io"
     assert settings.expiration_timeout == 90 * 86400
+    assert settings.stale_pull_timeout == 180  # a pull silent for 3 minutes counts as dead
     assert settings.platform("mycluster").compression.algorithm == "gzip"
 
 
@@ -86,6 +87,8 @@ def test_unknown_platform_names_the_known_ones_but_not_the_file(tmp_path: Path) 
     ({"NotifySecret": "short"}, "NotifySecret"),
     ({"NotifySecret": 1234567890123456789}, "NotifySecret"),
     ({"PullUpdateTimeout": "5"}, "PullUpdateTimeout"),
+    ({"StalePullTimeout": 5}, "StalePullTimeout"),
+    ({"StalePullTimeout": 60.5}, "StalePullTimeout"),
     ({"Platforms": {}}, "Platforms"),
     ({"Platforms": {"c": {"accesstype": "ftp", "local": {"imageDir": "/x"}}}}, "Platforms.c.accesstype"),
     ({"Platforms": {"c": {"accesstype": "remote", "host": ["h"]}}}, "Platforms.c.ssh"),

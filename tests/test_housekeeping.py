@@ -19,7 +19,15 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from imagegw.config import SizeLimit
-from imagegw.housekeeping import LEFTOVER_AGE, Eviction, evict_layers, remove_leftovers
+from imagegw.disk import scratch_directory
+from imagegw.housekeeping import (
+    LEFTOVER_AGE,
+    Eviction,
+    Leftovers,
+    evict_layers,
+    remove_dead_pulls_leftovers,
+    remove_leftovers,
+)
 from imagegw.registry import LayerCache, LayerDescriptor
 from tests.fake_registry import FakeRegistry, client_for
 from tests.gateway_fixtures import Gateway, pull
@@ -244,6 +252,36 @@ def test_an_old_partial_whose_download_still_runs_is_kept(cache: LayerCache, tmp
     assert stalled.exists() and leftovers.removed == 0
     assert remove_leftovers(cache, tmp_path / "expand").removed == 1  # its download died since
     assert not stalled.exists()
+
+
+def test_a_killed_owners_scratch_goes_at_once_and_a_live_ones_stays(cache: LayerCache, tmp_path: Path) -> None:
+    expand = tmp_path / "expand"
+    owner = subprocess.Popen(  # a pull in another process: its scratch directory, with a squashfs being written
+        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+         "from imagegw.disk import scratch_directory\n"
+         "with scratch_directory(Path(sys.argv[1]), 'pull-') as scratch:\n"
+         "    (scratch / 'image.squashfs').write_bytes(b'x' * 5000)\n"
+         "    print(scratch, flush=True)\n"
+         "    time.sleep(600)\n", str(expand)], stdout=subprocess.PIPE)
+    try:
+        killed = Path(owner.stdout.readline().decode().strip())
+        dead_partial = partial(cache, "dead", 0, 3000)
+        with scratch_directory(expand, "import-") as live, downloading(cache, digest_of("live")):
+            live_partial = partial(cache, "live", 0, 1000)
+            assert remove_dead_pulls_leftovers(cache, expand) == Leftovers(1, 3000)  # the dead download only
+            assert killed.is_dir() and not dead_partial.exists()
+
+            owner.kill()  # SIGKILL: nothing of the owner runs, the kernel drops its lock
+            owner.wait()
+            leftovers = remove_dead_pulls_leftovers(cache, expand)
+
+            assert not killed.exists() and leftovers == Leftovers(1, 5000)
+            assert live.is_dir() and live_partial.exists()
+            assert remove_leftovers(cache, expand).removed == 0  # the expire flow keeps a live owner's too
+    finally:
+        owner.kill()
+        owner.wait()
+    assert list(expand.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- through the pull and expire flows

@@ -10,12 +10,12 @@ import pymongo
 import pytest
 
 from imagegw.access import PUBLIC, Access
+from imagegw.config import DEFAULT_STALE_PULL_TIMEOUT
 from imagegw.errors import TRANSIENT_ERRORS, ConfigError, IndexUnavailable, RecordConflict
 from imagegw.registry import Credential
 from imagegw.registry.keychain import REQUEST, HandedCredential
 from imagegw.store import ImageFacts, ImageStore, PullKey, PullTracker, Status, to_response
 from imagegw.store.mongo import mongo_errors
-from imagegw.store.records import STALE_RUNNING
 from imagegw.store.sealing import sealer_for
 
 KEY = PullKey("mycluster", "docker", "team/app:1")
@@ -83,9 +83,44 @@ def test_a_finished_or_failed_pull_can_be_claimed_again(store: ImageStore) -> No
 def test_a_pull_whose_run_went_silent_is_stale_and_can_be_claimed(store: ImageStore, database) -> None:
     store.claim_pull(KEY)
     store.set_stage(KEY, Status.PULLING, "Pulling layers")
-    database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - STALE_RUNNING - 1}})
+    database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - DEFAULT_STALE_PULL_TIMEOUT - 1}})
 
     assert store.claim_pull(KEY)[1] is True
+
+
+def test_the_stale_timeout_is_the_stores_and_sets_the_heartbeat(database) -> None:
+    store = ImageStore(database, expiration_timeout=3600, stale_pull_timeout=12)
+    store.ensure_indexes()
+    store.claim_pull(KEY)
+    store.set_stage(KEY, Status.PULLING, "Pulling layers: 0/1 done, 4.2 of 12.6 MB")
+
+    assert store.heartbeat_interval == 2
+    database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - 3}})
+    record, claimed = store.claim_pull(KEY)
+    assert not claimed and record["status_message"] == "Pulling layers: 0/1 done, 4.2 of 12.6 MB"
+
+    # Two beats missed: a poller is told the run may have died, and when a request will start the pull again.
+    database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - 5}})
+    record, claimed = store.claim_pull(KEY)
+    assert not claimed and record["status"] == "PULLING"
+    assert record["status_message"].startswith("Pulling layers: 0/1 done, 4.2 of 12.6 MB (no heartbeat from its run "
+                                               "for 5 s: it may have died; a request after 7 s more")
+
+    database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - 13}})
+    record, claimed = store.claim_pull(KEY)
+    assert claimed and record["status"] == "INIT"
+
+
+def test_a_running_pull_beats_its_record(database) -> None:
+    store = ImageStore(database, expiration_timeout=3600, stale_pull_timeout=6)
+    store.ensure_indexes()
+    store.claim_pull(KEY)
+    database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": 0}})
+
+    with PullTracker(store, KEY).running():
+        time.sleep(2.5)
+
+    assert time.time() - store.pull_record(KEY)["heartbeat"] < 2.5
 
 
 def test_failure_keeps_the_message(store: ImageStore) -> None:

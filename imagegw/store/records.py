@@ -33,7 +33,7 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError
 
 from imagegw.access import PUBLIC, Access, settle_access
-from imagegw.config import MONGODB_URI_ENV, Settings
+from imagegw.config import BEATS_PER_STALE_PULL_TIMEOUT, DEFAULT_STALE_PULL_TIMEOUT, MONGODB_URI_ENV, Settings
 from imagegw.errors import IndexUnavailable
 from imagegw.registry import Credential, ResolvedImage
 from imagegw.registry.keychain import HandedCredential
@@ -126,10 +126,9 @@ def to_response(record: dict[str, Any]) -> dict[str, Any]:
 ACTIVE_STATES = (Status.INIT, Status.PENDING, Status.PULLING, Status.EXAMINATION, Status.CONVERSION,
                  Status.TRANSFER)
 QUEUED_STATES = (Status.INIT, Status.PENDING)
-# A running flow beats its pull record's heartbeat every HEARTBEAT_INTERVAL s; a record silent for
-# STALE_RUNNING s belongs to a run that died. A queued pull waits for a worker, which may take long.
-HEARTBEAT_INTERVAL = 30
-STALE_RUNNING = 180
+RUNNING_STATES = tuple(state for state in ACTIVE_STATES if state not in QUEUED_STATES)
+# A running pull's record silent for StalePullTimeout belongs to a run that died (see the store's
+# heartbeat_interval); a queued pull waits for a worker, which may take long.
 STALE_QUEUED = 3600
 # Seconds within which a looked-up image is not renewed again (lookups come at every job start).
 RENEW_INTERVAL = 60
@@ -141,14 +140,22 @@ class ImageStore:
     """Reads and writes image and pull records; every call may raise IndexUnavailable."""
 
     def __init__(self, database: Database[dict[str, Any]], expiration_timeout: int,
-                 sealer: Sealer | None = None) -> None:
-        """``sealer``: seals the registry logins handed to pulls (a store without one cannot take them)."""
+                 sealer: Sealer | None = None, stale_pull_timeout: int = DEFAULT_STALE_PULL_TIMEOUT) -> None:
+        """``sealer``: seals the registry logins handed to pulls (a store without one cannot take them);
+        ``stale_pull_timeout``: seconds without a heartbeat after which a running pull counts as dead."""
         self._images: Collection[dict[str, Any]] = database["images"]
         self._pulls: Collection[dict[str, Any]] = database["pulls"]
         self._logins: Collection[dict[str, Any]] = database["pull_logins"]
         self._metrics: Collection[dict[str, Any]] = database["metrics"]
         self._expiration_timeout = expiration_timeout
         self._sealer = sealer
+        self._stale_pull_timeout = stale_pull_timeout
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between a running pull's heartbeats: several fit in the stale timeout, so a few beats a busy
+        host or database delays do not make a live pull look dead."""
+        return self._stale_pull_timeout / BEATS_PER_STALE_PULL_TIMEOUT
 
     def ensure_indexes(self) -> None:
         """Create the indexes the lookups use (idempotent)."""
@@ -175,12 +182,12 @@ class ImageStore:
         ``refresh``: the refresh flow asks, not a user (see the module's note on ``last_used``).
         """
         now = time.time()
-        running = [state.value for state in ACTIVE_STATES if state not in QUEUED_STATES]
+        running = [state.value for state in RUNNING_STATES]
         claimable = {**key.query(), "$or": [
             {"status": {"$nin": [state.value for state in ACTIVE_STATES] + [Status.FAILURE.value]}},
             {"status": Status.FAILURE.value, "heartbeat": {"$lt": now - retry_failures_after}},
             {"status": {"$in": [state.value for state in QUEUED_STATES]}, "heartbeat": {"$lt": now - STALE_QUEUED}},
-            {"status": {"$in": running}, "heartbeat": {"$lt": now - STALE_RUNNING}},
+            {"status": {"$in": running}, "heartbeat": {"$lt": now - self._stale_pull_timeout}},
         ]}
         claim = {"$set": {"status": Status.INIT.value, "status_message": "Pull requested", "id": "MISSING",
                           "last_pull": now, "heartbeat": now, "pull_id": uuid.uuid4().hex, "refresh": refresh,
@@ -193,7 +200,20 @@ class ImageStore:
             return _upserted(record), True
         except DuplicateKeyError:
             # The record exists and is not claimable: somebody's pull is running.
-            return self.pull_record(key) or {**key.query(), "status": Status.PENDING.value}, False
+            record = self.pull_record(key) or {**key.query(), "status": Status.PENDING.value}
+            return self._silence_noted(record, now), False
+
+    def _silence_noted(self, record: dict[str, Any], now: float) -> dict[str, Any]:
+        """A running pull whose heartbeats stopped says so, and when a request will start it again: its
+        stage alone would tell a poller it is still at work until it is taken over."""
+        silent = now - float(record.get("heartbeat", now))
+        if record.get("status") not in [state.value for state in RUNNING_STATES] \
+                or silent < 2 * self.heartbeat_interval:
+            return record
+        left = max(0.0, self._stale_pull_timeout - silent)
+        return {**record, "status_message": f"{record.get('status_message', '')} (no heartbeat from its run for "
+                                            f"{silent:.0f} s: it may have died; a request after {left:.0f} s more "
+                                            "without one starts the pull again)"}
 
     def mark_queued(self, key: PullKey, flow_run_id: str) -> dict[str, Any]:
         """A flow run was created for the pull: PENDING until a worker starts it."""
@@ -425,7 +445,8 @@ _indexed: set[tuple[str, str]] = set()
 def open_store(settings: Settings) -> ImageStore:
     """The image store, its MongoDB indexes created on first use in this process."""
     database = open_database(settings)
-    store = ImageStore(database, settings.expiration_timeout, sealer_for(settings.seal_key_path))
+    store = ImageStore(database, settings.expiration_timeout, sealer_for(settings.seal_key_path),
+                       settings.stale_pull_timeout)
     address = (settings.mongodb_uri or os.environ.get(MONGODB_URI_ENV, ""), database.name)
     if address not in _indexed:
         store.ensure_indexes()

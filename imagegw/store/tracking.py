@@ -8,7 +8,7 @@ from contextlib import contextmanager, suppress
 
 from imagegw.background import repeated
 from imagegw.errors import ImagegwError
-from imagegw.store.records import HEARTBEAT_INTERVAL, ImageStore, PullKey, Status
+from imagegw.store.records import ImageStore, PullKey, Status
 
 
 class PullTracker:
@@ -35,7 +35,7 @@ class PullTracker:
         """While the block runs, beat the record's heartbeat (so a pull whose process died is seen
         as stale); whatever stops the block is written to the record as FAILURE, with its message."""
         try:
-            with repeated(self._beat, HEARTBEAT_INTERVAL, f"heartbeat {self.key.tag}"):
+            with repeated(self._beat, self._store.heartbeat_interval, f"heartbeat {self.key.tag}"):
                 yield self
         except GeneratorExit:
             raise
