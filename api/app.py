@@ -18,9 +18,10 @@ from starlette.exceptions import HTTPException
 
 from api.errors import gateway_error, invalid_request, no_such_call
 from api.health import check_health, vouches_for_admin
+from api.lookups import FastLookups
 from deployments.launcher import DeploymentLauncher
 from imagegw.access import parse_acl
-from imagegw.config import Settings
+from imagegw.config import Settings, load_settings
 from imagegw.errors import AuthenticationFailed, BadRequest, ImagegwError
 from imagegw.service import (
     Caller,
@@ -44,16 +45,22 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, no_such_call)
 
-    async def caller(system: str, authentication: str | None = Header(default=None)) -> Caller:
-        """The user the request's MUNGE credential vouches for, decoded by the system's munged.
-
-        Run on the event loop, not handed to a thread: munged answers in a tenth of a millisecond, less
-        than the hand-over costs, and every call (each lookup at job start) pays it.
-        """
+    def authenticate(system: str, authentication: str | None) -> Caller:
+        """The user the request's MUNGE credential vouches for, decoded by the system's munged."""
         platform = settings.platform(system)
         if not authentication:
             raise AuthenticationFailed("missing credential: send a MUNGE credential in the 'authentication' header")
         return identify(decode_credential(authentication, platform.munge_socket))
+
+    async def caller(system: str, authentication: str | None = Header(default=None)) -> Caller:
+        """Run on the event loop, not handed to a thread: munged answers in a tenth of a millisecond, less
+        than the hand-over costs, and every call pays it."""
+        return authenticate(system, authentication)
+
+    def look_up(system: str, itype: str, tag: str, authentication: str | None) -> dict[str, Any]:
+        return gateway.lookup(authenticate(system, authentication), system, itype, tag)
+
+    app.add_middleware(FastLookups, answer=look_up)
 
     def route(method: str, path: str, **options: Any):
         """Register ``path`` with and without its trailing slash: Shifter's clients send both forms."""
@@ -79,8 +86,9 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
         return {"list": gateway.list_images(who, system)}
 
     @route("GET", f"/api/lookup/{TAG}")
-    def lookup(system: str, itype: str, tag: str, who: Caller = Depends(caller)) -> dict[str, Any]:
-        return gateway.lookup(who, system, itype, tag)
+    def lookup(system: str, itype: str, tag: str, authentication: str | None = Header(default=None)) -> dict[str, Any]:
+        """Declared for the schema: FastLookups (api/lookups.py) answers these requests before routing."""
+        return look_up(system, itype, tag, authentication)
 
     @route("POST", f"/api/pull/{TAG}")
     def pull(system: str, itype: str, tag: str, who: Caller = Depends(caller),
@@ -119,6 +127,11 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
         return {"pulls": [vars(pull) for pull in pull_pushed(settings, launch, pushed_tags(body))]}
 
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of the configuration ``$IMAGEGW_CONFIG`` names: what each API worker process builds."""
+    return create_app(load_settings())
 
 
 async def _json_body(request: Request) -> dict[str, Any]:

@@ -125,9 +125,12 @@ def start_profiles(serve: int, workdir: Path, args: argparse.Namespace) -> list[
     profiles = []
     for pid in descendants(serve):
         command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        name = "api" if b" cli api" in command else "database" if b"secantus" in command else None
+        # With ApiWorkers above 1 the API's work is done by the processes uvicorn spawns.
+        name = ("api" if b" cli api" in command or b"multiprocessing.spawn" in command else
+                "database" if b"secantus" in command else None)
         if name is None:
             continue
+        name = f"{name}-{pid}"
         folded = workdir / f"{name}.folded"
         profiler = subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid),
                                      "--duration", str(int(args.seconds)), "--format", "raw", "--nonblocking",
@@ -251,10 +254,12 @@ def run_round(name: str, api: str, image: str, munged: RunningMunged, args: argp
     cpu_after = cpu_times(serve_pid)
     cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
     latencies, errors = [], 0
+    cpu["clients (all processes)"] = 0.0
     for _ in clients:
-        client_latencies, client_errors = results.get()
+        client_latencies, client_errors, client_cpu = results.get()
         latencies += client_latencies
         errors += client_errors
+        cpu["clients (all processes)"] += client_cpu
     for client in clients:
         client.join()
     return Round(name, len(latencies), errors, seconds, latencies, cpu)
@@ -295,7 +300,7 @@ def client_process(api: str, path: str, credentials: list[str], threads: int, st
         worker.start()
     for worker in workers:
         worker.join()
-    results.put((latencies, errors[0]))
+    results.put((latencies, errors[0], time.process_time()))
 
 
 def cpu_times(root: int) -> dict[str, float]:

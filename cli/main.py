@@ -20,7 +20,7 @@ from typing import Any
 
 from cli.serve import serve
 from deployments import deployment_name, work_pool_name
-from imagegw.config import Settings, load_settings
+from imagegw.config import CONFIG_ENV, Settings, load_settings
 from imagegw.errors import ConfigError, ImagegwError
 from imagegw.plan import plan_pull, pull_key
 from imagegw.registry import Credential, RegistryClient, RegistryLogin
@@ -282,9 +282,12 @@ def api_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     # Imported only now: it imports Prefect, which reads its settings at import.
-    from api.app import create_app
+    from api.app import app_from_environment
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port)
+    # Each worker process builds its own app (uvicorn spawns them): they find the configuration here.
+    os.environ[CONFIG_ENV] = str(settings.source)
+    uvicorn.run(f"{app_from_environment.__module__}:{app_from_environment.__name__}", factory=True,
+                host=args.host, port=args.port, workers=settings.api_workers)
     return 0
 
 

@@ -44,6 +44,10 @@ a few beats is never taken for a dead pull: a live pull taken over would be pull
 BEATS_PER_STALE_PULL_TIMEOUT = 6
 """A running pull beats its record this many times within StalePullTimeout: it counts as dead only after
 missing that many beats in a row."""
+DEFAULT_API_WORKERS = 2
+"""A lookup spends about half its time waiting for the database; a second process answers meanwhile
+(bench/README.md, "Lookups under load")."""
+MAX_API_WORKERS = 64
 DEFAULT_REFRESH_SCHEDULE = "*/15 * * * *"
 """A tag unchanged costs one HEAD request; a quarter hour keeps a pushed watched tag from waiting long
 where the registry sends no notifications."""
@@ -68,7 +72,7 @@ _TOP_LEVEL_KEYS = {
     "ImageExpirationTimeout", "MongoDBURI", "MongoDB", "CacheDirectory", "ExpandDirectory",
     "StateDirectory", "Compression", "BlockSize", "Locations", "Platforms", "Metrics", "ImportUsers",
     "ExpireSchedule", "CacheSizeLimit", "RefreshSchedule", "NotifySecret", "AllowedRegistries",
-    "SealKeyFile", "Limits", "RegistryTimeout", "StalePullTimeout",
+    "SealKeyFile", "Limits", "RegistryTimeout", "StalePullTimeout", "ApiWorkers",
 } | _SHIFTER_KEYS_IGNORED
 _LOCATION_KEYS = {"remotetype", "url", "sslcacert", "authMethod", "insecure", "username", "password",
                   "passwordFile", "passwordEnv", "iaas",
@@ -254,6 +258,8 @@ class Settings:
     ``("*",)`` allows any. Default: the configured Locations' hosts and Docker Hub's."""
     limits: Limits = Limits()
     """Bounds on an image's documents, layers, entries and sizes (``Limits``)."""
+    api_workers: int = DEFAULT_API_WORKERS
+    """Processes answering the REST API (``ApiWorkers``)."""
     registry_timeout: float = DEFAULT_REGISTRY_TIMEOUT
     """Seconds a registry may stay silent on a request before it fails as unreachable (``RegistryTimeout``)."""
     stale_pull_timeout: int = DEFAULT_STALE_PULL_TIMEOUT
@@ -351,6 +357,7 @@ class _Reader:
             cache_size_limit=self._size_limit(raw.get("CacheSizeLimit", f"{DEFAULT_CACHE_SIZE_PERCENT}%"),
                                               "CacheSizeLimit"),
             limits=self._limits(raw.get("Limits", {})),
+            api_workers=self._api_workers(raw.get("ApiWorkers", DEFAULT_API_WORKERS)),
             registry_timeout=self._timeout(raw.get("RegistryTimeout", DEFAULT_REGISTRY_TIMEOUT), "RegistryTimeout"),
             stale_pull_timeout=self._stale_pull_timeout(raw.get("StalePullTimeout", DEFAULT_STALE_PULL_TIMEOUT)),
         )
@@ -363,6 +370,11 @@ class _Reader:
     def _string(self, value: Any, key: str) -> str:
         if not isinstance(value, str) or not value:
             raise self.fail(key, f"must be a non-empty string, not {value!r}")
+        return value
+
+    def _api_workers(self, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_API_WORKERS:
+            raise self.fail("ApiWorkers", f"must be a number of processes from 1 to {MAX_API_WORKERS}, not {value!r}")
         return value
 
     def _flag(self, value: Any, key: str) -> bool:

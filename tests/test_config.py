@@ -89,6 +89,8 @@ def test_unknown_platform_names_the_known_ones_but_not_the_file(tmp_path: Path) 
     ({"PullUpdateTimeout": "5"}, "PullUpdateTimeout"),
     ({"StalePullTimeout": 5}, "StalePullTimeout"),
     ({"StalePullTimeout": 60.5}, "StalePullTimeout"),
+    ({"ApiWorkers": 0}, "ApiWorkers"),
+    ({"ApiWorkers": "2"}, "ApiWorkers"),
     ({"Platforms": {}}, "Platforms"),
     ({"Platforms": {"c": {"accesstype": "ftp", "local": {"imageDir": "/x"}}}}, "Platforms.c.accesstype"),
     ({"Platforms": {"c": {"accesstype": "remote", "host": ["h"]}}}, "Platforms.c.ssh"),
