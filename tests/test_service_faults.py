@@ -153,7 +153,8 @@ def test_the_database_stopped_under_a_pull_and_back_within_its_retries_ends_read
         "no partial or temporary file"
     assert files_under(gateway.root / "expand") == []
     assert [name for name in files_under(gateway.cache_dir) if name.endswith(".partial")] == []
-    assert watcher.lookup(PullKey("mycluster", "docker", tag))["status"] == "READY"
+    image = watcher.lookup(PullKey("mycluster", "docker", tag))
+    assert image is not None and image["status"] == "READY", "the image index holds the image"
 
     state, record = pull(gateway, f"{slow_registry.host}/faults/after:1")
     assert state.is_completed() and record["status"] == "READY", record["status_message"]
