@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cli.serve import serve
+from cli.serve import serve, served_prefect_api
 from deployments import deployment_name, work_pool_name
 from imagegw.config import CONFIG_ENV, Settings, load_settings
 from imagegw.errors import ConfigError, ImagegwError
@@ -143,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
 def pull_command(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     job = plan_pull(settings, pull_key(args.platform, args.image))
+    _use_served_prefect(settings)
     _prepare_prefect(settings, verbose=args.verbose)
     from prefect import tags  # Prefect reads its settings at import, so import it late.
 
@@ -173,6 +174,16 @@ def pull_command(args: argparse.Namespace) -> int:
     squashfs = f"{job.platform.image_location}/{record['id']}.squashfs"
     print(f"imagegw: {job.key.tag} is READY: {squashfs}", file=sys.stderr)
     return 0
+
+
+def _use_served_prefect(settings: Settings) -> None:
+    """Run the pull against the Prefect server of an ``imagegw serve`` on this state directory, if one runs:
+    its run is then in the gateway's UI, and no temporary server is started. PREFECT_API_URL still wins."""
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    api_url = served_prefect_api(settings)
+    if api_url is not None:
+        os.environ["PREFECT_API_URL"] = api_url
 
 
 def _flag_credential(args: argparse.Namespace) -> HandedCredential | None:

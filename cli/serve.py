@@ -43,6 +43,9 @@ WORKER_START_TIMEOUT = 60.0
 API_START_TIMEOUT = 60.0
 DEPLOY_TIMEOUT = 120.0
 """Registering the deployments imports Prefect and talks to the server: seconds on a busy small host."""
+SERVED_PREFECT_API = "prefect-api-url"
+"""The file under the state directory naming the Prefect API of the ``serve`` running on it, for
+``imagegw pull``: a pull through a running server skips starting a temporary one (bench/README.md)."""
 
 
 class _Stopped(Exception):
@@ -183,6 +186,7 @@ class Children:
 def serve(settings: Settings, *, host: str, port: int, prefect_port: int) -> int:
     """Run the gateway's parts until SIGINT or SIGTERM; 0 after a clean shutdown, 1 if a part died."""
     children = Children(_stop_requested_by_signals())
+    recorded: Path | None = None
     try:
         _check_free(host, port, "the API (--port)")
         print(f"database {_database(settings)}", flush=True)
@@ -195,6 +199,7 @@ def serve(settings: Settings, *, host: str, port: int, prefect_port: int) -> int
             api_url = _start_prefect_server(children, settings, prefect_port)
             print(f"Prefect UI {_ui_url(api_url)}", flush=True)
         os.environ["PREFECT_API_URL"] = api_url
+        recorded = _record_prefect_api(settings, api_url)
         _deploy(children, settings)
         _start_worker(children, settings)
         print(f"worker for platforms {', '.join(settings.platforms)}", flush=True)
@@ -205,8 +210,35 @@ def serve(settings: Settings, *, host: str, port: int, prefect_port: int) -> int
     except _Stopped:
         return 0
     finally:
+        if recorded is not None:  # not otherwise: it may be another serve's, which this one failed to join
+            # Before the server stops: a pull starting meanwhile then starts its own rather than find it gone.
+            recorded.unlink(missing_ok=True)
         # The embedded database stops last, when this process exits (imagegw.store.embedded registers that).
         children.stop_all()
+
+
+def served_prefect_api(settings: Settings) -> str | None:
+    """The Prefect API of the ``imagegw serve`` running on this state directory, if it answers.
+
+    A serve killed outright leaves its file behind, naming a server that died with it (or, later, whatever
+    took its port): only a server answering Prefect's health check counts.
+    """
+    try:
+        api_url = (settings.state_dir / SERVED_PREFECT_API).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return api_url if api_url and _prefect_healthy(api_url) else None
+
+
+def _record_prefect_api(settings: Settings, api_url: str) -> Path:
+    """Name the Prefect API in use in a file under the state directory, written whole or not at all (a pull
+    may read it any time); return the file."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    recorded = settings.state_dir / SERVED_PREFECT_API
+    partial = recorded.with_name(f"{SERVED_PREFECT_API}.{os.getpid()}")
+    partial.write_text(f"{api_url}\n")
+    partial.replace(recorded)
+    return recorded
 
 
 def _stop_requested_by_signals() -> threading.Event:
