@@ -1,4 +1,4 @@
-"""Starting a pull's flow run on the platform's Prefect deployment."""
+"""Starting a pull's flow run on the platform's Prefect deployment, and ending the run of a pull taken over."""
 
 from __future__ import annotations
 
@@ -12,13 +12,25 @@ class DeploymentLauncher:
     def __init__(self, config_path: str) -> None:
         self._config_path = config_path
 
-    def __call__(self, key: PullKey) -> str:
+    def __call__(self, key: PullKey, pull_id: str) -> str:
         from prefect.deployments import run_deployment
 
         run = run_deployment(
             deployment_name(key.system),
-            parameters={"image": key.tag, "platform": key.system, "config": self._config_path},
+            parameters={"image": key.tag, "platform": key.system, "config": self._config_path, "pull_id": pull_id},
             timeout=0,
             tags=[f"platform:{key.system}"],
         )
         return str(run.id)
+
+    def end_dead_run(self, flow_run_id: str, reason: str) -> None:
+        """Set the run CRASHED: its work pool counts only PENDING and RUNNING runs against the platform's
+        ``maxConcurrentPulls``, so its slot is free at once (and a deployment concurrency limit's lease is
+        released by Prefect's rules on leaving RUNNING)."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Crashed
+
+        with get_client(sync_client=True) as client:
+            # Not forced: Prefect's rules then refuse to turn a run that ended meanwhile (FAILED, say, its
+            # last state reaching the server late) into a crash, and keep what it really did.
+            client.set_flow_run_state(flow_run_id, Crashed(message=reason))

@@ -28,8 +28,10 @@ from tasks.unpack import unpack
 # Async, though every stage blocks: Prefect ends a sync flow run by joining a thread that
 # sleeps in 1 s steps, a large part of a small pull.
 @flow(name=PULL_FLOW, flow_run_name="pull {image} for {platform}")
-async def pull_image(image: str, platform: str, config: str | None = None) -> dict[str, Any]:
-    """Pull an image from its registry and publish it as a squashfs on one platform."""
+async def pull_image(image: str, platform: str, config: str | None = None,
+                     pull_id: str | None = None) -> dict[str, Any]:
+    """Pull an image from its registry and publish it as a squashfs on one platform, writing its record as the
+    run of the claim ``pull_id`` (the gateway's launcher passes it; without it, the record's claim)."""
     run_as_batch_work()
     settings = load_settings(config)
     target = settings.platform(platform)
@@ -37,7 +39,8 @@ async def pull_image(image: str, platform: str, config: str | None = None) -> di
     store = open_store(settings)
     cache = LayerCache(settings.cache_dir)
     recorder = PullRecorder()
-    with PullTracker(store, key).running() as tracker, scratch_directory(settings.expand_dir, "pull-") as scratch, \
+    tracker = PullTracker(store, key, pull_id or store.claim_for_run(key))
+    with tracker.running(), scratch_directory(settings.expand_dir, "pull-") as scratch, \
             publisher_for(target) as publisher:
         job = plan(store, settings, key)
         with RegistryClient(job.ref.location, credential=job.credential, config_cache=cache.config_dir,
@@ -49,7 +52,7 @@ async def pull_image(image: str, platform: str, config: str | None = None) -> di
                 squashfs = pull_unpack_squash(client, manifest, cache, target, scratch, tracker, recorder,
                                               settings.limits, image_bytes_limit(settings.limits, publisher))
         published = transfer(publisher, manifest, access, squashfs, tracker, recorder)
-        record = index(store, key, manifest, published, access, recorder)
+        record = index(tracker, manifest, published, access, recorder)
     # Outside the tracker: a report that cannot be written does not turn a READY image into a FAILURE.
     report_pull(recorder.report(key.tag, target, manifest, squashfs, published))
     return record

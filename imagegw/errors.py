@@ -105,6 +105,12 @@ class RecordConflict(ImagegwError):
     """The image index refused a record that collides with one it holds (a unique key)."""
 
 
+class PullTakenOver(ImagegwError):
+    """A pull's run whose record another run took over, after the record went ``StalePullTimeout`` without
+    this run's heartbeat (its host or database too slow or cut off that long): it stops and writes nothing
+    more, neither stage nor failure nor image, since the record and the image are the new run's. Not retried."""
+
+
 class ImageNotFound(ImagegwError):
     """No image record matches the request (or the caller may not see it)."""
 

@@ -14,7 +14,7 @@ from imagegw.publish import PublishedImage, Publisher
 from imagegw.pullreport import PullRecorder
 from imagegw.registry import ResolvedImage
 from imagegw.registry.keychain import Keychain
-from imagegw.store import ImageFacts, ImageStore, PullKey, to_response
+from imagegw.store import ImageFacts, ImageStore, PullKey, PullTracker, to_response
 from tasks.retry import transient_failure
 
 
@@ -40,8 +40,8 @@ def is_ready(store: ImageStore, publisher: Publisher, job: PullPlan, image: Reso
 
 @task(name="index", retries=2, retry_delay_seconds=[2, 8], retry_condition_fn=transient_failure,
       cache_policy=NONE)
-def index(store: ImageStore, key: PullKey, image: ResolvedImage, published: PublishedImage,
+def index(tracker: PullTracker, image: ResolvedImage, published: PublishedImage,
           access: Access, recorder: PullRecorder) -> dict[str, Any]:
     """Mark the image READY under the pulled tag; return its record as the API shows it."""
     with recorder.timing("index"):
-        return to_response(store.publish(key, ImageFacts.of_image(image, published.size), access))
+        return to_response(tracker.publish(ImageFacts.of_image(image, published.size), access))

@@ -34,16 +34,19 @@ class ThreadLauncher:
     threads: list[threading.Thread] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def __call__(self, key: PullKey) -> str:
+    def __call__(self, key: PullKey, pull_id: str) -> str:
         from flows.pull import pull_image
 
-        run = pull_image(key.tag, key.system, self.config_path, return_state=True)
+        run = pull_image(key.tag, key.system, self.config_path, pull_id, return_state=True)
         thread = threading.Thread(target=asyncio.run, args=(run,), daemon=True)
         with self.lock:
             self.launched.append(key)
             self.threads.append(thread)
         thread.start()
         return uuid.uuid4().hex
+
+    def end_dead_run(self, flow_run_id: str, reason: str) -> None:
+        raise AssertionError(f"no pull was expected to be taken over ({flow_run_id}: {reason})")
 
     def wait(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout

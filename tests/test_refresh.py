@@ -27,12 +27,15 @@ class Pulls:
         self.run = run
         self.launched: list[str] = []
 
-    def __call__(self, key: PullKey) -> str:
+    def __call__(self, key: PullKey, pull_id: str) -> str:
         self.launched.append(key.tag)
         if self.run:
-            state, record = pull(self.gateway, key.tag)
+            state, record = pull(self.gateway, key.tag)  # the flow run joins the claim
             assert state.is_completed(), record["status_message"]
         return str(uuid.uuid4())
+
+    def end_dead_run(self, flow_run_id: str, reason: str) -> None:
+        raise AssertionError(f"no pull was expected to be taken over ({flow_run_id}: {reason})")
 
 
 def refresh(gateway: Gateway, launch: Pulls) -> RefreshReport:

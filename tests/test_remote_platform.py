@@ -26,7 +26,7 @@ def remote_platform(sshd: SshServer, image_dir: Path, *hosts: str) -> dict[str, 
                     "knownHosts": str(sshd.known_hosts), "connectTimeout": 5}}
 
 
-def never_launched(key: PullKey) -> str:
+def never_launched(key: PullKey, pull_id: str) -> str:
     raise AssertionError(f"no flow run was expected for {key}")
 
 

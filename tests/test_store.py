@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -11,7 +12,7 @@ import pytest
 
 from imagegw.access import PUBLIC, Access
 from imagegw.config import DEFAULT_STALE_PULL_TIMEOUT
-from imagegw.errors import TRANSIENT_ERRORS, ConfigError, IndexUnavailable, RecordConflict
+from imagegw.errors import TRANSIENT_ERRORS, ConfigError, IndexUnavailable, PullTakenOver, RecordConflict
 from imagegw.registry import Credential
 from imagegw.registry.keychain import REQUEST, HandedCredential
 from imagegw.store import ImageFacts, ImageStore, PullKey, PullTracker, Status, to_response
@@ -39,16 +40,24 @@ def facts(image_id: str) -> ImageFacts:
                       entry=["/run"], cmd=None, workdir="/", labels={"a": "b"})
 
 
+def new_claim(store: ImageStore) -> str:
+    """The claim of a new pull of KEY: the ``pull_id`` its run writes under."""
+    claim = store.claim(KEY)
+    assert claim.claimed
+    return str(claim.record["pull_id"])
+
+
 def test_a_pull_moves_through_its_stages_and_lookups_see_only_ready_images(store: ImageStore) -> None:
     record, claimed = store.claim_pull(KEY)
     assert claimed and record["status"] == "INIT"
-    assert store.mark_queued(KEY, "run-1")["status"] == "PENDING"
-    store.set_stage(KEY, Status.CONVERSION, "Building squashfs")
+    pull_id = record["pull_id"]
+    assert store.mark_queued(KEY, pull_id, "run-1")["status"] == "PENDING"
+    store.set_stage(KEY, pull_id, Status.CONVERSION, "Building squashfs")
 
     assert store.pull_record(KEY)["status"] == "CONVERSION"
     assert store.lookup(KEY) is None
 
-    store.publish(KEY, facts("1" * 64))
+    store.publish(KEY, facts("1" * 64), pull_id=pull_id)
 
     assert store.lookup(KEY)["id"] == "1" * 64
     assert store.pull_record(KEY)["status"] == "READY"
@@ -72,17 +81,16 @@ def test_concurrent_claims_of_one_tag_give_exactly_one_winner(store: ImageStore)
 
 
 def test_a_finished_or_failed_pull_can_be_claimed_again(store: ImageStore) -> None:
-    store.claim_pull(KEY)
+    pull_id = new_claim(store)
     assert store.claim_pull(KEY)[1] is False
 
-    store.fail_pull(KEY, "manifest unknown: r:5000/team/app:1")
+    store.fail_pull(KEY, pull_id, "manifest unknown: r:5000/team/app:1")
 
     assert store.claim_pull(KEY)[1] is True
 
 
 def test_a_pull_whose_run_went_silent_is_stale_and_can_be_claimed(store: ImageStore, database) -> None:
-    store.claim_pull(KEY)
-    store.set_stage(KEY, Status.PULLING, "Pulling layers")
+    store.set_stage(KEY, new_claim(store), Status.PULLING, "Pulling layers")
     database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - DEFAULT_STALE_PULL_TIMEOUT - 1}})
 
     assert store.claim_pull(KEY)[1] is True
@@ -91,8 +99,7 @@ def test_a_pull_whose_run_went_silent_is_stale_and_can_be_claimed(store: ImageSt
 def test_the_stale_timeout_is_the_stores_and_sets_the_heartbeat(database) -> None:
     store = ImageStore(database, expiration_timeout=3600, stale_pull_timeout=12)
     store.ensure_indexes()
-    store.claim_pull(KEY)
-    store.set_stage(KEY, Status.PULLING, "Pulling layers: 0/1 done, 4.2 of 12.6 MB")
+    store.set_stage(KEY, new_claim(store), Status.PULLING, "Pulling layers: 0/1 done, 4.2 of 12.6 MB")
 
     assert store.heartbeat_interval == 2
     database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - 3}})
@@ -114,19 +121,114 @@ def test_the_stale_timeout_is_the_stores_and_sets_the_heartbeat(database) -> Non
 def test_a_running_pull_beats_its_record(database) -> None:
     store = ImageStore(database, expiration_timeout=3600, stale_pull_timeout=6)
     store.ensure_indexes()
-    store.claim_pull(KEY)
+    pull_id = new_claim(store)
     database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": 0}})
 
-    with PullTracker(store, KEY).running():
+    with PullTracker(store, KEY, pull_id).running():
         time.sleep(2.5)
 
     assert time.time() - store.pull_record(KEY)["heartbeat"] < 2.5
 
 
-def test_failure_keeps_the_message(store: ImageStore) -> None:
-    store.claim_pull(KEY)
+TAKEN_OVER = re.escape(f"the pull of team/app:1 for mycluster was taken over by another run after its record went "
+                       f"{DEFAULT_STALE_PULL_TIMEOUT} s (StalePullTimeout) or more without a heartbeat from this one: "
+                       "this run stops, publishing nothing")
 
-    store.fail_pull(KEY, "manifest unknown: r:5000/team/app:1")
+
+def taken_over_from(store: ImageStore, database, dead_run: str) -> str:
+    """The heartbeat of KEY's running pull stopped StalePullTimeout ago, and a request took it over; its claim."""
+    database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - DEFAULT_STALE_PULL_TIMEOUT - 1}})
+    claim = store.claim(KEY)
+    assert claim.claimed and claim.taken_over is not None
+    assert claim.taken_over.flow_run_id == dead_run
+    assert claim.taken_over.silent_for == pytest.approx(DEFAULT_STALE_PULL_TIMEOUT + 1, abs=1)
+    return str(claim.record["pull_id"])
+
+
+def test_a_run_whose_pull_was_taken_over_writes_nothing_over_the_new_claim(store: ImageStore, database) -> None:
+    old = new_claim(store)
+    store.mark_queued(KEY, old, "run-old")
+    store.set_stage(KEY, old, Status.PULLING, "Pulling layers: 0/1 done, 4.2 of 12.6 MB")
+    new = taken_over_from(store, database, "run-old")
+    store.mark_queued(KEY, new, "run-new")
+    queued = store.pull_record(KEY)
+
+    # The old run, alive after all (its database cut off for longer than StalePullTimeout), comes back.
+    with pytest.raises(PullTakenOver, match=TAKEN_OVER):
+        store.set_stage(KEY, old, Status.CONVERSION, "All layers in; finishing the squashfs")
+    with pytest.raises(PullTakenOver, match=TAKEN_OVER):
+        store.beat(KEY, old)
+    with pytest.raises(PullTakenOver, match=TAKEN_OVER):
+        store.fail_pull(KEY, old, "squashfs verification failed")
+    with pytest.raises(PullTakenOver, match=TAKEN_OVER):
+        store.publish(KEY, facts("6" * 64), pull_id=old)
+
+    assert store.pull_record(KEY) == queued
+    assert (queued["status"], queued["pull_id"], queued["flow_run_id"]) == ("PENDING", new, "run-new")
+    assert store.lookup(KEY) is None and database["images"].count_documents({}) == 0
+    # The new run's writes go through.
+    store.set_stage(KEY, new, Status.PULLING, "Pulling 1 layers (1 cached)")
+    store.publish(KEY, facts("7" * 64), pull_id=new)
+    assert store.lookup(KEY)["id"] == "7" * 64 and store.pull_record(KEY)["status"] == "READY"
+
+
+def test_a_taken_over_runs_tracker_stops_it_without_recording_its_failure(store: ImageStore, database) -> None:
+    tracker = PullTracker(store, KEY, new_claim(store))
+    store.mark_queued(KEY, tracker.pull_id, "run-old")
+    tracker.stage(Status.PULLING, "Pulling layers: 0/1 done, 4.2 of 12.6 MB")
+    new = taken_over_from(store, database, "run-old")
+
+    with pytest.raises(PullTakenOver, match=TAKEN_OVER), tracker.running():
+        tracker.stage(Status.PULLING, "Pulling layers: 0/1 done, 8.4 of 12.6 MB")
+    with pytest.raises(PullTakenOver, match=TAKEN_OVER):
+        tracker.publish(facts("6" * 64), PUBLIC)
+    with pytest.raises(KeyboardInterrupt), tracker.running():  # stopped meanwhile: its own end, unrecorded
+        raise KeyboardInterrupt
+
+    record = store.pull_record(KEY)
+    assert (record["status"], record["status_message"], record["pull_id"]) == ("INIT", "Pull requested", new)
+    assert "flow_run_id" not in record and store.lookup(KEY) is None
+
+
+def test_only_a_running_pull_taken_over_names_a_run_to_end(store: ImageStore, database) -> None:
+    first = store.claim(KEY)
+    assert first.claimed and first.taken_over is None  # never pulled
+    store.mark_queued(KEY, str(first.record["pull_id"]), "run-1")
+    store.fail_pull(KEY, str(first.record["pull_id"]), "manifest unknown")
+    again = store.claim(KEY)
+    assert again.claimed and again.taken_over is None  # a failed run ended on its own
+
+    store.mark_queued(KEY, str(again.record["pull_id"]), "run-2")
+    database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - 3601}})
+    assert store.claim(KEY).taken_over is None  # queued, never started: nothing holds a slot
+
+
+def test_a_run_started_before_it_was_marked_queued_is_still_known_by_its_id(store: ImageStore) -> None:
+    pull_id = new_claim(store)
+    store.set_stage(KEY, pull_id, Status.PULLING, "Getting manifest of r:5000/team/app:1")  # a quick worker
+
+    record = store.mark_queued(KEY, pull_id, "run-1")
+
+    assert (record["status"], record["flow_run_id"]) == ("PULLING", "run-1")
+
+
+def test_a_run_started_without_a_claim_joins_the_records_or_files_one(store: ImageStore) -> None:
+    filed = store.claim_for_run(KEY)  # an operator's run from the Prefect UI, for a tag never pulled
+    assert (store.pull_record(KEY)["status"], store.pull_record(KEY)["pull_id"]) == ("INIT", filed)
+    assert store.claim_for_run(KEY) == filed
+
+    store.fail_pull(KEY, filed, "manifest unknown")
+    pull_id = new_claim(store)  # imagegw pull claims the pull, then runs it without passing the claim on
+    assert store.claim_for_run(KEY) == pull_id
+
+    imported = PullKey("mycluster", "custom", "mine:1")
+    store.publish(imported, facts("8" * 64))  # an import's record: no claim
+    joined = store.claim_for_run(imported)
+    assert store.pull_record(imported)["pull_id"] == joined and store.pull_record(imported)["status"] == "READY"
+
+
+def test_failure_keeps_the_message(store: ImageStore) -> None:
+    store.fail_pull(KEY, new_claim(store), "manifest unknown: r:5000/team/app:1")
 
     assert store.pull_record(KEY)["status_message"] == "manifest unknown: r:5000/team/app:1"
 
@@ -188,8 +290,7 @@ def test_public_images_stay_public_and_private_pulls_share_acls(store: ImageStor
 
 
 def test_a_recent_failure_is_held_so_pollers_see_it(store: ImageStore, database) -> None:
-    store.claim_pull(KEY)
-    store.fail_pull(KEY, "manifest unknown")
+    store.fail_pull(KEY, new_claim(store), "manifest unknown")
 
     record, claimed = store.claim_pull(KEY, retry_failures_after=300)
     assert not claimed and record["status"] == "FAILURE"
@@ -219,10 +320,10 @@ def test_an_unreachable_server_is_an_outage_worth_retrying() -> None:
 
 
 def test_a_pull_stopped_from_outside_is_recorded_as_failure_at_once(store: ImageStore) -> None:
-    store.claim_pull(KEY)
+    pull_id = new_claim(store)
 
     with pytest.raises(KeyboardInterrupt):  # as a cancelled run's SIGTERM or a Ctrl-C arrives
-        with PullTracker(store, KEY).running():
+        with PullTracker(store, KEY, pull_id).running():
             raise KeyboardInterrupt
 
     record = store.pull_record(KEY)
@@ -230,8 +331,7 @@ def test_a_pull_stopped_from_outside_is_recorded_as_failure_at_once(store: Image
 
 
 def test_a_late_progress_report_does_not_undo_a_recorded_failure(store: ImageStore) -> None:
-    store.claim_pull(KEY)
-    tracker = PullTracker(store, KEY)
+    tracker = PullTracker(store, KEY, new_claim(store))
 
     with pytest.raises(KeyboardInterrupt), tracker.running():
         raise KeyboardInterrupt

@@ -4,13 +4,15 @@ MongoDB-compatible store.
 
 Prefect keeps the dead run RUNNING (nothing reports its end), so the gateway cannot learn of the death from
 Prefect: the pull's record stops getting heartbeats, a poller is told so, and once it has been silent for
-``StalePullTimeout`` the next request starts the pull again (Shifter's issue #242: a record PULLING forever).
-What the dead run wrote is left only under temporary names, and the next worker to start on the host removes
-its scratch directory, whose lock died with it.
+``StalePullTimeout`` the next request starts the pull again (Shifter's issue #242: a record PULLING forever),
+and sets the dead run CRASHED, which frees its slot of the platform's ``maxConcurrentPulls`` (1 here: the new
+run could not start otherwise). What the dead run wrote is left only under temporary names, and the next
+worker to start on the host removes its scratch directory, whose lock died with it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -50,14 +52,18 @@ POLL_INTERVAL = 1.0
 """How often the test asks again, as ``shifterimg pull`` polls by repeating its pull request."""
 WORKER_START = 90.0
 """A worker imports Prefect and registers with the server: seconds on a small host others share."""
+MAX_CONCURRENT_PULLS = 1
+"""The platform's pulls running at once: the dead run holds the only slot until it is set CRASHED."""
 
 
 @pytest.fixture
 def slow_registry(gateway: GatewayFixture) -> Iterator[ThrottlingProxy]:
     """The session's registry behind a relay that sends RATE bytes a second, configured as the default location."""
+    platforms = json.loads(gateway.config_path.read_text())["Platforms"]
+    platforms["mycluster"]["maxConcurrentPulls"] = MAX_CONCURRENT_PULLS
     with ThrottlingProxy(gateway.registry.host, RATE) as proxy:
         gateway.write_config(DefaultImageLocation=proxy.host, Locations={proxy.host: {"url": proxy.url}},
-                             StalePullTimeout=STALE_PULL_TIMEOUT)
+                             StalePullTimeout=STALE_PULL_TIMEOUT, Platforms=platforms)
         deploy_platforms(gateway.settings)
         yield proxy
 
@@ -121,9 +127,19 @@ def worker_online(pid: int, platform: str) -> bool:
     return any(worker["name"] == name and worker["status"] == "ONLINE" for worker in response.json())
 
 
-def flow_run_state(flow_run_id: str) -> str:
+def flow_run_state(flow_run_id: str) -> tuple[str, str]:
+    """The run's state type and message, as the Prefect UI shows them."""
     response = requests.get(f"{PREFECT_API_URL.value()}/flow_runs/{flow_run_id}", timeout=10)
-    return str(response.json()["state_type"])
+    state = response.json()["state"]
+    return str(state["type"]), str(state.get("message") or "")
+
+
+def pool_slots_taken(platform: str) -> int:
+    """How many of the platform's maxConcurrentPulls its pool's PENDING and RUNNING runs hold."""
+    response = requests.get(f"{PREFECT_API_URL.value()}/work_pools/{work_pool_name(platform)}", timeout=10)
+    pool = response.json()
+    assert pool["concurrency_limit"] == MAX_CONCURRENT_PULLS
+    return int(pool["active_slots"])
 
 
 def files_under(directory: Path) -> list[str]:
@@ -164,10 +180,11 @@ def test_a_pull_whose_worker_is_killed_is_taken_over_by_a_later_request_and_leav
     with pytest.raises(ImageNotFound):
         service.lookup(ROOT, "mycluster", "docker", tag)
     assert request()["status"] in RUNNING_STAGES
-    # The record: the dead run's stage, its heartbeat stopped. Prefect keeps the run RUNNING.
+    # The record: the dead run's stage, its heartbeat stopped. Prefect keeps the run RUNNING, in the only slot.
     record = pull_record()
     assert record["status"] in RUNNING_STAGES and record["flow_run_id"] == first["flow_run_id"]
-    assert flow_run_state(first["flow_run_id"]) == "RUNNING"
+    assert flow_run_state(first["flow_run_id"])[0] == "RUNNING"
+    assert pool_slots_taken("mycluster") == 1
     # The disk: nothing under a final name in the image directory; the dead pull's scratch is still there.
     assert files_under(gateway.image_dir) == []
     [dead_scratch] = scratch_directories(expand)
@@ -191,6 +208,15 @@ def test_a_pull_whose_worker_is_killed_is_taken_over_by_a_later_request_and_leav
     record = pull_record()
     assert record["flow_run_id"] != first["flow_run_id"] and record["pull_id"] != first["pull_id"]
     assert dead_scratch.exists()
+    # Prefect: the dead run is CRASHED, saying why and by which run it was replaced; its slot is free.
+    state, message = flow_run_state(first["flow_run_id"])
+    assert state == "CRASHED", (state, message)
+    assert message.startswith(f"its worker stopped beating the heartbeat of the pull of {tag} for mycluster for "), \
+        message
+    silent_for = float(message.split(" for mycluster for ")[1].split(" s ")[0])
+    assert STALE_PULL_TIMEOUT <= silent_for <= reclaimed_after + HEARTBEAT_INTERVAL + 1, message
+    assert message.endswith(f"s (StalePullTimeout): the pull was taken over by flow run {record['flow_run_id']}")
+    assert pool_slots_taken("mycluster") == 0
 
     # The next worker on the host removes the dead pull's scratch directory and partial download as it starts,
     # then runs the new flow run.
@@ -211,9 +237,10 @@ def test_a_pull_whose_worker_is_killed_is_taken_over_by_a_later_request_and_leav
     assert (ready["status"], ready["status_message"]) == ("READY", "Image ready")
     image = service.lookup(ROOT, "mycluster", "docker", tag)
     assert image["status"] == "READY"
-    # The record: READY by the new flow run; the killed one is left as Prefect saw it last.
+    # The record: READY by the new flow run, which had the platform's one slot; the killed one stays CRASHED.
     assert pull_record()["status"] == "READY" and pull_record()["flow_run_id"] == record["flow_run_id"]
-    print(f"the killed run's state in Prefect: {flow_run_state(first['flow_run_id'])}")
+    assert flow_run_state(record["flow_run_id"])[0] == "COMPLETED"
+    assert flow_run_state(first["flow_run_id"]) == (state, message)
     # The disk: the image and its .meta under their final names only, whole; no scratch, no partial download.
     assert files_under(gateway.image_dir) == sorted([f"{image['id']}.meta", f"{image['id']}.squashfs"])
     assert read_tree(gateway.image_dir / f"{image['id']}.squashfs")["noise"].data == noise

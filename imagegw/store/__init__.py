@@ -3,6 +3,8 @@
 from imagegw.store.embedded import ensure_embedded_server
 from imagegw.store.mongo import check_reachable, open_database
 from imagegw.store.records import (
+    Claim,
+    DeadRun,
     ImageFacts,
     ImageStore,
     PullKey,
@@ -13,6 +15,8 @@ from imagegw.store.records import (
 from imagegw.store.tracking import PullTracker
 
 __all__ = [
+    "Claim",
+    "DeadRun",
     "ImageFacts",
     "ImageStore",
     "PullKey",

@@ -34,7 +34,7 @@ from pymongo.errors import DuplicateKeyError
 
 from imagegw.access import PUBLIC, Access, settle_access
 from imagegw.config import BEATS_PER_STALE_PULL_TIMEOUT, DEFAULT_STALE_PULL_TIMEOUT, MONGODB_URI_ENV, Settings
-from imagegw.errors import IndexUnavailable
+from imagegw.errors import IndexUnavailable, PullTakenOver
 from imagegw.registry import Credential, ResolvedImage
 from imagegw.registry.keychain import HandedCredential
 from imagegw.store.mongo import mongo_errors, open_database
@@ -110,6 +110,27 @@ class ImageFacts:
         )
 
 
+@dataclass(frozen=True)
+class DeadRun:
+    """The flow run of a running pull whose record went silent past ``StalePullTimeout``: a request took
+    its pull over."""
+
+    flow_run_id: str
+    silent_for: float
+    """Seconds the record had gone without the run's heartbeat."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a request to pull a tag found: the pull record, and whether this request claimed it (filed a new
+    pull, under a new ``pull_id``, which only the run it starts may write under)."""
+
+    record: dict[str, Any]
+    claimed: bool
+    taken_over: DeadRun | None = None
+    """The run whose pull this claim took over, still RUNNING for all Prefect knows."""
+
+
 # Fields of the API's response record, in Shifter's spelling.
 RESPONSE_FIELDS = ("id", "system", "itype", "tag", "status", "userACL", "groupACL", "ENV", "ENTRY",
                    "WORKDIR", "LABELS", "last_pull", "status_message")
@@ -174,12 +195,20 @@ class ImageStore:
 
     def claim_pull(self, key: PullKey, access: Access = PUBLIC, retry_failures_after: float = 0,
                    refresh: bool = False) -> tuple[dict[str, Any], bool]:
-        """File a new pull as INIT unless one is already running; (record, whether this call claimed it).
+        """``claim``'s record and whether this call claimed it, for a caller that runs the pull itself
+        (``imagegw pull``) and has no Prefect deployment's run to end."""
+        claim = self.claim(key, access, retry_failures_after, refresh)
+        return claim.record, claim.claimed
+
+    def claim(self, key: PullKey, access: Access = PUBLIC, retry_failures_after: float = 0,
+              refresh: bool = False) -> Claim:
+        """File a new pull as INIT, under a new ``pull_id``, unless one is already running.
 
         Any number of concurrent callers: exactly one claims. A pull whose run died (its record
-        silent past the stale limits) can be claimed again; a FAILURE only after
-        ``retry_failures_after`` seconds, so that clients polling a failed pull see the failure.
-        ``refresh``: the refresh flow asks, not a user (see the module's note on ``last_used``).
+        silent past the stale limits) can be claimed again, and the claim names the dead run; a
+        FAILURE only after ``retry_failures_after`` seconds, so that clients polling a failed pull
+        see the failure. ``refresh``: the refresh flow asks, not a user (see the module's note on
+        ``last_used``).
         """
         now = time.time()
         running = [state.value for state in RUNNING_STATES]
@@ -189,19 +218,22 @@ class ImageStore:
             {"status": {"$in": [state.value for state in QUEUED_STATES]}, "heartbeat": {"$lt": now - STALE_QUEUED}},
             {"status": {"$in": running}, "heartbeat": {"$lt": now - self._stale_pull_timeout}},
         ]}
-        claim = {"$set": {"status": Status.INIT.value, "status_message": "Pull requested", "id": "MISSING",
-                          "last_pull": now, "heartbeat": now, "pull_id": uuid.uuid4().hex, "refresh": refresh,
-                          **access.fields()},
-                 "$unset": {"flow_run_id": ""}}
+        claimed = {"status": Status.INIT.value, "status_message": "Pull requested", "id": "MISSING",
+                   "last_pull": now, "heartbeat": now, "pull_id": uuid.uuid4().hex, "refresh": refresh,
+                   **access.fields()}
         try:
             with mongo_errors(duplicates_allowed=True):
-                record = self._pulls.find_one_and_update(claimable, claim, upsert=True,
-                                                         return_document=ReturnDocument.AFTER)
-            return _upserted(record), True
+                # The record as it was: whose run this claim takes over is in it, and nowhere after.
+                before = self._pulls.find_one_and_update(claimable, {"$set": claimed, "$unset": {"flow_run_id": ""}},
+                                                         upsert=True, return_document=ReturnDocument.BEFORE)
         except DuplicateKeyError:
             # The record exists and is not claimable: somebody's pull is running.
             record = self.pull_record(key) or {**key.query(), "status": Status.PENDING.value}
-            return self._silence_noted(record, now), False
+            return Claim(self._silence_noted(record, now), claimed=False)
+        if before is None:  # a tag never pulled
+            return Claim({**key.query(), **claimed}, claimed=True)
+        kept = {name: value for name, value in before.items() if name != "flow_run_id"}
+        return Claim({**kept, **claimed}, claimed=True, taken_over=_dead_run(before, now))
 
     def _silence_noted(self, record: dict[str, Any], now: float) -> dict[str, Any]:
         """A running pull whose heartbeats stopped says so, and when a request will start it again: its
@@ -215,36 +247,67 @@ class ImageStore:
                                             f"{silent:.0f} s: it may have died; a request after {left:.0f} s more "
                                             "without one starts the pull again)"}
 
-    def mark_queued(self, key: PullKey, flow_run_id: str) -> dict[str, Any]:
-        """A flow run was created for the pull: PENDING until a worker starts it."""
+    def mark_queued(self, key: PullKey, pull_id: str, flow_run_id: str) -> dict[str, Any]:
+        """A flow run was created for the claim ``pull_id``: PENDING until a worker starts it."""
+        claim = {**key.query(), "pull_id": pull_id}
         with mongo_errors():
+            # Whatever stage the run reached already (a worker may start it before this): a request that
+            # takes the pull over must know which run to end.
+            self._pulls.update_one(claim, {"$set": {"flow_run_id": flow_run_id}})
             return self._pulls.find_one_and_update(
-                {**key.query(), "status": Status.INIT.value},
+                {**claim, "status": Status.INIT.value},
                 {"$set": {"status": Status.PENDING.value, "status_message": "Waiting for a worker",
-                          "flow_run_id": flow_run_id, "heartbeat": time.time()}},
+                          "heartbeat": time.time()}},
                 return_document=ReturnDocument.AFTER,
             ) or self.pull_record(key) or {}
 
-    def set_stage(self, key: PullKey, status: Status, message: str) -> dict[str, Any]:
-        """Record the stage a pull has reached (creating the pull record if a flow started it)."""
+    def claim_for_run(self, key: PullKey) -> str:
+        """The ``pull_id`` a run started without one writes under: ``imagegw pull``'s own run, which claimed
+        the pull itself, or an operator's from the Prefect UI. The record's, or a new one when the tag has no
+        record or one without a claim (an import's)."""
+        now = time.time()
+        try:
+            with mongo_errors(duplicates_allowed=True):
+                record = self._pulls.find_one_and_update(
+                    {**key.query(), "pull_id": {"$exists": False}},
+                    {"$set": {"pull_id": uuid.uuid4().hex},
+                     "$setOnInsert": {"status": Status.INIT.value, "status_message": "Pull requested",
+                                      "id": "MISSING", "last_pull": now, "heartbeat": now}},
+                    upsert=True, return_document=ReturnDocument.AFTER)
+        except DuplicateKeyError:  # the record has a claim: the run joins it
+            record = self.pull_record(key)
+        return str(_upserted(record)["pull_id"])
+
+    def set_stage(self, key: PullKey, pull_id: str, status: Status, message: str) -> dict[str, Any]:
+        """Record the stage a pull has reached, as the run of the claim ``pull_id``; raises PullTakenOver
+        when another run's claim replaced it."""
         with mongo_errors():
             record = self._pulls.find_one_and_update(
-                key.query(),
-                {"$set": {"status": status.value, "status_message": message, "heartbeat": time.time()},
-                 "$setOnInsert": {"id": "MISSING", "last_pull": time.time()}},
-                upsert=True,
+                {**key.query(), "pull_id": pull_id},
+                {"$set": {"status": status.value, "status_message": message, "heartbeat": time.time()}},
                 return_document=ReturnDocument.AFTER,
             )
-        return _upserted(record)
+        if record is None:
+            raise self._taken_over(key)
+        return record
 
-    def beat(self, key: PullKey) -> None:
-        """Show that the pull's run is alive."""
+    def beat(self, key: PullKey, pull_id: str) -> None:
+        """Show that the run of the claim ``pull_id`` is alive; raises PullTakenOver when it was replaced."""
         with mongo_errors():
-            self._pulls.update_one(key.query(), {"$set": {"heartbeat": time.time()}})
+            beaten = self._pulls.update_one({**key.query(), "pull_id": pull_id}, {"$set": {"heartbeat": time.time()}})
+        if beaten.matched_count == 0:
+            raise self._taken_over(key)
 
-    def fail_pull(self, key: PullKey, message: str) -> dict[str, Any]:
-        """Mark a pull FAILURE with a message the user can act on."""
-        return self.set_stage(key, Status.FAILURE, message)
+    def fail_pull(self, key: PullKey, pull_id: str, message: str) -> dict[str, Any]:
+        """Mark the claim ``pull_id``'s pull FAILURE with a message the user can act on (see ``set_stage``)."""
+        return self.set_stage(key, pull_id, Status.FAILURE, message)
+
+    def _taken_over(self, key: PullKey) -> PullTakenOver:
+        return PullTakenOver(
+            f"the pull of {key.tag} for {key.system} was taken over by another run after its record went "
+            f"{self._stale_pull_timeout} s (StalePullTimeout) or more without a heartbeat from this one: this run "
+            "stops, publishing nothing and leaving the record to the new run (if this host or its database was "
+            "that slow while the run was alive, raise StalePullTimeout)")
 
     def requested_access(self, key: PullKey) -> Access:
         """The access the pull's requester asked for (public when the pull was not requested privately)."""
@@ -302,8 +365,14 @@ class ImageStore:
         published = self.ready_image(system, image_id)
         return settle_access(Access.of(published) if published else None, requested)
 
-    def publish(self, key: PullKey, facts: ImageFacts, access: Access = PUBLIC) -> dict[str, Any]:
-        """Record a finished image as READY under the pull's tag and close the pull."""
+    def publish(self, key: PullKey, facts: ImageFacts, access: Access = PUBLIC,
+                pull_id: str | None = None) -> dict[str, Any]:
+        """Record a finished image as READY under the pull's tag and close the pull: the run of the claim
+        ``pull_id`` (raises PullTakenOver, writing nothing, when it was replaced), or an import (None)."""
+        if pull_id is not None:
+            # Refused before any image record is touched; once beaten, the claim cannot be taken over for
+            # StalePullTimeout, far longer than the writes below take.
+            self.beat(key, pull_id)
         now = time.time()
         pull = self.pull_record(key) or {}
         replaced = self.lookup(key) if pull.get("refresh") else None
@@ -337,10 +406,10 @@ class ImageStore:
                 return_document=ReturnDocument.AFTER,
             )
             self._pulls.update_one(
-                key.query(),
+                key.query() if pull_id is None else {**key.query(), "pull_id": pull_id},
                 {"$set": {"status": Status.READY.value, "status_message": "Image ready", "id": facts.id,
                           "heartbeat": now, "tag_digest": facts.tag_digest or facts.manifest_digest}},
-                upsert=True,
+                upsert=pull_id is None,
             )
         return _upserted(record)
 
@@ -430,6 +499,14 @@ class ImageStore:
 def _last_used(image: dict[str, Any]) -> float:
     """When a user last pulled or looked the image up (records older than ``last_used`` have ``last_pull``)."""
     return float(image.get("last_used", image.get("last_pull", 0)))
+
+
+def _dead_run(before: dict[str, Any], now: float) -> DeadRun | None:
+    """The run a claim took over, from the record it replaced: one that was running, with a flow run to end
+    (``imagegw pull``'s own runs have none). Queued and finished pulls have no live run to end."""
+    if before.get("status") not in [state.value for state in RUNNING_STATES] or not before.get("flow_run_id"):
+        return None
+    return DeadRun(str(before["flow_run_id"]), now - float(before.get("heartbeat", now)))
 
 
 def _upserted(record: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,22 +1,30 @@
-"""One running pull's record, as its stages see it: the stage it reached, a heartbeat, its failure."""
+"""One running pull's record, as its stages see it: the stage it reached, a heartbeat, its failure, its image.
+
+Every write is the run's claim's (``pull_id``): a run whose pull was taken over (its heartbeat missing for
+``StalePullTimeout``, its host or database too slow or cut off while it lived) is refused with PullTakenOver
+at its next write, and stops without touching the new run's record or publishing its image.
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from typing import Any
 
+from imagegw.access import Access
 from imagegw.background import repeated
-from imagegw.errors import ImagegwError
-from imagegw.store.records import ImageStore, PullKey, Status
+from imagegw.errors import ImagegwError, PullTakenOver
+from imagegw.store.records import ImageFacts, ImageStore, PullKey, Status
 
 
 class PullTracker:
-    """Writes a pull's progress to its record in the image store."""
+    """Writes a pull's progress to its record in the image store, as the run of the claim ``pull_id``."""
 
-    def __init__(self, store: ImageStore, key: PullKey) -> None:
+    def __init__(self, store: ImageStore, key: PullKey, pull_id: str) -> None:
         self._store = store
         self.key = key
+        self.pull_id = pull_id
         self._writing = threading.Lock()
         self._failed = False
 
@@ -28,7 +36,11 @@ class PullTracker:
         """
         with self._writing:
             if not self._failed:
-                self._store.set_stage(self.key, status, message)
+                self._store.set_stage(self.key, self.pull_id, status, message)
+
+    def publish(self, facts: ImageFacts, access: Access) -> dict[str, Any]:
+        """Record the finished image as READY under the pull's tag and close the pull."""
+        return self._store.publish(self.key, facts, access, pull_id=self.pull_id)
 
     @contextmanager
     def running(self) -> Iterator[PullTracker]:
@@ -51,8 +63,13 @@ class PullTracker:
     def _fail(self, message: str) -> None:
         with self._writing:  # after a stage being written at this moment, never before it
             self._failed = True
-            self._store.fail_pull(self.key, message)
+            # Refused when the pull was taken over: the record is the new run's, and what stopped this
+            # run is raised all the same.
+            with suppress(PullTakenOver):
+                self._store.fail_pull(self.key, self.pull_id, message)
 
     def _beat(self) -> None:
-        with suppress(ImagegwError):  # a missed beat is made up by the next
-            self._store.beat(self.key)
+        # A missed beat is made up by the next; a refused one (the pull taken over) stops the run at its
+        # next stage, whose write is refused the same way.
+        with suppress(ImagegwError):
+            self._store.beat(self.key, self.pull_id)
