@@ -9,7 +9,8 @@ a Content-Length, as Shifter's C client requires.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +20,7 @@ from starlette.exceptions import HTTPException
 from api.errors import gateway_error, invalid_request, no_such_call
 from api.health import check_health, vouches_for_admin
 from api.lookups import FastLookups
+from api.schema import CALLER_ERRORS, error_responses, use_honest_schema
 from deployments.launcher import DeploymentLauncher
 from imagegw.access import parse_acl
 from imagegw.config import Settings, load_settings
@@ -33,6 +35,7 @@ from imagegw.service import (
 from imagegw.service.notify import check_secret, pull_pushed, pushed_tags
 
 TAG = "{system}/{itype}/{tag:path}"
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 
 
 def create_app(settings: Settings, launcher: PullLauncher | None = None) -> FastAPI:
@@ -44,6 +47,7 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
     app.add_exception_handler(ImagegwError, gateway_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(HTTPException, no_such_call)
+    use_honest_schema(app)
 
     def authenticate(system: str, authentication: str | None) -> Caller:
         """The user the request's MUNGE credential vouches for, decoded by the system's munged."""
@@ -62,10 +66,12 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
 
     app.add_middleware(FastLookups, answer=look_up)
 
-    def route(method: str, path: str, **options: Any):
-        """Register ``path`` with and without its trailing slash: Shifter's clients send both forms."""
-        def register(endpoint):
-            app.api_route(path + "/", methods=[method], **options)(endpoint)
+    def route(method: str, path: str, *errors: int, **options: Any) -> Callable[[Endpoint], Endpoint]:
+        """Register ``path`` with and without its trailing slash: Shifter's clients send both forms. ``errors``:
+        the statuses it may answer besides CALLER_ERRORS."""
+        def register(endpoint: Endpoint) -> Endpoint:
+            documented = error_responses(*sorted({*CALLER_ERRORS, *errors}))
+            app.api_route(path + "/", methods=[method], responses=documented, **options)(endpoint)
             app.api_route(path, methods=[method], include_in_schema=False)(endpoint)
             return endpoint
         return register
@@ -74,7 +80,7 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
     def root() -> dict[str, Any]:
         return {"service": "imagegw", "api": ["lookup", "pull", "expire", "list", "queue", "metrics", "notify"]}
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={503: {"description": "a service the gateway needs is down (the same body)"}})
     def healthz(authentication: str | None = Header(default=None)) -> JSONResponse:
         """Which of the services the gateway needs are up; why one is down only for a platform's admins."""
         health = check_health(settings)
@@ -90,22 +96,22 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
         """Declared for the schema: FastLookups (api/lookups.py) answers these requests before routing."""
         return look_up(system, itype, tag, authentication)
 
-    @route("POST", f"/api/pull/{TAG}")
+    @route("POST", f"/api/pull/{TAG}", 409)
     def pull(system: str, itype: str, tag: str, who: Caller = Depends(caller),
              body: dict[str, Any] = Depends(_json_body)) -> dict[str, Any]:
         return gateway.pull(who, system, itype, tag, parse_acl(body))
 
-    @route("POST", f"/api/doimport/{TAG}")
+    @route("POST", f"/api/doimport/{TAG}", 403, 409)
     def doimport(system: str, itype: str, tag: str, who: Caller = Depends(caller),
                  body: dict[str, Any] = Depends(_json_body)) -> dict[str, Any]:
         return gateway.import_image(who, system, itype, tag, body)
 
-    @route("GET", f"/api/expire/{TAG}")
+    @route("GET", f"/api/expire/{TAG}", 403)
     def expire(system: str, itype: str, tag: str, who: Caller = Depends(caller)) -> dict[str, Any]:
         gateway.expire(who, system, itype, tag)
         return {"status": True}
 
-    @route("GET", "/api/autoexpire/{system}")
+    @route("GET", "/api/autoexpire/{system}", 403)
     def autoexpire(system: str, who: Caller = Depends(caller)) -> dict[str, Any]:
         return {"status": gateway.autoexpire(who, system)}
 
@@ -113,7 +119,7 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
     def queue(system: str, who: Caller = Depends(caller)) -> dict[str, Any]:
         return {"list": gateway.queue(who, system)}
 
-    @route("GET", "/api/metrics/{system}")
+    @route("GET", "/api/metrics/{system}", 403)
     def metrics(system: str, limit: int = 10, who: Caller = Depends(caller)) -> list[dict[str, Any]]:
         return gateway.metrics(who, system, limit)
 
@@ -121,7 +127,7 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
         """A notification must carry NotifySecret: checked before its body is read."""
         check_secret(settings, authorization)
 
-    @route("POST", "/api/notify")
+    @route("POST", "/api/notify", 403)
     def notify(_: None = Depends(registry), body: dict[str, Any] = Depends(_json_body)) -> dict[str, Any]:
         """A registry's push notification (Distribution or Harbor), authenticated by NotifySecret, not MUNGE."""
         return {"pulls": [vars(pull) for pull in pull_pushed(settings, launch, pushed_tags(body))]}

@@ -2,7 +2,8 @@
 
 Every operation gets ``FUZZ_EXAMPLES`` generated requests (valid and invalid ones), once as an admin
 with a fresh MUNGE credential each, once with whatever ``authentication`` header schemathesis makes up
-(none, or garbage). No answer may be a server error, show a traceback, or be anything but JSON.
+(none, or garbage). No answer may be a server error, show a traceback, be anything but JSON, or have a
+status the schema does not list for the call.
 ``bench/fuzz.py`` runs the same with many more examples.
 """
 
@@ -17,7 +18,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import not_a_server_error, status_code_conformance
 from schemathesis.errors import FailureGroup
 
 from imagegw.service.gateway import LOOKUP_TYPES
@@ -71,7 +72,7 @@ def json_answer(ctx: schemathesis.CheckContext, response: schemathesis.Response,
         raise AssertionError(f"a {response.status_code} without an 'error' message: {response.text[:500]}")
 
 
-CHECKS = [not_a_server_error, no_traceback, json_answer]
+CHECKS = [not_a_server_error, status_code_conformance, no_traceback, json_answer]
 
 
 def pinned_parameters(operation: schemathesis.APIOperation) -> list[dict[str, str]]:
