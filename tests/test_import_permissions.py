@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from imagegw.errors import Forbidden
+from imagegw.errors import Forbidden, ServiceUnavailable
+from imagegw.publish import asuser
 from imagegw.publish.asuser import open_as
 from tests.api_fixtures import Api
 
@@ -307,3 +309,25 @@ def _open_without_root(people: People, path: Path) -> str:
 def _symlink(link: Path, target: Path) -> Path:
     link.symlink_to(target)
     return link
+
+
+def test_an_open_that_hangs_is_given_up_naming_the_file(people: People, shared: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file on a hung NFS server: the open never returns. Faked here (the child's os.open sleeps), since a
+    hung filesystem cannot be made without one."""
+    stuck = file(shared / "stuck", b"x", people.owner, 0o644)
+    real_open = os.open
+
+    def hanging_open(path: Any, *args: Any, **kwargs: Any) -> int:
+        if str(path) == str(stuck):
+            time.sleep(3600)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", hanging_open)
+    monkeypatch.setattr(asuser, "OPEN_TIMEOUT", 1.0)
+    began = time.monotonic()
+    with pytest.raises(ServiceUnavailable, match=f"opening {stuck} as uid {people.caller.uid} took more than 1 s"):
+        open_as(str(stuck), people.caller.uid, people.caller.gid, [people.caller.gid])
+    assert time.monotonic() - began < 10
+    monkeypatch.undo()
+    assert read_as(people.owner, stuck) == b"x"  # the next open works: nothing was left holding anything

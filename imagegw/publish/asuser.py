@@ -9,6 +9,7 @@ gateway re-implements none of ``access(2)``.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 from collections.abc import Iterable
@@ -25,6 +26,9 @@ _REPLY = struct.Struct("ii")
 descriptor rides along when opened."""
 _OPENED, _OPEN_FAILED, _SWITCH_FAILED = 0, 1, 2
 _FD = struct.Struct("i")
+OPEN_TIMEOUT = 30.0
+"""Seconds the child may take to open the file: a hung NFS server would otherwise hold the request, and the
+API's thread, forever."""
 
 
 def open_as(path: str, uid: int, gid: int, groups: Iterable[int]) -> int:
@@ -51,11 +55,17 @@ def _open_in_child(path: str, uid: int, gid: int, groups: list[int]) -> int:
             _become_and_open(theirs, path, uid, gid, groups)
         # Without our copy of the child's end, a child that dies without answering reads as end-of-file.
         theirs.close()
+        ours.settimeout(OPEN_TIMEOUT)
         try:
             # Close-on-exec belongs to the descriptor, not to the open file, so it does not travel with
             # SCM_RIGHTS: it is asked for on receipt (socket.recv_fds of 3.11 drops its flags argument).
             answer, ancillary, _flags, _address = ours.recvmsg(_REPLY.size, socket.CMSG_SPACE(_FD.size),
                                                                socket.MSG_CMSG_CLOEXEC)
+        except TimeoutError:
+            # NFS waits are killable, so the child is gone and reaped below rather than left behind.
+            os.kill(pid, signal.SIGKILL)
+            raise ServiceUnavailable(f"opening {path} as uid {uid} took more than {OPEN_TIMEOUT:.0f} s: the "
+                                     "filesystem holding it does not answer") from None
         finally:
             os.waitpid(pid, 0)
     fds = [_FD.unpack(data[:_FD.size])[0] for level, kind, data in ancillary
