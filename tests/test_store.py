@@ -338,3 +338,24 @@ def test_a_late_progress_report_does_not_undo_a_recorded_failure(store: ImageSto
     tracker.stage(Status.PULLING, "Pulling layers: 0/1 done, 4.2 of 12.6 MB")  # a download thread, too late
 
     assert store.pull_record(KEY)["status"] == "FAILURE"
+
+
+def test_a_pull_failing_while_the_database_is_away_records_its_failure_once_it_is_back(tmp_path) -> None:
+    from testsupport.secantus import RunningSecantus
+
+    with RunningSecantus.start(tmp_path / "mongo") as server:
+        client = pymongo.MongoClient(server.uri, serverSelectionTimeoutMS=1000)
+        store = ImageStore(client["gateway"], expiration_timeout=3600)
+        store.ensure_indexes()
+        tracker = PullTracker(store, KEY, new_claim(store))
+        tracker.stage(Status.PULLING, "Pulling layers: 0/1 done")
+        server.interrupt()
+        back = threading.Timer(3.0, server.resume)
+        back.start()
+        try:
+            with pytest.raises(RuntimeError, match="registry went away"), tracker.running():
+                raise RuntimeError("registry went away")
+        finally:
+            back.join()
+        record = store.pull_record(KEY)
+    assert (record["status"], record["status_message"]) == ("FAILURE", "registry went away")

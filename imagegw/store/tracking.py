@@ -8,15 +8,20 @@ at its next write, and stops without touching the new run's record or publishing
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
 from imagegw.access import Access
 from imagegw.background import repeated
-from imagegw.errors import ImagegwError, PullTakenOver
+from imagegw.errors import ImagegwError, IndexUnavailable, PullTakenOver
 from imagegw.store.records import ImageFacts, ImageStore, PullKey, Status
 
+FAILURE_WRITE_PATIENCE = 30.0
+"""Seconds a failed pull keeps trying to write its FAILURE while the database is away (the outage may be
+what failed it): a record left at its last stage would say the pull still runs until StalePullTimeout."""
+FAILURE_WRITE_PAUSE = 1.0
 
 class PullTracker:
     """Writes a pull's progress to its record in the image store, as the run of the claim ``pull_id``."""
@@ -66,7 +71,18 @@ class PullTracker:
             # Refused when the pull was taken over: the record is the new run's, and what stopped this
             # run is raised all the same.
             with suppress(PullTakenOver):
+                self._write_failure(message)
+
+    def _write_failure(self, message: str) -> None:
+        deadline = time.monotonic() + FAILURE_WRITE_PATIENCE
+        while True:
+            try:
                 self._store.fail_pull(self.key, self.pull_id, message)
+                return
+            except IndexUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(FAILURE_WRITE_PAUSE)
 
     def _beat(self) -> None:
         # A missed beat is made up by the next; a refused one (the pull taken over) stops the run at its
