@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from cli.localprefect import TemporaryPrefectServer
 from cli.serve import serve, served_prefect_api
 from deployments import deployment_name, work_pool_name
 from imagegw.config import CONFIG_ENV, Settings, load_settings
@@ -143,8 +144,8 @@ def _parser() -> argparse.ArgumentParser:
 def pull_command(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     job = plan_pull(settings, pull_key(args.platform, args.image))
-    _use_served_prefect(settings)
     _prepare_prefect(settings, verbose=args.verbose)
+    server = _prefect_server_for_pull(settings)  # before Prefect's import: a server started now starts meanwhile
     from prefect import tags  # Prefect reads its settings at import, so import it late.
 
     from flows.pull import pull_image
@@ -154,6 +155,8 @@ def pull_command(args: argparse.Namespace) -> int:
 
     flags = _flag_credential(args)
     store = open_store(settings)
+    if server is not None:  # before the claim: a server that does not start leaves no record claimed
+        server.use()
     record, claimed = store.claim_pull(job.key)
     if not claimed:
         raise ImagegwError(f"{job.key.tag} is already being pulled for {job.key.system} "
@@ -176,14 +179,23 @@ def pull_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _use_served_prefect(settings: Settings) -> None:
-    """Run the pull against the Prefect server of an ``imagegw serve`` on this state directory, if one runs:
-    its run is then in the gateway's UI, and no temporary server is started. PREFECT_API_URL still wins."""
-    if os.environ.get("PREFECT_API_URL"):
-        return
-    api_url = served_prefect_api(settings)
-    if api_url is not None:
-        os.environ["PREFECT_API_URL"] = api_url
+def _prefect_server_for_pull(settings: Settings) -> TemporaryPrefectServer | None:
+    """Where the pull's flow run reports: PREFECT_API_URL; else the Prefect server of an ``imagegw serve`` on this
+    state directory (the run then shows in the gateway's UI); else a temporary server, started here.
+
+    With Prefect already imported (by a program calling :func:`main`), its settings decide, as they were read.
+    """
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return None
+    served = served_prefect_api(settings)
+    if served is not None:
+        os.environ["PREFECT_API_URL"] = served
+        return None
+    server = TemporaryPrefectServer.start(Path(os.environ["PREFECT_HOME"]),
+                                          settings.state_dir / "logs" / "prefect-temporary-server.log")
+    # Registered before Prefect's own exit handlers, so it runs after them: they deliver the run's last logs.
+    atexit.register(server.stop)
+    return server
 
 
 def _flag_credential(args: argparse.Namespace) -> HandedCredential | None:

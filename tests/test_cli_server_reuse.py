@@ -1,11 +1,15 @@
-"""``imagegw pull`` on a host where ``imagegw serve`` runs: through serve's Prefect server, no temporary one;
-and, after serve was killed, the file naming its server is ignored."""
+"""Where ``imagegw pull`` runs its flow: on a host where ``imagegw serve`` runs, through serve's Prefect server and
+no temporary one (after serve was killed, the file naming its server is ignored); where nothing runs, through a
+temporary server whose fresh database is a copy of the first one it migrated."""
 
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
 import subprocess
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +36,12 @@ class Pulled:
     """Whether a temporary Prefect server ran below the command at any moment of it."""
 
 
-def imagegw_pull(image: str, config: Path) -> Pulled:
-    """``imagegw pull`` as a user runs it (no PREFECT_* set), watching what processes it starts."""
+def imagegw_pull(image: str, config: Path, cache: Path | None = None) -> Pulled:
+    """``imagegw pull`` as a user runs it (no PREFECT_* set), watching what processes it starts; ``cache`` is
+    its user's cache directory (XDG_CACHE_HOME)."""
     command = [str(IMAGEGW), "pull", image, "--platform", PLATFORM, "--config", str(config)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=gateway_env())
+    env = {**gateway_env(), **({"XDG_CACHE_HOME": str(cache)} if cache else {})}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     temporary_server = False
     deadline = time.monotonic() + PULL_TIMEOUT
     while process.poll() is None and time.monotonic() < deadline:
@@ -99,8 +105,36 @@ def test_pull_ignores_the_server_of_a_killed_serve(tmp_path: Path, registry: Run
             time.sleep(0.2)
         assert (tmp_path / "state" / SERVED_PREFECT_API).exists(), "a killed serve leaves its file"
 
-        pulled = imagegw_pull(f"{registry.host}/reuse/after:1", config)
+        pulled = imagegw_pull(f"{registry.host}/reuse/after:1", config, tmp_path / "cache")
 
     assert pulled.returncode == 0, pulled.stderr
     assert pulled.record["status"] == "READY"
     assert pulled.temporary_server, "with serve's server gone, the pull starts its own"
+
+
+def test_a_fresh_state_directory_gets_a_migrated_prefect_database(tmp_path: Path, registry: RunningRegistry) -> None:
+    for name in ("first", "second"):
+        push_image(registry, f"fresh/{name}", "1", [LayerBuilder().file(name, name.encode())])
+    cache, first_root, second_root = tmp_path / "cache", tmp_path / "first", tmp_path / "second"
+    first_root.mkdir()
+    second_root.mkdir()
+
+    first = imagegw_pull(f"{registry.host}/fresh/first:1", write_config(first_root, registry), cache)
+
+    assert first.returncode == 0, first.stderr
+    assert first.temporary_server
+    [template] = (cache / "imagegw").glob("prefect-*.db")
+    with closing(sqlite3.connect(template)) as database:
+        assert database.execute("SELECT count(*) FROM flow_run").fetchone() == (0,), "kept before its run was made"
+        assert database.execute("SELECT version_num FROM alembic_version").fetchone(), "migrated"
+        database.execute("PRAGMA user_version = 4242")  # a mark the copy must carry (Prefect does not use it)
+    assert os.listdir(cache / "imagegw") == [template.name], "one file, and no partial copy"
+
+    second = imagegw_pull(f"{registry.host}/fresh/second:1", write_config(second_root, registry), cache)
+
+    assert second.returncode == 0, second.stderr
+    assert second.record["status"] == "READY"
+    with closing(sqlite3.connect(second_root / "state" / "prefect" / "prefect.db")) as database:
+        assert database.execute("PRAGMA user_version").fetchone() == (4242,), "the template was copied"
+        [(run_name,)] = database.execute("SELECT name FROM flow_run").fetchall()
+    assert run_name == f"pull {registry.host}/fresh/second:1 for {PLATFORM}"

@@ -1,0 +1,142 @@
+"""The Prefect server an ``imagegw pull`` runs against when it is given none and no ``imagegw serve`` runs.
+
+Left to itself, Prefect starts a temporary server when the flow starts: after the command has imported
+Prefect and started the database, one after the other; and on a fresh state directory that server first
+runs all of Prefect's database migrations. This module starts the same server (Prefect's own command for
+it) as the command's first act, so that it imports while the command does, and gives a fresh state
+directory a copy of a database already migrated by the same Prefect version: the first one this user's
+pulls migrated, kept under the user's cache directory. The figures are in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from imagegw.errors import ServiceUnavailable
+from imagegw.processes import dying_with_this_process, free_port, log_tail
+
+START_TIMEOUT = 120.0
+"""A fresh database without a template runs the migrations first (~10 s here): room for a busy small host."""
+DATABASE_SETTINGS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
+"""Where an operator points Prefect at another database, whose schema is not the template's business."""
+
+
+@dataclass
+class TemporaryPrefectServer:
+    """A Prefect API server on loopback for this process's pull, stopped when the process exits."""
+
+    process: subprocess.Popen[bytes]
+    api_url: str
+    log: Path
+    database: Path | None
+    """The SQLite database it migrates on its start, to keep as the template; None if it has one already."""
+
+    @classmethod
+    def start(cls, home: Path, log: Path) -> TemporaryPrefectServer:
+        """Start the server on Prefect's database under ``home``, seeded from the template when there is none."""
+        database = None
+        if not any(os.environ.get(name) for name in DATABASE_SETTINGS):
+            database = home / "prefect.db"
+            if database.exists() or _seed(database):
+                database = None
+        port = free_port()
+        log.parent.mkdir(parents=True, exist_ok=True)
+        # The command and flags Prefect's own temporary server (SubprocessASGIServer) runs with: no UI,
+        # none of a full server's background services.
+        environment = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0",
+                      "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        with open(log, "ab") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=environment,
+                preexec_fn=dying_with_this_process())
+        return cls(process, f"http://127.0.0.1:{port}/api", log, database)
+
+    def use(self) -> None:
+        """Point this process's Prefect at the server once it answers, unless Prefect's settings name a server.
+
+        Called after Prefect's import: a Prefect profile or ``.env`` naming a server is known only then, and
+        wins, as it did before this server existed.
+        """
+        from prefect.context import refresh_global_settings_context
+        from prefect.settings import get_current_settings
+
+        if get_current_settings().api.url:
+            self.stop()
+            return
+        self._wait_until_healthy()
+        if self.database is not None:
+            _keep_as_template(self.database)
+        os.environ["PREFECT_API_URL"] = self.api_url
+        refresh_global_settings_context()  # Prefect's settings were read at its import
+
+    def stop(self) -> None:
+        """Ask the server to stop, without waiting: it has nothing left to write for this process."""
+        if self.process.poll() is None:
+            self.process.terminate()
+
+    def _wait_until_healthy(self) -> None:
+        from urllib.request import urlopen
+
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                with urlopen(f"{self.api_url}/health", timeout=2) as answer:
+                    if answer.read().strip() == b"true":
+                        return
+            except OSError:  # not listening yet
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                problem = (f"exited with status {self.process.returncode}" if self.process.poll() is not None
+                           else f"did not answer within {START_TIMEOUT:.0f} s")
+                raise ServiceUnavailable(f"the temporary Prefect server for this pull {problem} (set PREFECT_API_URL "
+                                         f"to a running one, or run `imagegw serve`); the end of {self.log}:\n"
+                                         f"{log_tail(self.log, 15) or '(no log)'}")
+            time.sleep(0.05)
+
+
+def template_path() -> Path:
+    """The migrated database kept for fresh state directories: per Prefect version, whose migrations made it."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "imagegw" / f"prefect-{version('prefect')}.db"
+
+
+def _seed(database: Path) -> bool:
+    """Copy the template into ``database``, if there is one; whether it was."""
+    template = template_path()
+    if not template.exists():
+        return False
+    database.parent.mkdir(parents=True, exist_ok=True)
+    _copy_database(template, database)
+    return True
+
+
+def _keep_as_template(database: Path) -> None:
+    """Keep a freshly migrated database, before any run is written to it, as the template of later ones.
+
+    A failure costs only the next fresh state directory its migrations: it is not the pull's.
+    """
+    try:
+        _copy_database(database, template_path())
+    except (OSError, sqlite3.Error) as exc:
+        print(f"imagegw: could not keep the migrated Prefect database as {template_path()}: {exc}", file=sys.stderr)
+
+
+def _copy_database(source: Path, target: Path) -> None:
+    """A consistent copy of a SQLite database that a server may have open, put in place whole."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}")
+    with closing(sqlite3.connect(source)) as reading, closing(sqlite3.connect(partial)) as writing:
+        reading.backup(writing)
+        # One self-contained file (a WAL database is three): Prefect's server turns WAL on again as it opens it.
+        writing.execute("PRAGMA journal_mode = DELETE")
+    partial.replace(target)
