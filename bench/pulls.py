@@ -58,7 +58,6 @@ from testsupport.registry import RunningRegistry  # noqa: E402
 
 POLL_SECONDS = 0.1
 PULL_TIMEOUT = 600.0
-IMAGEGW = ROOT / ".venv" / "bin" / "imagegw"
 SIZES = ("small", "medium", "large")
 
 
@@ -336,8 +335,10 @@ def _timed_cli(image: str, config: Path | None) -> float:
     # As a user runs it: no Prefect or gateway variables, the configuration on the command line.
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "IMAGEGW_"))}
     started = time.monotonic()
-    done = subprocess.run([str(IMAGEGW), "pull", image, "--platform", PLATFORM, "--config", str(config)],
-                          env=environment, capture_output=True, text=True, timeout=PULL_TIMEOUT)
+    # `python -m cli` is the installed command's entry point, from this checkout (as serve runs its parts).
+    done = subprocess.run([sys.executable, "-m", "cli", "pull", image, "--platform", PLATFORM, "--config",
+                           str(config)], cwd=ROOT, env=environment, capture_output=True, text=True,
+                          timeout=PULL_TIMEOUT)
     seconds = time.monotonic() - started
     if done.returncode != 0 or json.loads(done.stdout).get("status") != "READY":
         raise RuntimeError(f"imagegw pull {image} failed:\n{done.stderr}")
