@@ -26,6 +26,7 @@ from prefect.workers.process import ProcessWorker
 
 import flows
 from deployments import work_pool_name
+from deployments.warmworker import WarmProcessWorker, start_fork_server
 from flows import EXPIRE_FLOW, PULL_FLOW, REFRESH_FLOW
 from flows.expire import expire_images
 from flows.pull import pull_image
@@ -93,7 +94,8 @@ def _ensure_pool(client: SyncPrefectClient, platform: Platform) -> None:
 
 
 def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
-    """Run a process worker on the pool of each of ``platforms`` (default: every one) until SIGINT or SIGTERM.
+    """Run a process worker on the pool of each of ``platforms`` (default: every one) until SIGINT or SIGTERM; each
+    flow run is forked from a process that has imported Prefect and the flows once (``deployments.warmworker``).
 
     First the scratch directories and partial downloads of pulls that died on this host (a worker killed
     with its runs, the host rebooted) are removed: their records are taken over by the next request, and
@@ -112,11 +114,12 @@ def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
             except ObjectNotFound:
                 raise ConfigError(f"the work pool {work_pool_name(name)} does not exist on the Prefect server: "
                                   "run `imagegw deploy` first") from None
+    start_fork_server()  # before any run is taken: the first one must not wait for its imports
 
     async def work() -> None:
         async with anyio.create_task_group() as workers:
             for name in names:
-                worker = ProcessWorker(
+                worker = WarmProcessWorker(
                     # Named by host and process: two workers of one pool on one host are two workers.
                     work_pool_name=work_pool_name(name), name=f"{socket.gethostname()}-{os.getpid()}-{name}",
                     create_pool_if_not_found=False, limit=settings.platform(name).max_concurrent_pulls)
@@ -125,6 +128,6 @@ def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
     anyio.run(work)
 
 
-async def _serve(worker: ProcessWorker) -> None:
+async def _serve(worker: WarmProcessWorker) -> None:
     async with worker:
         await worker.start()

@@ -60,6 +60,19 @@ def dying_with_this_process() -> Callable[[], None] | None:
     return set_parent_death_signal
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGTERM this process when its parent dies, even by SIGKILL (at once if it already has):
+    for a child forked without an exec, where no ``preexec_fn`` runs. Nothing where prctl is missing."""
+    parent = os.getppid()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 BATCH_NICENESS = 10
 """How much lower than the API a pull's work runs: lookups at job start must not wait behind a conversion."""
 

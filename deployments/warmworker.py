@@ -1,0 +1,141 @@
+"""A process worker whose flow runs start warm: forked from a process that has already imported Prefect and the
+flows, instead of a new ``python -m prefect.engine`` importing them again for each run.
+
+Prefect's ``ProcessWorker`` starts every flow run as a new Python process (Prefect's workspace supervisor, which
+then execs the engine), and a pull waited for those imports before its first stage. Here the worker starts one
+``multiprocessing`` fork server at its start, which imports Prefect and the flows once (``_PRELOAD``); each flow
+run is a child forked from it, which runs the run as ``python -m prefect.engine`` would (the flow run read by its
+id, the deployment's pull steps, the flow loaded from its entrypoint and run). Everything else is Prefect's own
+worker: the polling, the pool's concurrency limit, the run's states, logs and task runs, and cancellation (the
+run's process group gets SIGTERM, then SIGKILL), through the same executor as ``ProcessWorker``.
+
+A new child per run keeps what the ``ProcessWorker`` gave: memory returned to the system when a run ends, and a
+crash (or the OOM killer) taking one run, not the worker. Each child leads a process group of its own (what it
+starts, tar2sqfs, is in it), so a cancel reaches all of it; and it dies with the fork server, which exits with
+the worker, so no run outlives a worker killed outright.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import runpy
+import sys
+import warnings
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+from prefect.flows import load_flow_from_flow_run
+from prefect.runner._flow_run_executor import FlowRunExecutionResult, FlowRunExecutorContext
+from prefect.runner._process_manager import ProcessHandle, create_isolated_termination_scope
+from prefect.settings import get_current_settings
+from prefect.utilities.processutils import sanitize_subprocess_env
+from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
+
+from imagegw.processes import die_with_parent
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.runner._control_channel import ControlChannel
+
+_PRELOAD = ["prefect.engine", "prefect.flow_engine", "flows.pull", "flows.expire", "flows.refresh", __name__]
+"""What the fork server imports once: Prefect's engine and our flows, with the tasks and the domain they import, and
+this module (the child's code)."""
+_FORK_SERVER = multiprocessing.get_context("forkserver")
+
+
+def start_fork_server() -> None:
+    """Start the fork server and wait until it has imported ``_PRELOAD`` (a second or two), so that the first run
+    does not wait for it. Once per worker process, before it takes runs."""
+    _FORK_SERVER.set_forkserver_preload(_PRELOAD)
+    probe = _FORK_SERVER.Process(target=int)  # forked once the server is ready: a no-op
+    probe.start()
+    probe.join()
+
+
+# Registered under ProcessWorker's type, the type of the pools `imagegw deploy` creates: Prefect warns that the
+# class replaces ProcessWorker in its registry of worker types (in this process only, which is what we want).
+warnings.filterwarnings("ignore", message="Type 'WarmProcessWorker'", category=UserWarning)
+
+
+class WarmProcessWorker(ProcessWorker):
+    """``ProcessWorker`` with each flow run forked from the fork server (``start_fork_server``)."""
+
+    async def run(self, flow_run: FlowRun, configuration: ProcessJobConfiguration,
+                  task_status: anyio.abc.TaskStatus[int] | None = None) -> ProcessWorkerResult:
+        # ProcessWorker.run with our starter in place of its command: the same executor owns the run's life.
+        async with FlowRunExecutorContext() as context:
+            starter = _ForkedStarter(configuration.env, context.control_channel)
+            executor = context.create_executor(flow_run, starter, resolve_flow=load_flow_from_flow_run,
+                                               propose_submitting=False)
+            execution: FlowRunExecutionResult | None = None
+
+            async def execute(*, task_status: anyio.abc.TaskStatus[ProcessHandle] = anyio.TASK_STATUS_IGNORED
+                              ) -> None:
+                nonlocal execution
+                execution = await executor.submit(task_status=task_status)
+
+            async with anyio.create_task_group() as group:
+                handle = await group.start(execute)
+                (task_status or anyio.TASK_STATUS_IGNORED).started(handle.pid)
+        if execution is None or execution.status_code is None:
+            raise RuntimeError("Failed to start flow run process.")
+        return ProcessWorkerResult(status_code=execution.status_code, identifier=str(execution.handle.pid))
+
+
+class _ForkedStarter:
+    """Starts one flow run in a child of the fork server and waits for it to exit (Prefect's ``ProcessStarter``)."""
+
+    def __init__(self, environment: dict[str, str | None], control_channel: ControlChannel) -> None:
+        self._environment = environment
+        self._control_channel = control_channel
+
+    async def start(self, flow_run: FlowRun,
+                    task_status: anyio.abc.TaskStatus[ProcessHandle] = anyio.TASK_STATUS_IGNORED) -> None:
+        # What Prefect's EngineCommandStarter gives the engine's process; the control channel is how the worker
+        # tells the run that the SIGTERM which follows is a cancel.
+        port, token = self._control_channel.register(flow_run.id)
+        environment = sanitize_subprocess_env({
+            **self._environment, **get_current_settings().to_environment_variables(exclude_unset=True),
+            "PREFECT__FLOW_RUN_ID": str(flow_run.id), "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS": "false",
+            "PREFECT__CONTROL_PORT": str(port), "PREFECT__CONTROL_TOKEN": token})
+        process = _FORK_SERVER.Process(target=_run_flow_run, args=(environment,), name=f"flow run {flow_run.id}")
+        try:
+            await anyio.to_thread.run_sync(process.start)
+        except BaseException:
+            self._control_channel.unregister(flow_run.id)
+            raise
+        assert process.pid is not None
+        while not _leads_its_group(process.pid):  # a cancel signals the child's group: not before it has one
+            await anyio.sleep(0.002)
+        handle = ProcessHandle(process, termination_scope=create_isolated_termination_scope(process.pid))
+        task_status.started(handle)
+        try:
+            await anyio.to_thread.run_sync(process.join, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():  # the worker stops under the run, as Prefect's starter: kill it
+            handle.hard_kill()
+            raise
+
+
+def _leads_its_group(pid: int) -> bool:
+    try:
+        return os.getpgid(pid) == pid
+    except ProcessLookupError:  # it exited already: no group to wait for
+        return True
+
+
+def _run_flow_run(environment: dict[str, str]) -> None:
+    """In the forked child: the flow run named in ``environment``, as ``python -m prefect.engine`` runs it."""
+    os.setsid()  # a process group of its own, which the worker signals to cancel the run
+    die_with_parent()  # the fork server, which exits when the worker does
+    os.environ.clear()
+    os.environ.update(environment)
+    from prefect.context import SettingsContext, get_settings_context
+    from prefect.settings import Settings
+
+    # Prefect's settings as the run's environment says (Prefect read them from the worker's as it was imported).
+    with SettingsContext(profile=get_settings_context().profile, settings=Settings()):
+        sys.argv = ["prefect.engine"]  # the engine takes its flow run's id from PREFECT__FLOW_RUN_ID
+        sys.modules.pop("prefect.engine")  # imported as a library: run afresh as __main__, as Prefect does
+        runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
