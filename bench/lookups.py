@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from imagegw.processes import free_port  # noqa: E402 (after the sys.path line)
+from imagegw.processes import descendants, free_port  # noqa: E402 (after the sys.path line)
 from imagegw.service.munge import encode_credential  # noqa: E402
 from testsupport.images import LayerBuilder, push_image  # noqa: E402
 from testsupport.munge import RunningMunged  # noqa: E402
@@ -345,23 +345,6 @@ def peak_rss(root: int) -> dict[str, int]:
         peaks[name] = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:")),
                            0)
     return peaks
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, pending = [], [pid]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            found.append(child)
-            pending.append(child)
-    return found
 
 
 def report(rounds: list[Round], peaks: dict[str, int], args: argparse.Namespace) -> str:

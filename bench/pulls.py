@@ -42,13 +42,13 @@ if str(ROOT) not in sys.path:
 
 import requests  # noqa: E402 (after the sys.path line)
 
-from bench.lookups import PLATFORM, descendants, request, start_serve, write_config  # noqa: E402
+from bench.lookups import PLATFORM, request, start_serve, write_config  # noqa: E402
 from bench.measure import tree_rss  # noqa: E402
 from cli.serve import served_prefect_api  # noqa: E402
 from imagegw.build import LayerSource, build_squashfs_streamed, prepare_layer, streamed_build  # noqa: E402
 from imagegw.config import Settings, load_settings  # noqa: E402
 from imagegw.plan import plan_pull, pull_key  # noqa: E402
-from imagegw.processes import free_port  # noqa: E402
+from imagegw.processes import descendants, free_port  # noqa: E402
 from imagegw.publish import LocalPublisher, image_meta  # noqa: E402
 from imagegw.registry import LayerCache, RegistryClient, fetch_layers  # noqa: E402
 from imagegw.store import open_store  # noqa: E402

@@ -31,7 +31,7 @@ from urllib.request import Request, urlopen
 from deployments import work_pool_name
 from imagegw.config import MONGODB_URI_ENV, Settings
 from imagegw.errors import ServiceUnavailable
-from imagegw.processes import dying_with_this_process, listening, log_tail
+from imagegw.processes import descendants, dying_with_this_process, listening, log_tail
 from imagegw.store import ensure_embedded_server
 
 STOP_TIMEOUT = 5.0
@@ -85,7 +85,7 @@ class Child:
         A Prefect worker starts each flow run in a session of its own, which a signal to the
         worker's group would miss: the groups of all its descendants are signalled too.
         """
-        groups = {self.process.pid, *_process_groups(_descendants(self.process.pid))}
+        groups = {self.process.pid, *_process_groups(descendants(self.process.pid))}
         _signal_groups(groups, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
         while time.monotonic() < deadline:
@@ -94,24 +94,8 @@ class Child:
                 break
             time.sleep(0.05)
         # Also reaches what the leader left behind (flow runs, server workers), and what started meanwhile.
-        _signal_groups(groups | _process_groups(_descendants(self.process.pid)), signal.SIGKILL)
+        _signal_groups(groups | _process_groups(descendants(self.process.pid)), signal.SIGKILL)
         self.process.wait()
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid``, from Linux's /proc children lists."""
-    found: set[int] = set()
-    pending = [pid]
-    while pending:
-        parent = pending.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                children = {int(child) for child in (task / "children").read_text().split()}
-            except OSError:  # exited meanwhile
-                continue
-            pending.extend(children - found)
-            found |= children
-    return found
 
 
 def _process_groups(pids: set[int]) -> set[int]:

@@ -83,3 +83,19 @@ def run_as_batch_work() -> None:
     current = os.getpriority(os.PRIO_PROCESS, 0)
     if current < BATCH_NICENESS:
         os.setpriority(os.PRIO_PROCESS, 0, BATCH_NICENESS)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid``, from Linux's /proc children lists."""
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = {int(child) for child in (task / "children").read_text().split()}
+            except OSError:  # exited meanwhile
+                continue
+            pending.extend(children - found)
+            found |= children
+    return found

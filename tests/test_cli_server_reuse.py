@@ -16,6 +16,7 @@ from pathlib import Path
 import requests
 
 from cli.serve import SERVED_PREFECT_API
+from imagegw.processes import descendants
 from tests.serve_fixtures import PLATFORM, STOP_TIMEOUT, gateway_env, processes_mentioning, serving, write_config
 from testsupport.images import LayerBuilder, push_image
 from testsupport.registry import RunningRegistry
@@ -46,24 +47,10 @@ def imagegw_pull(image: str, config: Path, cache: Path | None = None) -> Pulled:
     deadline = time.monotonic() + PULL_TIMEOUT
     while process.poll() is None and time.monotonic() < deadline:
         temporary_server = temporary_server or any(TEMPORARY_SERVER in _command_line(pid)
-                                                   for pid in _descendants(process.pid))
+                                                   for pid in descendants(process.pid))
         time.sleep(0.05)
     out, err = process.communicate(timeout=max(1.0, deadline - time.monotonic()))
     return Pulled(process.returncode, json.loads(out), err.decode(), temporary_server)
-
-
-def _descendants(pid: int) -> set[int]:
-    found: set[int] = set()
-    pending = [pid]
-    while pending:
-        for task in Path(f"/proc/{pending.pop()}/task").glob("*"):
-            try:
-                children = {int(child) for child in (task / "children").read_text().split()}
-            except OSError:
-                continue
-            pending.extend(children - found)
-            found |= children
-    return found
 
 
 def _command_line(pid: int) -> bytes:

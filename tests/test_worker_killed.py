@@ -31,6 +31,7 @@ from deployments.launcher import DeploymentLauncher
 from deployments.platforms import deploy_platforms
 from imagegw.access import AclRequest
 from imagegw.errors import ImageNotFound
+from imagegw.processes import descendants
 from imagegw.service import Caller, Gateway
 from imagegw.store import PullKey
 from tests.gateway_fixtures import Gateway as GatewayFixture
@@ -77,21 +78,6 @@ def record_once(read: Callable[[], dict[str, Any]], accept: Callable[[dict[str, 
             f"not {what} within {timeout:.0f} s: {record.get('status')} {record.get('status_message')!r}"
         time.sleep(0.2)
     return record
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid``, from Linux's /proc children lists."""
-    found: set[int] = set()
-    pending = [pid]
-    while pending:
-        for task in Path(f"/proc/{pending.pop()}/task").glob("*"):
-            try:
-                children = {int(child) for child in (task / "children").read_text().split()}
-            except OSError:  # exited meanwhile
-                continue
-            pending.extend(children - found)
-            found |= children
-    return found
 
 
 def alive(pid: int) -> bool:
