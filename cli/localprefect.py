@@ -11,6 +11,7 @@ pulls migrated, kept under the user's cache directory. The figures are in bench/
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from imagegw.errors import ServiceUnavailable
-from imagegw.processes import dying_with_this_process, free_port, log_tail
+from imagegw.processes import dying_with_this_process, log_tail
 
 START_TIMEOUT = 120.0
 """A fresh database without a template runs the migrations first (~10 s here): room for a busy small host."""
@@ -47,18 +48,20 @@ class TemporaryPrefectServer:
             database = home / "prefect.db"
             if database.exists() or _seed(database):
                 database = None
-        port = free_port()
         log.parent.mkdir(parents=True, exist_ok=True)
         # The command and flags Prefect's own temporary server (SubprocessASGIServer) runs with: no UI,
         # none of a full server's background services.
         environment = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "0",
                       "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        with open(log, "ab") as output:
+        # Bound here and handed over: a port only chosen here could be taken in the seconds the server
+        # spends importing before it binds.
+        with socket.create_server(("127.0.0.1", 0)) as listener, open(log, "ab") as output:
             process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+                 "--fd", str(listener.fileno()), "--log-level", "error", "--lifespan", "on"],
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=environment,
-                preexec_fn=dying_with_this_process())
+                pass_fds=[listener.fileno()], preexec_fn=dying_with_this_process())
+            port = listener.getsockname()[1]
         return cls(process, f"http://127.0.0.1:{port}/api", log, database)
 
     def use(self) -> None:
