@@ -14,6 +14,8 @@ os.environ["PREFECT_API_BLOCKS_REGISTER_ON_START"] = "false"
 os.environ.pop("IMAGEGW_MONGODB_URI", None)
 os.environ.pop("IMAGEGW_CONFIG", None)
 os.environ.pop("IMAGEGW_STATE_DIR", None)
+# imagegw pull keeps a migrated Prefect database under the user's cache: the tests keep theirs to themselves.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="imagegw-test-cache-")
 
 pytest_plugins = ["testsupport.fixtures", "tests.gateway_fixtures", "tests.api_fixtures", "tests.fake_registry",
                   "tests.layer_fixtures", "tests.disk_fixtures", "tests.iaas_fixtures"]
