@@ -10,12 +10,15 @@ class DeploymentLauncher:
     """Creates a flow run of ``pull-image/<platform>`` and returns at once (the worker runs it)."""
 
     def __init__(self, config_path: str) -> None:
-        self._config_path = config_path
-
-    def __call__(self, key: PullKey, pull_id: str) -> str:
+        # Prefect imported now, as the API process starts, not by its first pull, which waited seconds for it. Not
+        # at this module's import: Prefect reads its settings (PREFECT_API_URL) as it is imported.
         from prefect.deployments import run_deployment
 
-        run = run_deployment(
+        self._config_path = config_path
+        self._run_deployment = run_deployment
+
+    def __call__(self, key: PullKey, pull_id: str) -> str:
+        run = self._run_deployment(
             deployment_name(key.system),
             parameters={"image": key.tag, "platform": key.system, "config": self._config_path, "pull_id": pull_id},
             timeout=0,

@@ -17,6 +17,7 @@ the worker, so no run outlives a worker killed outright.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import runpy
@@ -46,8 +47,8 @@ _FORK_SERVER = multiprocessing.get_context("forkserver")
 
 
 def start_fork_server() -> None:
-    """Start the fork server and wait until it has imported ``_PRELOAD`` (a second or two), so that the first run
-    does not wait for it. Once per worker process, before it takes runs."""
+    """Start the fork server and wait until it has imported ``_PRELOAD``, so that the first run does not wait for
+    it. Once per worker process, before it takes runs."""
     _FORK_SERVER.set_forkserver_preload(_PRELOAD)
     probe = _FORK_SERVER.Process(target=int)  # forked once the server is ready: a no-op
     probe.start()
@@ -93,14 +94,20 @@ class _ForkedStarter:
 
     async def start(self, flow_run: FlowRun,
                     task_status: anyio.abc.TaskStatus[ProcessHandle] = anyio.TASK_STATUS_IGNORED) -> None:
-        # What Prefect's EngineCommandStarter gives the engine's process; the control channel is how the worker
-        # tells the run that the SIGTERM which follows is a cancel.
+        # What Prefect's starter gives the engine's process; the control channel is how the worker tells the run
+        # that the SIGTERM which follows is a cancel.
         port, token = self._control_channel.register(flow_run.id)
+        ours = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
         environment = sanitize_subprocess_env({
-            **self._environment, **get_current_settings().to_environment_variables(exclude_unset=True),
+            **ours, **self._environment,
             "PREFECT__FLOW_RUN_ID": str(flow_run.id), "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS": "false",
             "PREFECT__CONTROL_PORT": str(port), "PREFECT__CONTROL_TOKEN": token})
-        process = _FORK_SERVER.Process(target=_run_flow_run, args=(environment,), name=f"flow run {flow_run.id}")
+        # The child has Prefect's settings as the fork server read them, as this process has them; the job's
+        # environment (the work pool's or deployment's job variables) may change some: then it reads them again.
+        settings_changed = any(ours.get(name) != value for name, value in self._environment.items()
+                               if name.startswith("PREFECT_") and not name.startswith("PREFECT__"))
+        process = _FORK_SERVER.Process(target=_run_flow_run, args=(environment, settings_changed),
+                                       name=f"flow run {flow_run.id}")
         try:
             await anyio.to_thread.run_sync(process.start)
         except BaseException:
@@ -114,7 +121,8 @@ class _ForkedStarter:
         try:
             await anyio.to_thread.run_sync(process.join, abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class():  # the worker stops under the run, as Prefect's starter: kill it
-            handle.hard_kill()
+            with contextlib.suppress(ProcessLookupError):
+                handle.hard_kill()
             raise
 
 
@@ -125,8 +133,9 @@ def _leads_its_group(pid: int) -> bool:
         return True
 
 
-def _run_flow_run(environment: dict[str, str]) -> None:
-    """In the forked child: the flow run named in ``environment``, as ``python -m prefect.engine`` runs it."""
+def _run_flow_run(environment: dict[str, str], settings_changed: bool) -> None:
+    """In the forked child: the flow run named in ``environment``, as ``python -m prefect.engine`` runs it, with
+    Prefect's settings read again from it only if ``settings_changed`` (reading them is slow)."""
     os.setsid()  # a process group of its own, which the worker signals to cancel the run
     die_with_parent()  # the fork server, which exits when the worker does
     os.environ.clear()
@@ -134,8 +143,8 @@ def _run_flow_run(environment: dict[str, str]) -> None:
     from prefect.context import SettingsContext, get_settings_context
     from prefect.settings import Settings
 
-    # Prefect's settings as the run's environment says (Prefect read them from the worker's as it was imported).
-    with SettingsContext(profile=get_settings_context().profile, settings=Settings()):
+    settings = Settings() if settings_changed else get_current_settings()
+    with SettingsContext(profile=get_settings_context().profile, settings=settings):
         sys.argv = ["prefect.engine"]  # the engine takes its flow run's id from PREFECT__FLOW_RUN_ID
         sys.modules.pop("prefect.engine")  # imported as a library: run afresh as __main__, as Prefect does
         runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)

@@ -80,8 +80,10 @@ def test_two_workers_share_a_platform_and_never_exceed_its_limit(
         # moment after its pull is READY (its report is written, its process exits), and on a busy host later.
         deadline = time.monotonic() + 60
         while True:
-            runs = client.read_flow_runs(
+            # Earlier tests of the session may have run pulls on this deployment too: only this test's images count.
+            runs = [run for run in client.read_flow_runs(
                 deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+                if run.parameters.get("image") in tags]
             if all(run.state is not None and run.state.is_final() for run in runs) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
