@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,3 +107,14 @@ def pull(gateway: Gateway, image: str, platform: str = "mycluster"):
     record = gateway.store().pull_record(PullKey(platform, "docker", image if ":" in image.rsplit("/", 1)[-1]
                                                  else image + ":latest"))
     return state, record
+
+
+def record_once(read: Callable[[], dict[str, Any]], accept: Callable[[dict[str, Any]], bool], what: str,
+                timeout: float) -> dict[str, Any]:
+    """What ``read`` returns, once ``accept`` takes it; fails naming ``what`` and the last state seen."""
+    deadline = time.monotonic() + timeout
+    while not accept(record := read()):
+        assert time.monotonic() < deadline, \
+            f"not {what} within {timeout:.0f} s: {record.get('status')} {record.get('status_message')!r}"
+        time.sleep(0.2)
+    return record

@@ -22,8 +22,9 @@ from deployments.launcher import DeploymentLauncher
 from deployments.platforms import deploy_platforms
 from imagegw.access import AclRequest
 from imagegw.service import Caller, Gateway
-from imagegw.store import ImageStore, PullKey
+from imagegw.store import PullKey
 from tests.gateway_fixtures import Gateway as GatewayFixture
+from tests.gateway_fixtures import record_once
 from tests.worker_fixtures import running_workers
 from testsupport.images import LayerBuilder, push_image
 from testsupport.throttle import ThrottlingProxy
@@ -65,17 +66,6 @@ def wait_for(what: str, condition: Callable[[], bool], timeout: float) -> None:
         time.sleep(0.2)
 
 
-def record_once(store: ImageStore, key: PullKey, accept: Callable[[dict[str, Any]], bool], what: str,
-                timeout: float) -> dict[str, Any]:
-    """The pull record, once ``accept`` takes it; fails naming ``what`` and the record's last state."""
-    deadline = time.monotonic() + timeout
-    while not accept(record := store.pull_record(key) or {}):
-        assert time.monotonic() < deadline, \
-            f"not {what} within {timeout:.0f} s: {record.get('status')} {record.get('status_message')!r}"
-        time.sleep(0.2)
-    return record
-
-
 def cancel_as_the_ui_does(flow_run_id: str) -> None:
     """What the UI's Cancel button sends."""
     response = requests.post(f"{PREFECT_API_URL.value()}/flow_runs/{flow_run_id}/set_state",
@@ -101,14 +91,17 @@ def test_a_pull_cancelled_mid_download_fails_at_once_and_leaves_nothing_behind(
     store = gateway.store()
     scratch_parent = gateway.root / "expand"
 
+    def pull_record() -> dict[str, Any]:
+        return store.pull_record(key) or {}
+
     service.pull(ROOT, "mycluster", "docker", tag, AclRequest())
-    record = record_once(store, key, lambda record: record.get("status_message", "").startswith("Pulling layers: 0/1"),
+    record = record_once(pull_record, lambda record: record.get("status_message", "").startswith("Pulling layers: 0/1"),
                          "downloading", 60)
     assert files_under(scratch_parent), "the pull has no scratch directory to remove"
 
     cancel_as_the_ui_does(record["flow_run_id"])
     cancelled_at = time.monotonic()
-    record = record_once(store, key, lambda record: record.get("status") == "FAILURE", "FAILURE", CANCEL_WITHIN)
+    record = record_once(pull_record, lambda record: record.get("status") == "FAILURE", "FAILURE", CANCEL_WITHIN)
     failed_after = time.monotonic() - cancelled_at
 
     assert "cancelled by an operator" in record["status_message"]
@@ -123,6 +116,6 @@ def test_a_pull_cancelled_mid_download_fails_at_once_and_leaves_nothing_behind(
     slow_registry.rate = None
     time.sleep(max(0.0, cancelled_at + failed_after + RETRY_FAILURES_AFTER - time.monotonic()))
     service.pull(ROOT, "mycluster", "docker", tag, AclRequest())
-    record = record_once(store, key, lambda record: record.get("status") in ("READY", "FAILURE"), "done", 60)
+    record = record_once(pull_record, lambda record: record.get("status") in ("READY", "FAILURE"), "done", 60)
     assert record["status"] == "READY", record["status_message"]
     assert (gateway.image_dir / f"{record['id']}.squashfs").is_file()

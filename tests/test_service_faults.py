@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from imagegw.store import ImageStore, PullKey
 from tests.gateway_fixtures import Gateway as GatewayFixture
-from tests.gateway_fixtures import pull
+from tests.gateway_fixtures import pull, record_once
 from testsupport.faulty import FaultyProxy
 from testsupport.images import LayerBuilder, push_image
 from testsupport.prefect_server import RunningPrefectServer, send_queued_logs_and_events
@@ -87,17 +87,6 @@ def files_under(directory: Path) -> list[str]:
         if directory.exists() else []
 
 
-def wait_for_record(store: ImageStore, key: PullKey, accept: Callable[[dict[str, Any]], bool], what: str,
-                    timeout: float) -> dict[str, Any]:
-    """The pull record once ``accept`` takes it; fails naming ``what`` and the record's last state."""
-    deadline = time.monotonic() + timeout
-    while not accept(record := store.pull_record(key) or {}):
-        assert time.monotonic() < deadline, \
-            f"not {what} within {timeout:.0f} s: {record.get('status')} {record.get('status_message')!r}"
-        time.sleep(0.2)
-    return record
-
-
 def downloading(record: dict[str, Any]) -> bool:
     return record.get("status_message", "").startswith("Pulling layers: 0/1 done, ") \
         and not record["status_message"].startswith("Pulling layers: 0/1 done, 0.0 of")
@@ -131,7 +120,8 @@ def test_the_database_stopped_under_a_pull_and_back_within_its_retries_ends_read
     stopped: list[float] = []
 
     def stop_the_database_mid_download() -> None:
-        wait_for_record(watcher, PullKey("mycluster", "docker", tag), downloading, "downloading", 60)
+        record_once(lambda: watcher.pull_record(PullKey("mycluster", "docker", tag)) or {}, downloading, "downloading",
+                    60)
         database.interrupt()
         stopped.append(time.monotonic())
         slow_registry.rate = None  # the download ends while the database is away: the next stage meets it
@@ -186,7 +176,8 @@ def test_the_prefect_server_restarted_under_a_pull_and_new_pulls_work_once_it_is
         restarted: list[float] = []
 
         def restart_prefect_mid_download() -> None:
-            wait_for_record(store, PullKey("mycluster", "docker", tag), downloading, "downloading", 60)
+            record_once(lambda: store.pull_record(PullKey("mycluster", "docker", tag)) or {}, downloading,
+                        "downloading", 60)
             prefect_server.interrupt()
             restarted.append(time.monotonic())
             slow_registry.rate = None  # the pull's later stages start while the server is away

@@ -35,6 +35,7 @@ from imagegw.processes import descendants
 from imagegw.service import Caller, Gateway
 from imagegw.store import PullKey
 from tests.gateway_fixtures import Gateway as GatewayFixture
+from tests.gateway_fixtures import record_once
 from tests.squashfs_reader import read_tree
 from tests.worker_fixtures import running_workers
 from testsupport.images import LayerBuilder, push_image
@@ -67,17 +68,6 @@ def slow_registry(gateway: GatewayFixture) -> Iterator[ThrottlingProxy]:
                              StalePullTimeout=STALE_PULL_TIMEOUT, Platforms=platforms)
         deploy_platforms(gateway.settings)
         yield proxy
-
-
-def record_once(read: Callable[[], dict[str, Any]], accept: Callable[[dict[str, Any]], bool], what: str,
-                timeout: float) -> dict[str, Any]:
-    """What ``read`` returns, once ``accept`` takes it; fails naming ``what`` and the last state seen."""
-    deadline = time.monotonic() + timeout
-    while not accept(record := read()):
-        assert time.monotonic() < deadline, \
-            f"not {what} within {timeout:.0f} s: {record.get('status')} {record.get('status_message')!r}"
-        time.sleep(0.2)
-    return record
 
 
 def alive(pid: int) -> bool:
