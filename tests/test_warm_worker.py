@@ -101,5 +101,7 @@ def test_a_pull_runs_in_a_process_forked_from_the_warm_server_and_shows_its_task
 
         wait_for("task runs of every stage", stages, 30)
         wait_for("completed flow run", lambda: client.read_flow_run(flow_run_id).state_type.value == "COMPLETED", 30)
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    assert any("Beginning flow run" in log.message for log in logs)
+        ours_logged = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        # The run's process ships its logs in batches, which may arrive after its state.
+        wait_for("the run's logs", lambda: any("Beginning flow run" in log.message
+                                              for log in client.read_logs(ours_logged)), 30)
