@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 
 from api.errors import gateway_error, invalid_request, no_such_call
 from api.health import check_health, vouches_for_admin
-from api.lookups import FastLookups
+from api.lookups import FastLookups, quiet_found_lookups
 from api.schema import CALLER_ERRORS, error_responses, use_honest_schema
 from deployments.launcher import DeploymentLauncher
 from imagegw.access import parse_acl
@@ -137,6 +137,7 @@ def create_app(settings: Settings, launcher: PullLauncher | None = None) -> Fast
 
 def app_from_environment() -> FastAPI:
     """The app of the configuration ``$IMAGEGW_CONFIG`` names: what each API worker process builds."""
+    quiet_found_lookups()
     return create_app(load_settings())
 
 

@@ -82,6 +82,12 @@ def test_serve_pulls_through_the_deployment_and_stops_everything(
             assert time.monotonic() < deadline, "the refresh run did not pull the watched tag"
             time.sleep(0.3)
         assert COMPLETED in flow_run_states(prefect_api, REFRESH_FLOW)
+        # The access log keeps the lookups that failed and the pulls, not the ones that found their image.
+        lookup(served.api, f"{registry.host}/serve/absent:1", munged)
+        logged = (tmp_path / "state" / "logs" / "api.log").read_text().splitlines()
+        assert any('serve/absent%3A1/ HTTP/1.1" 404' in line for line in logged)
+        assert any('"POST /api/pull/' in line and '" 200' in line for line in logged)
+        assert not any('"GET /api/lookup/' in line and '" 200' in line for line in logged)
 
         squashfs = tmp_path / "images" / f"{record['id']}.squashfs"
         deadline = time.monotonic() + 150  # the next minute's run, once the image is 10 s old

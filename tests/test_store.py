@@ -63,6 +63,24 @@ def test_a_pull_moves_through_its_stages_and_lookups_see_only_ready_images(store
     assert store.pull_record(KEY)["status"] == "READY"
 
 
+def test_a_lookup_answers_what_the_tag_names_now_whoever_moved_or_expired_it(store: ImageStore, database,
+                                                                            tmp_path) -> None:
+    """A store remembers where it found a tag; another process (here, another store) moving the tag or
+    expiring its image must show in the very next lookup."""
+    elsewhere = ImageStore(database, expiration_timeout=3600, sealer=sealer_for(tmp_path / "seal.key"))
+    store.publish(KEY, facts("1" * 64))
+    assert store.lookup(KEY)["id"] == "1" * 64
+
+    elsewhere.publish(KEY, facts("2" * 64))
+    assert store.lookup(KEY)["id"] == "2" * 64
+    assert store.lookup(KEY)["id"] == "2" * 64
+
+    elsewhere.set_image_status(KEY.system, "2" * 64, Status.EXPIRED, "Expired")
+    assert store.lookup(KEY) is None
+    other_type = PullKey(KEY.system, "custom", KEY.tag)
+    assert store.lookup(other_type) is None
+
+
 def test_concurrent_claims_of_one_tag_give_exactly_one_winner(store: ImageStore) -> None:
     results: list[bool] = []
     barrier = threading.Barrier(12)

@@ -37,6 +37,11 @@ class EmbeddedServer:
     owned: bool
 
 
+# The servers this process found or started, by home. The store is opened for every API request:
+# while such a server's process lives, it is trusted without the lock, the file and a connection.
+_known: dict[Path, EmbeddedServer] = {}
+
+
 def ensure_embedded_server(state_dir: Path) -> EmbeddedServer:
     """Reuse the host's embedded SecantusDB, or start one owned by this process.
 
@@ -44,6 +49,9 @@ def ensure_embedded_server(state_dir: Path) -> EmbeddedServer:
     flow runs and workers started from this process use the same server.
     """
     home = state_dir / "mongo"
+    known = _known.get(home)
+    if known is not None and _alive(known.pid):
+        return known
     home.mkdir(parents=True, exist_ok=True)
     with open(home / "start.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -51,6 +59,7 @@ def ensure_embedded_server(state_dir: Path) -> EmbeddedServer:
         if server is None:
             server = _start_server(home)
             atexit.register(stop_embedded_server, server, home)
+    _known[home] = server
     os.environ[MONGODB_URI_ENV] = server.uri
     return server
 
@@ -59,6 +68,7 @@ def stop_embedded_server(server: EmbeddedServer, home: Path) -> None:
     """Stop a server this process started (a reused one is left to its owner)."""
     if not server.owned:
         return
+    _known.pop(home, None)
     closer = _closers.pop(server.uri, None)
     if closer is not None:
         closer()
