@@ -73,7 +73,7 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-BATCH_NICENESS = 10
+BATCH_NICENESS = 19
 """How much lower than the API a pull's work runs: lookups at job start must not wait behind a conversion."""
 
 
