@@ -40,7 +40,7 @@ Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 
 def create_app(settings: Settings, launcher: PullLauncher | None = None) -> FastAPI:
     """The gateway's API for one configuration; pulls start flow runs through ``launcher``."""
-    launch = launcher or DeploymentLauncher(str(settings.source))
+    launch = launcher or DeploymentLauncher(settings)
     gateway = Gateway(settings, launch)
     app = FastAPI(title="imagegw", summary="Image gateway for HPC clusters (Shifter-compatible API)",
                   default_response_class=JSONResponse, redirect_slashes=False)

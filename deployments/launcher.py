@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from deployments import deployment_name
+from deployments import deployment_name, doorbell
+from imagegw.config import Settings
 from imagegw.store import PullKey
 
 
 class DeploymentLauncher:
-    """Creates a flow run of ``pull-image/<platform>`` and returns at once (the worker runs it)."""
+    """Creates a flow run of ``pull-image/<platform>``, rings the doorbells of the platform's workers on this host
+    (``deployments.doorbell``), and returns at once (a worker runs it)."""
 
-    def __init__(self, config_path: str) -> None:
+    def __init__(self, settings: Settings) -> None:
         # Prefect imported now, as the API process starts, not by its first pull, which waited seconds for it. Not
         # at this module's import: Prefect reads its settings (PREFECT_API_URL) as it is imported.
         from prefect.deployments import run_deployment
 
-        self._config_path = config_path
+        self._config_path = str(settings.source)
+        self._state_dir = settings.state_dir
         self._run_deployment = run_deployment
 
     def __call__(self, key: PullKey, pull_id: str) -> str:
@@ -24,6 +27,7 @@ class DeploymentLauncher:
             timeout=0,
             tags=[f"platform:{key.system}"],
         )
+        doorbell.ring(self._state_dir, key.system)
         return str(run.id)
 
     def end_dead_run(self, flow_run_id: str, reason: str) -> None:

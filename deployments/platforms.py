@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+import anyio.abc
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
@@ -25,7 +26,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
 import flows
-from deployments import work_pool_name
+from deployments import doorbell, work_pool_name
 from deployments.warmworker import WarmProcessWorker, start_fork_server
 from flows import EXPIRE_FLOW, PULL_FLOW, REFRESH_FLOW
 from flows.expire import expire_images
@@ -123,11 +124,21 @@ def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
                     # Named by host and process: two workers of one pool on one host are two workers.
                     work_pool_name=work_pool_name(name), name=f"{socket.gethostname()}-{os.getpid()}-{name}",
                     create_pool_if_not_found=False, limit=settings.platform(name).max_concurrent_pulls)
-                workers.start_soon(_serve, worker)
+                workers.start_soon(_serve, worker, settings.state_dir, name)
 
     anyio.run(work)
 
 
-async def _serve(worker: WarmProcessWorker) -> None:
-    async with worker:
-        await worker.start()
+async def _serve(worker: WarmProcessWorker, state_dir: Path, platform: str) -> None:
+    """Run ``worker``, polling at its interval and whenever its doorbell rings (``deployments.doorbell``)."""
+    async with worker, await anyio.create_udp_socket(local_host="127.0.0.1") as bell:
+        with doorbell.hung(state_dir, platform, bell.extra(anyio.abc.SocketAttribute.local_port)):
+            async with anyio.create_task_group() as group:
+                group.start_soon(_answer, bell, worker)
+                await worker.start()
+                group.cancel_scope.cancel()
+
+
+async def _answer(bell: anyio.abc.UDPSocket, worker: WarmProcessWorker) -> None:
+    async for _ in bell:
+        await worker.get_and_submit_flow_runs()

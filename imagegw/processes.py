@@ -21,6 +21,17 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def listening(host: str, port: int) -> bool:
     """Whether something accepts TCP connections on ``host:port``."""
     try:

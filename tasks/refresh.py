@@ -18,7 +18,7 @@ from imagegw.store.watchlist import open_watch_list
 def refresh(settings: Settings, platform: Platform) -> RefreshReport:
     """Refresh the platform's tags; leave a table of what became of each (the watch list's entries included)."""
     report = refresh_platform(settings, platform, open_store(settings), open_watch_list(settings),
-                              DeploymentLauncher(str(settings.source)))
+                              DeploymentLauncher(settings))
     create_table_artifact(
         key=f"refresh-{platform.name.lower()}",
         table=[{"image": tag.image, "outcome": tag.outcome.value, "detail": tag.detail} for tag in report.tags]

@@ -87,7 +87,7 @@ def test_a_pull_cancelled_mid_download_fails_at_once_and_leaves_nothing_behind(
     push_image(gateway.registry, "cancel/big", "1", [LayerBuilder().file("noise", os.urandom(LAYER_SIZE))])
     tag = f"{slow_registry.host}/cancel/big:1"
     key = PullKey("mycluster", "docker", tag)
-    service = Gateway(gateway.settings, DeploymentLauncher(str(gateway.config_path)))
+    service = Gateway(gateway.settings, DeploymentLauncher(gateway.settings))
     store = gateway.store()
     scratch_parent = gateway.root / "expand"
 

@@ -32,7 +32,7 @@ def test_with_the_prefect_api_down_pulls_are_refused_and_lookups_keep_working(ga
     push_image(gateway.registry, "faults/new", "1", [LayerBuilder().file("f", b"new")])
     served, new = gateway.image("faults/served:1"), gateway.image("faults/new:1")
     assert pull(gateway, served)[0].is_completed()
-    service = Gateway(gateway.settings, DeploymentLauncher(str(gateway.config_path)))
+    service = Gateway(gateway.settings, DeploymentLauncher(gateway.settings))
 
     with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
         started = time.monotonic()

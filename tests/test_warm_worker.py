@@ -70,7 +70,7 @@ def test_a_pull_runs_in_a_process_forked_from_the_warm_server_and_shows_its_task
     push_image(gateway.registry, "warm/app", "1", [LayerBuilder().file("noise", os.urandom(LAYER_SIZE))])
     tag = f"{slow_registry.host}/warm/app:1"
     key = PullKey("mycluster", "docker", tag)
-    service = Gateway(gateway.settings, DeploymentLauncher(str(gateway.config_path)))
+    service = Gateway(gateway.settings, DeploymentLauncher(gateway.settings))
     store = gateway.store()
 
     service.pull(ROOT, "mycluster", "docker", tag, AclRequest())

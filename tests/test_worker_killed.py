@@ -132,7 +132,7 @@ def test_a_pull_whose_worker_is_killed_is_taken_over_by_a_later_request_and_leav
     push_image(gateway.registry, "killed/big", "1", [LayerBuilder().file("noise", noise)])
     tag = f"{slow_registry.host}/killed/big:1"
     key = PullKey("mycluster", "docker", tag)
-    service = Gateway(gateway.settings, DeploymentLauncher(str(gateway.config_path)))
+    service = Gateway(gateway.settings, DeploymentLauncher(gateway.settings))
     store = gateway.store()
     expand = gateway.root / "expand"
 

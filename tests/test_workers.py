@@ -12,13 +12,14 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
 
-from deployments import deployment_name
+from deployments import deployment_name, doorbell
 from deployments.launcher import DeploymentLauncher
 from deployments.platforms import deploy_platforms
 from imagegw.access import AclRequest
 from imagegw.service import Caller, Gateway
 from imagegw.store import PullKey
 from tests.gateway_fixtures import Gateway as GatewayFixture
+from tests.gateway_fixtures import record_once
 from tests.worker_fixtures import running_workers
 from testsupport.images import LayerBuilder, push_image
 
@@ -58,7 +59,7 @@ def test_two_workers_share_a_platform_and_never_exceed_its_limit(
     for number in range(IMAGES):
         push_image(gateway.registry, f"workers/image{number}", "1", [LayerBuilder().file("n", str(number).encode())])
         tags.append(gateway.image(f"workers/image{number}:1"))
-    service = Gateway(gateway.settings, DeploymentLauncher(str(gateway.config_path)))
+    service = Gateway(gateway.settings, DeploymentLauncher(gateway.settings))
 
     for tag in tags:  # at once: each request only creates a flow run
         service.pull(ROOT, "mycluster", "docker", tag, AclRequest())
@@ -104,3 +105,24 @@ def test_two_workers_share_a_platform_and_never_exceed_its_limit(
     submitted = [(gateway.root / f"worker-{number}.log").read_text().count("submitted to infrastructure")
                  for number in (1, 2)]
     print(f"flow runs each worker started: {submitted}")
+
+
+def test_a_pull_reaches_a_worker_on_the_gateways_host_at_once_not_at_its_next_poll(deployed: GatewayFixture) -> None:
+    gateway = deployed
+    push_image(gateway.registry, "workers/bell", "1", [LayerBuilder().file("b", b"bell")])
+    tag = gateway.image("workers/bell:1")
+    service = Gateway(gateway.settings, DeploymentLauncher(gateway.settings))
+    doorbells = gateway.settings.state_dir / doorbell.DOORBELLS
+    # Polling once a minute: only the doorbell can bring the run to it within seconds.
+    with running_workers(gateway, "mycluster", 1, same_host=True, PREFECT_WORKER_QUERY_SECONDS="60"):
+        assert len(list(doorbells.glob("mycluster@*"))) == 1
+        time.sleep(3)  # past the poll the worker makes as it starts
+
+        service.pull(ROOT, "mycluster", "docker", tag, AclRequest())
+        record = record_once(lambda: gateway.store().pull_record(PullKey("mycluster", "docker", tag)) or {},
+                             lambda record: record.get("status") in ("READY", "FAILURE"), "end of the pull", 20)
+        assert record["status"] == "READY", record.get("status_message")
+
+    # Killed outright, the worker left its doorbell: the next ring finds it dead and removes it.
+    assert doorbell.ring(gateway.settings.state_dir, "mycluster") == 0
+    assert list(doorbells.glob("mycluster@*")) == []

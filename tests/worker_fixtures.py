@@ -25,9 +25,11 @@ def online_workers(api_url: str, platform: str) -> int:
 
 
 @contextmanager
-def running_workers(gateway: Gateway, platform: str, count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``count`` workers of ``platform`` (standing in for as many hosts, each its own state directory), once
-    they are online; killed with whatever they started when the block ends. Logs: ``worker-<n>.log``."""
+def running_workers(gateway: Gateway, platform: str, count: int, *, same_host: bool = False,
+                    **environment_overrides: str) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` workers of ``platform`` (standing in for as many hosts, each its own state directory, unless
+    ``same_host``: then on the gateway's host, in its state directory), once they are online; killed with whatever
+    they started when the block ends. ``environment_overrides``: more of their environment. Logs: ``worker-<n>.log``."""
     api_url = PREFECT_API_URL.value()
     environment = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "IMAGEGW_"))}
     workers = []
@@ -38,8 +40,8 @@ def running_workers(gateway: Gateway, platform: str, count: int) -> Iterator[lis
                     [sys.executable, "-m", "cli", "worker", "--platform", platform,
                      "--config", str(gateway.config_path)],
                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                    env={**environment, "PREFECT_API_URL": api_url,
-                         "IMAGEGW_STATE_DIR": str(gateway.root / f"worker-{number}-state")}))
+                    env={**environment, "PREFECT_API_URL": api_url, **environment_overrides,
+                         **({} if same_host else {"IMAGEGW_STATE_DIR": str(gateway.root / f"worker-{number}-state")})}))
         deadline = time.monotonic() + START_TIMEOUT
         while online_workers(api_url, platform) < count:
             assert time.monotonic() < deadline, f"the {count} workers did not come online"

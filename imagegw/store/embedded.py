@@ -22,7 +22,7 @@ from pathlib import Path
 
 from imagegw.config import MONGODB_URI_ENV
 from imagegw.errors import IndexUnavailable
-from imagegw.processes import dying_with_this_process, free_port, listening, log_tail
+from imagegw.processes import alive, dying_with_this_process, free_port, listening, log_tail
 
 _START_TIMEOUT = 30.0
 _closers: dict[str, Callable[[], None]] = {}
@@ -50,7 +50,7 @@ def ensure_embedded_server(state_dir: Path) -> EmbeddedServer:
     """
     home = state_dir / "mongo"
     known = _known.get(home)
-    if known is not None and _alive(known.pid):
+    if known is not None and alive(known.pid):
         return known
     home.mkdir(parents=True, exist_ok=True)
     with open(home / "start.lock", "w") as lock:
@@ -87,7 +87,7 @@ def _running_server(home: Path) -> EmbeddedServer | None:
     except (OSError, ValueError):
         return None
     pid, port = recorded.get("pid"), recorded.get("port")
-    if not isinstance(pid, int) or not isinstance(port, int) or not _alive(pid) or not listening("127.0.0.1", port):
+    if not isinstance(pid, int) or not isinstance(port, int) or not alive(pid) or not listening("127.0.0.1", port):
         return None
     return EmbeddedServer(uri=f"mongodb://127.0.0.1:{port}", pid=pid, owned=False)
 
@@ -115,16 +115,6 @@ def _start_server(home: Path) -> EmbeddedServer:
     return EmbeddedServer(uri=f"mongodb://127.0.0.1:{port}", pid=process.pid, owned=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _wait_for_exit(pid: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -132,7 +122,7 @@ def _wait_for_exit(pid: int, timeout: float) -> None:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return
         except ChildProcessError:
-            if not _alive(pid):
+            if not alive(pid):
                 return
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
