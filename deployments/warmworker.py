@@ -5,7 +5,7 @@ Prefect's ``ProcessWorker`` starts every flow run as a new Python process (Prefe
 then execs the engine), and a pull waited for those imports before its first stage. Here the worker starts one
 ``multiprocessing`` fork server at its start, which imports Prefect and the flows once (``_PRELOAD``); each flow
 run is a child forked from it, which runs the run as ``python -m prefect.engine`` would (the flow run read by its
-id, the deployment's pull steps, the flow loaded from its entrypoint and run). Everything else is Prefect's own
+id, the flow taken from the modules the fork server imported, and run). Everything else is Prefect's own
 worker: the polling, the pool's concurrency limit, the run's states, logs and task runs, and cancellation (the
 run's process group gets SIGTERM, then SIGKILL), through the same executor as ``ProcessWorker``.
 
@@ -66,8 +66,9 @@ class WarmProcessWorker(ProcessWorker):
     async def run(self, flow_run: FlowRun, configuration: ProcessJobConfiguration,
                   task_status: anyio.abc.TaskStatus[int] | None = None) -> ProcessWorkerResult:
         # ProcessWorker.run with our starter in place of its command: the same executor owns the run's life.
+        entrypoint = await self._preloaded_entrypoint(flow_run)
         async with FlowRunExecutorContext() as context:
-            starter = _ForkedStarter(configuration.env, context.control_channel)
+            starter = _ForkedStarter(configuration.env, context.control_channel, entrypoint)
             executor = context.create_executor(flow_run, starter, resolve_flow=load_flow_from_flow_run,
                                                propose_submitting=False)
             execution: FlowRunExecutionResult | None = None
@@ -84,13 +85,27 @@ class WarmProcessWorker(ProcessWorker):
             raise RuntimeError("Failed to start flow run process.")
         return ProcessWorkerResult(status_code=execution.status_code, identifier=str(execution.handle.pid))
 
+    async def _preloaded_entrypoint(self, flow_run: FlowRun) -> str | None:
+        """The flow of ``flow_run``'s deployment as a module the fork server imported (``flows.pull.pull_image``),
+        if it is one. The run's process then takes the flow from its modules, as Prefect does given
+        ``PREFECT__FLOW_ENTRYPOINT``, instead of reading the deployment and running its pull step, which only
+        sets the working directory to this code's: a third of a second of every run."""
+        if flow_run.deployment_id is None:
+            return None
+        deployment = await self.client.read_deployment(flow_run.deployment_id)
+        path, _, function = (deployment.entrypoint or "").rpartition(":")
+        module = path.removesuffix(".py").replace("/", ".")
+        return f"{module}.{function}" if path.endswith(".py") and module in _PRELOAD else None
+
 
 class _ForkedStarter:
     """Starts one flow run in a child of the fork server and waits for it to exit (Prefect's ``ProcessStarter``)."""
 
-    def __init__(self, environment: dict[str, str | None], control_channel: ControlChannel) -> None:
+    def __init__(self, environment: dict[str, str | None], control_channel: ControlChannel,
+                 entrypoint: str | None) -> None:
         self._environment = environment
         self._control_channel = control_channel
+        self._entrypoint = {"PREFECT__FLOW_ENTRYPOINT": entrypoint} if entrypoint else {}
 
     async def start(self, flow_run: FlowRun,
                     task_status: anyio.abc.TaskStatus[ProcessHandle] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -99,7 +114,7 @@ class _ForkedStarter:
         port, token = self._control_channel.register(flow_run.id)
         ours = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True)}
         environment = sanitize_subprocess_env({
-            **ours, **self._environment,
+            **ours, **self._environment, **self._entrypoint,
             "PREFECT__FLOW_RUN_ID": str(flow_run.id), "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS": "false",
             "PREFECT__CONTROL_PORT": str(port), "PREFECT__CONTROL_TOKEN": token})
         # The child has Prefect's settings as the fork server read them, as this process has them; the job's
