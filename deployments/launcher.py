@@ -16,6 +16,10 @@ class DeploymentLauncher:
         # at this module's import: Prefect reads its settings (PREFECT_API_URL) as it is imported.
         from prefect.deployments import run_deployment
 
+        from deployments.tlscontexts import share_tls_contexts
+
+        share_tls_contexts()
+
         self._config_path = str(settings.source)
         self._state_dir = settings.state_dir
         self._run_deployment = run_deployment
