@@ -90,7 +90,7 @@ class WarmProcessWorker(ProcessWorker):
         """The flow of ``flow_run``'s deployment as a module the fork server imported (``flows.pull.pull_image``),
         if it is one. The run's process then takes the flow from its modules, as Prefect does given
         ``PREFECT__FLOW_ENTRYPOINT``, instead of reading the deployment and running its pull step, which only
-        sets the working directory to this code's: a third of a second of every run."""
+        sets the working directory to this code's (0.15–0.35 s of a run's start in the worker's log)."""
         if flow_run.deployment_id is None:
             return None
         deployment = await self.client.read_deployment(flow_run.deployment_id)
