@@ -8,7 +8,7 @@ of the time between a pull's request and its flow running. A verifying context i
 made, and one context may serve any number of connections, so a process shares one per CA file.
 
 This replaces the ``ssl`` name in Prefect's client module (a private detail): checked against the
-pinned Prefect (``pyproject.toml``) by ``tests/test_warm_worker.py``.
+pinned Prefect (``pyproject.toml``) by ``tests/test_tlscontexts.py``.
 """
 
 from __future__ import annotations
