@@ -231,7 +231,9 @@ class RemotePublisher:
         except (TransferError, StorageError, RemoteAccessRefused):
             raise
         except (OSError, EOFError, paramiko.SSHException) as exc:
-            if not self._connected():
+            # An SFTP server refuses with a status, never by ending the channel: an EOF is a broken
+            # connection even while the transport does not know it yet (seen once in CI).
+            if isinstance(exc, EOFError) or not self._connected():
                 self.close()
                 raise TransferError(f"{self}: the connection to {session.host} broke while {doing}: "
                                     f"{_reason(exc)}") from None
