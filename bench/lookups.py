@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -282,26 +283,23 @@ def client_process(api: str, path: str, credentials: list[str], threads: int, st
     lock = threading.Lock()
 
     def client(share: list[str]) -> None:
-        connection = http.client.HTTPConnection(api, timeout=30)
+        connection = LookupConnection(api)
         mine = []
         for credential in share:
             if stop.is_set():
                 break
             began = time.perf_counter()
             try:
-                connection.request("GET", path, headers={"authentication": credential})
-                response = connection.getresponse()
-                response.read()
-                ok = response.status == 200
-            except (OSError, http.client.HTTPException):
+                ok = connection.get(path, credential) == 200
+            except (OSError, ValueError):
                 connection.close()
-                connection = http.client.HTTPConnection(api, timeout=30)
                 ok = False
             if ok:
                 mine.append((time.perf_counter() - began) * 1000)
             else:
                 with lock:
                     errors[0] += 1
+        connection.close()
         with lock:
             latencies.extend(mine)
 
@@ -311,6 +309,61 @@ def client_process(api: str, path: str, credentials: list[str], threads: int, st
     for worker in workers:
         worker.join()
     results.put((latencies, errors[0], time.process_time()))
+
+
+class LookupConnection:
+    """A keep-alive HTTP/1.1 connection that sends GETs and reads each answer's status and body.
+
+    The clients share the gateway's two cores, where on a cluster they are on other nodes, so they do as
+    little as an HTTP client can: http.client parsed every answer's headers with the email package, 0.4 ms
+    of CPU a lookup, a fifth of what the lookup cost the gateway. The gateway answers with a Content-Length
+    (Shifter's C client needs it), and an answer without one is an error here.
+    """
+
+    def __init__(self, api: str, timeout: float = 30) -> None:
+        host, port = api.rsplit(":", 1)
+        self._address = (host, int(port))
+        self._host = api.encode()
+        self._timeout = timeout
+        self._socket: socket.socket | None = None
+        self._unread = b""
+
+    def get(self, path: str, credential: str) -> int:
+        """GET ``path`` with ``credential`` in the ``authentication`` header; the answer's status."""
+        if self._socket is None:
+            self._socket = socket.create_connection(self._address, timeout=self._timeout)
+            self._socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._socket.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nauthentication: %s\r\n\r\n"
+                             % (path.encode(), self._host, credential.encode()))
+        received = self._unread
+        while (end := received.find(b"\r\n\r\n")) < 0:
+            received += self._receive()
+        head, received = received[:end], received[end + 4:]
+        length = _content_length(head)
+        while len(received) < length:
+            received += self._receive()
+        self._unread = received[length:]
+        return int(head[9:12])
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+        self._socket, self._unread = None, b""
+
+    def _receive(self) -> bytes:
+        assert self._socket is not None
+        chunk = self._socket.recv(65536)
+        if not chunk:
+            raise ConnectionError("the gateway closed the connection in the middle of an answer")
+        return chunk
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    raise ValueError(f"an answer without a Content-Length: {head[:200]!r}")
 
 
 def cpu_times(root: int) -> dict[str, float]:
