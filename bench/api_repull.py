@@ -36,7 +36,7 @@ def main() -> int:
         raise RuntimeError("the benchmark's API does not start flow runs")
 
     app = create_app(load_settings(config), launcher)
-    root = Caller(uid=0, gid=0, user="root", groups=frozenset({0}))
+    root = Caller(uid=0, gid=0)
     for route in app.routes:
         for dependency in getattr(getattr(route, "dependant", None), "dependencies", []):
             if getattr(dependency.call, "__name__", "") == "caller":

@@ -18,4 +18,4 @@ os.environ.pop("IMAGEGW_STATE_DIR", None)
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="imagegw-test-cache-")
 
 pytest_plugins = ["testsupport.fixtures", "tests.gateway_fixtures", "tests.api_fixtures", "tests.fake_registry",
-                  "tests.layer_fixtures", "tests.disk_fixtures", "tests.iaas_fixtures"]
+                  "tests.layer_fixtures", "tests.disk_fixtures", "tests.iaas_fixtures", "tests.user_fixtures"]

@@ -24,7 +24,7 @@ from testsupport.faulty import FaultyProxy
 from testsupport.images import LayerBuilder, push_image
 from testsupport.munge import RunningMunged
 
-USER = Caller(uid=1000, gid=1000, user=None, groups=frozenset({1000}))
+USER = Caller(uid=1000, gid=1000)
 
 
 def test_with_the_prefect_api_down_pulls_are_refused_and_lookups_keep_working(gateway: GatewayFixture) -> None:

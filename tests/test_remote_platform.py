@@ -17,7 +17,7 @@ from tests.squashfs_reader import read_tree
 from testsupport.images import LayerBuilder, push_image
 from testsupport.sshd import SshServer, dead_address
 
-ROOT = Caller(uid=0, gid=0, user="root", groups=frozenset({0}))
+ROOT = Caller(uid=0, gid=0)
 
 
 def remote_platform(sshd: SshServer, image_dir: Path, *hosts: str) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from tests.worker_fixtures import running_workers
 from testsupport.images import LayerBuilder, push_image
 from testsupport.throttle import ThrottlingProxy
 
-ROOT = Caller(uid=0, gid=0, user="root", groups=frozenset({0}))
+ROOT = Caller(uid=0, gid=0)
 RATE = 1 << 20
 """Bytes a second the registry sends until the run's process has been looked at."""
 LAYER_SIZE = 8 << 20

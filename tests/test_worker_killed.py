@@ -41,7 +41,7 @@ from tests.worker_fixtures import running_workers
 from testsupport.images import LayerBuilder, push_image
 from testsupport.throttle import ThrottlingProxy
 
-ROOT = Caller(uid=0, gid=0, user="root", groups=frozenset({0}))
+ROOT = Caller(uid=0, gid=0)
 RATE = 1 << 20
 """Bytes a second the registry sends until the worker is killed."""
 LAYER_SIZE = 32 << 20

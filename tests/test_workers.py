@@ -25,7 +25,7 @@ from testsupport.images import LayerBuilder, push_image
 
 IMAGES = 10
 LIMIT = 2
-ROOT = Caller(uid=0, gid=0, user="root", groups=frozenset({0}))
+ROOT = Caller(uid=0, gid=0)
 
 
 def peak_overlap(spans: list[tuple[datetime, datetime]]) -> int:
