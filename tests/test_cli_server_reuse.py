@@ -124,4 +124,7 @@ def test_a_fresh_state_directory_gets_a_migrated_prefect_database(tmp_path: Path
     with closing(sqlite3.connect(second_root / "state" / "prefect" / "prefect.db")) as database:
         assert database.execute("PRAGMA user_version").fetchone() == (4242,), "the template was copied"
         [(run_name,)] = database.execute("SELECT name FROM flow_run").fetchall()
+        stages = {name.rsplit("-", 1)[0] for (name,) in
+                  database.execute("SELECT name FROM task_run WHERE state_type = 'COMPLETED'").fetchall()}
     assert run_name == f"pull {registry.host}/fresh/second:1 for {PLATFORM}"
+    assert {"pull", "unpack", "squash", "transfer", "index"} <= stages, "the temporary server recorded each stage"
