@@ -1,0 +1,127 @@
+"""Creating a pull's flow run while Prefect's server answers 503 (its SQLite database locked by another writer).
+
+A proxy in front of the real Prefect server turns the first tries at creating a run into 503s, as the server
+does when an insert finds the database taken; everything else reaches the server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from uuid import UUID
+
+import pytest
+import requests
+
+from deployments.launcher import DeploymentLauncher
+from deployments.platforms import deploy_platforms
+from imagegw.store import PullKey
+from tests.gateway_fixtures import Gateway
+
+StartProxy = Callable[[int, int], "RefusingProxy"]
+"""(status, refusals) → a proxy answering that many run creations with that status."""
+CREATE_RUN = re.compile(r"/api/deployments/[^/]+/create_flow_run")
+
+
+@dataclass
+class RefusingProxy:
+    """Answers the first ``refusals`` run creations with ``status``; forwards everything else to ``upstream``."""
+
+    upstream: str
+    status: int
+    refusals: int
+    creation_keys: list[str | None] = field(default_factory=list)
+    url: str = ""
+
+
+@pytest.fixture
+def proxy_for(prefect_api: None) -> Iterator[StartProxy]:
+    from prefect.settings import PREFECT_API_URL
+
+    servers: list[ThreadingHTTPServer] = []
+    upstream = str(PREFECT_API_URL.value()).removesuffix("/api")
+
+    def start(status: int, refusals: int) -> RefusingProxy:
+        proxy = RefusingProxy(upstream, status, refusals)
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(proxy))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        proxy.url = f"http://127.0.0.1:{server.server_address[1]}/api"
+        return proxy
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def _handler(proxy: RefusingProxy) -> type[BaseHTTPRequestHandler]:
+    class Forwarding(BaseHTTPRequestHandler):
+        def log_message(self, *_: object) -> None:
+            pass
+
+        def _forward(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.command == "POST" and CREATE_RUN.fullmatch(self.path):
+                proxy.creation_keys.append(json.loads(body).get("idempotency_key"))
+                if len(proxy.creation_keys) <= proxy.refusals:
+                    self._answer(proxy.status, b'{"exception_message": "Service Unavailable"}')
+                    return
+            headers = {name: value for name, value in self.headers.items() if name.lower() != "host"}
+            answer = requests.request(self.command, proxy.upstream + self.path, data=body, headers=headers,
+                                      timeout=30)
+            self._answer(answer.status_code, answer.content)
+
+        def _answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+    return Forwarding
+
+
+def launcher_through(proxy: RefusingProxy, gateway: Gateway) -> DeploymentLauncher:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: proxy.url}):
+        return DeploymentLauncher(gateway.settings)
+
+
+def test_a_run_refused_with_503_is_created_once_without_prefects_two_second_waits(
+        gateway: Gateway, proxy_for: StartProxy) -> None:
+    from prefect.client.orchestration import get_client
+
+    deploy_platforms(gateway.settings)
+    proxy = proxy_for(503, 2)
+    launch = launcher_through(proxy, gateway)
+
+    started = time.monotonic()
+    run_id = launch(PullKey("mycluster", "docker", "busy/app:1"), "pull-id-1")
+
+    # Prefect's client waits 2 s, then 4, after a 503: two of them cost it 6 s.
+    assert time.monotonic() - started < 2
+    assert proxy.creation_keys == ["pull-id-1"] * 3, "each try names the pull, so no try makes a second run"
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(run_id))
+    assert run.parameters["image"] == "busy/app:1"
+    assert run.idempotency_key == "pull-id-1"
+
+
+def test_an_error_other_than_503_is_not_tried_again(gateway: Gateway, proxy_for: StartProxy) -> None:
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    deploy_platforms(gateway.settings)
+    proxy = proxy_for(500, 1)
+    launch = launcher_through(proxy, gateway)
+
+    with pytest.raises(PrefectHTTPStatusError, match="500"):
+        launch(PullKey("mycluster", "docker", "broken/app:1"), "pull-id-2")
+    assert proxy.creation_keys == ["pull-id-2"]
