@@ -41,9 +41,12 @@ if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
     from prefect.runner._control_channel import ControlChannel
 
-_PRELOAD = ["prefect.engine", "prefect.flow_engine", "flows.pull", "flows.expire", "flows.refresh", __name__]
-"""What the fork server imports once: Prefect's engine and our flows, with the tasks and the domain they import, and
-this module (the child's code)."""
+_FLOWS = ["flows.pull", "flows.expire", "flows.refresh"]
+_PRELOAD = ["prefect.engine", "prefect.flow_engine", *_FLOWS, __name__,
+            "prefect.task_engine", "prefect.utilities.visualization", "anyio._backends._asyncio"]
+"""What the fork server imports once: Prefect's engine and our flows, with the tasks and the domain they import, this
+module (the child's code), and what Prefect imports only once a flow runs: its task engine, anyio's event loop
+backend, and its flow visualization (with graphviz, 0.12 s of the 0.15 s every run spent importing them)."""
 _FORK_SERVER = multiprocessing.get_context("forkserver")
 
 
@@ -96,7 +99,7 @@ class WarmProcessWorker(ProcessWorker):
         deployment = await self.client.read_deployment(flow_run.deployment_id)
         path, _, function = (deployment.entrypoint or "").rpartition(":")
         module = path.removesuffix(".py").replace("/", ".")
-        return f"{module}.{function}" if path.endswith(".py") and module in _PRELOAD else None
+        return f"{module}.{function}" if path.endswith(".py") and module in _FLOWS else None
 
 
 class _ForkedStarter:
