@@ -18,21 +18,19 @@ from imagegw.store import ImageFacts, ImageStore, PullKey, PullTracker, to_respo
 from tasks.retry import transient_failure
 
 
-# The plan carries the requester's registry login: it must never be persisted as a result.
-@task(name="plan", cache_policy=NONE, persist_result=False)
+# The look-ups before the stages are plain calls, not task runs: milliseconds of bookkeeping each, with nothing
+# to retry, and every task run costs Prefect's server its records, events and logs (bench/README.md).
 def plan(store: ImageStore, settings: Settings, key: PullKey) -> PullPlan:
     """Gather what the pull needs: the image's location, the requester's login and requested access."""
     return plan_pull(settings, key, handed=store.take_login(key), access=store.requested_access(key),
                      keychain=Keychain())
 
 
-@task(name="settle-access", cache_policy=NONE)
 def settle_access(store: ImageStore, job: PullPlan, image: ResolvedImage) -> Access:
     """Who may read the image once published: public, or the ACL of private pulls."""
     return store.settle_access(job.key.system, image.image_id, job.access)
 
 
-@task(name="check-published", cache_policy=NONE)
 def is_ready(store: ImageStore, publisher: Publisher, job: PullPlan, image: ResolvedImage) -> bool:
     """Whether this digest is already READY on the platform, its files in place."""
     return store.ready_image(job.key.system, image.image_id) is not None and publisher.is_published(image.image_id)
