@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deployments import deployment_name, doorbell
 from imagegw.config import Settings
@@ -27,10 +27,7 @@ class DeploymentLauncher:
     def __init__(self, settings: Settings) -> None:
         # Prefect imported now, as the API process starts, not by its first pull, which waited seconds for it. Not
         # at this module's import: Prefect reads its settings (PREFECT_API_URL) as it is imported.
-        from prefect.client.orchestration import get_client
-        from prefect.context import SettingsContext, get_settings_context
-        from prefect.exceptions import PrefectHTTPStatusError
-        from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
+        import prefect.client.orchestration  # noqa: F401
 
         from deployments.tlscontexts import share_tls_contexts
 
@@ -38,12 +35,8 @@ class DeploymentLauncher:
 
         self._config_path = str(settings.source)
         self._state_dir = settings.state_dir
-        self._get_client = get_client
-        self._busy_error = PrefectHTTPStatusError
-        # This process's Prefect settings without the client's own retries: the tries are made here. Made once
-        # (80 ms); entering it is a tenth of a millisecond.
-        no_retries = get_current_settings().copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
-        self._tries_made_here = lambda: SettingsContext(profile=get_settings_context().profile, settings=no_retries)
+        self._without_retries: tuple[Any, Any] = (None, None)
+        """(Prefect's settings, a copy of them without the client's retries): the copy takes 80 ms to make."""
 
     def __call__(self, key: PullKey, pull_id: str) -> str:
         run_id = self._create_run(key, pull_id)
@@ -53,10 +46,12 @@ class DeploymentLauncher:
     def _create_run(self, key: PullKey, pull_id: str) -> str:
         """The run of ``pull_id``, created once however many tries it takes: the pull's id is the run's
         idempotency key, for which Prefect's server returns the run it made, if it made one."""
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import PrefectHTTPStatusError
+
         delays = iter(LOCKED_RETRY_DELAYS)
         hooks = {"response": [_retry_after_busy_at_once]}
-        with self._tries_made_here(), self._get_client(sync_client=True, httpx_settings={"event_hooks": hooks}) \
-                as client:
+        with self._tries_made_here(), get_client(sync_client=True, httpx_settings={"event_hooks": hooks}) as client:
             while True:
                 try:
                     deployment = client.read_deployment_by_name(deployment_name(key.system))
@@ -68,11 +63,23 @@ class DeploymentLauncher:
                         idempotency_key=pull_id,
                     )
                     return str(run.id)
-                except self._busy_error as exc:
+                except PrefectHTTPStatusError as exc:
                     delay = next(delays, None)
                     if exc.response.status_code != SERVER_BUSY or delay is None:
                         raise
                     time.sleep(delay)
+
+    def _tries_made_here(self) -> Any:
+        """A context of the current Prefect settings without the client's own retries: the tries are made here."""
+        from prefect.context import SettingsContext, get_settings_context
+        from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings
+
+        current = get_current_settings()
+        seen, copy = self._without_retries
+        if seen is not current:
+            copy = current.copy_with_update(updates={PREFECT_CLIENT_MAX_RETRIES: 0})
+            self._without_retries = (current, copy)
+        return SettingsContext(profile=get_settings_context().profile, settings=copy)
 
     def end_dead_run(self, flow_run_id: str, reason: str) -> None:
         """Set the run CRASHED: its work pool counts only PENDING and RUNNING runs against the platform's

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler
 from uuid import UUID
 
 import pytest
@@ -22,77 +21,68 @@ from deployments.launcher import DeploymentLauncher
 from deployments.platforms import deploy_platforms
 from imagegw.store import PullKey
 from tests.gateway_fixtures import Gateway
+from testsupport.service import LoopbackHttpServer, answer_json
 
-StartProxy = Callable[[int, int], "RefusingProxy"]
-"""(status, refusals) → a proxy answering that many run creations with that status."""
 CREATE_RUN = re.compile(r"/api/deployments/[^/]+/create_flow_run")
 
 
-@dataclass
-class RefusingProxy:
-    """Answers the first ``refusals`` run creations with ``status``; forwards everything else to ``upstream``."""
+class RefusingProxy(LoopbackHttpServer):
+    """Answers the first ``refusals`` run creations with ``status``; relays everything else to ``upstream``."""
 
-    upstream: str
-    status: int
-    refusals: int
-    creation_keys: list[str | None] = field(default_factory=list)
-    url: str = ""
+    def __init__(self, upstream: str, status: int, refusals: int) -> None:
+        self.upstream = upstream
+        self.status = status
+        self.refusals = refusals
+        self.creation_keys: list[str | None] = []
+        """The idempotency key of each try at creating a run."""
+        super().__init__(_Relay)
+
+
+class _Relay(BaseHTTPRequestHandler):
+    def log_message(self, *_: object) -> None:
+        pass
+
+    def _relay(self) -> None:
+        proxy: RefusingProxy = self.server.owner  # type: ignore[attr-defined]
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.command == "POST" and CREATE_RUN.fullmatch(self.path):
+            proxy.creation_keys.append(json.loads(body).get("idempotency_key"))
+            if len(proxy.creation_keys) <= proxy.refusals:
+                answer_json(self, proxy.status, b'{"exception_message": "Service Unavailable"}')
+                return
+        headers = {name: value for name, value in self.headers.items() if name.lower() != "host"}
+        answer = requests.request(self.command, proxy.upstream + self.path, data=body, headers=headers, timeout=30)
+        answer_json(self, answer.status_code, answer.content)
+
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _relay  # noqa: N815 - http.server naming
+
+
+StartProxy = Callable[[int, int], RefusingProxy]
+"""(status, refusals) → a proxy answering that many run creations with that status."""
 
 
 @pytest.fixture
 def proxy_for(prefect_api: None) -> Iterator[StartProxy]:
     from prefect.settings import PREFECT_API_URL
 
-    servers: list[ThreadingHTTPServer] = []
     upstream = str(PREFECT_API_URL.value()).removesuffix("/api")
+    started: list[RefusingProxy] = []
 
     def start(status: int, refusals: int) -> RefusingProxy:
-        proxy = RefusingProxy(upstream, status, refusals)
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(proxy))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        proxy.url = f"http://127.0.0.1:{server.server_address[1]}/api"
-        return proxy
+        started.append(RefusingProxy(upstream, status, refusals))
+        return started[-1]
 
     yield start
-    for server in servers:
-        server.shutdown()
+    for proxy in started:
+        proxy.stop()
 
 
-def _handler(proxy: RefusingProxy) -> type[BaseHTTPRequestHandler]:
-    class Forwarding(BaseHTTPRequestHandler):
-        def log_message(self, *_: object) -> None:
-            pass
-
-        def _forward(self) -> None:
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if self.command == "POST" and CREATE_RUN.fullmatch(self.path):
-                proxy.creation_keys.append(json.loads(body).get("idempotency_key"))
-                if len(proxy.creation_keys) <= proxy.refusals:
-                    self._answer(proxy.status, b'{"exception_message": "Service Unavailable"}')
-                    return
-            headers = {name: value for name, value in self.headers.items() if name.lower() != "host"}
-            answer = requests.request(self.command, proxy.upstream + self.path, data=body, headers=headers,
-                                      timeout=30)
-            self._answer(answer.status_code, answer.content)
-
-        def _answer(self, status: int, body: bytes) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
-
-    return Forwarding
-
-
-def launcher_through(proxy: RefusingProxy, gateway: Gateway) -> DeploymentLauncher:
+@contextmanager
+def prefect_through(proxy: RefusingProxy) -> Iterator[None]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: proxy.url}):
-        return DeploymentLauncher(gateway.settings)
+    with temporary_settings({PREFECT_API_URL: f"{proxy.url}/api"}):
+        yield
 
 
 def test_a_run_refused_with_503_is_created_once_without_prefects_two_second_waits(
@@ -101,10 +91,11 @@ def test_a_run_refused_with_503_is_created_once_without_prefects_two_second_wait
 
     deploy_platforms(gateway.settings)
     proxy = proxy_for(503, 2)
-    launch = launcher_through(proxy, gateway)
+    launch = DeploymentLauncher(gateway.settings)
 
     started = time.monotonic()
-    run_id = launch(PullKey("mycluster", "docker", "busy/app:1"), "pull-id-1")
+    with prefect_through(proxy):
+        run_id = launch(PullKey("mycluster", "docker", "busy/app:1"), "pull-id-1")
 
     # Prefect's client waits 2 s, then 4, after a 503: two of them cost it 6 s.
     assert time.monotonic() - started < 2
@@ -120,8 +111,8 @@ def test_an_error_other_than_503_is_not_tried_again(gateway: Gateway, proxy_for:
 
     deploy_platforms(gateway.settings)
     proxy = proxy_for(500, 1)
-    launch = launcher_through(proxy, gateway)
+    launch = DeploymentLauncher(gateway.settings)
 
-    with pytest.raises(PrefectHTTPStatusError, match="500"):
+    with prefect_through(proxy), pytest.raises(PrefectHTTPStatusError, match="500"):
         launch(PullKey("mycluster", "docker", "broken/app:1"), "pull-id-2")
     assert proxy.creation_keys == ["pull-id-2"]

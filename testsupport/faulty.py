@@ -16,7 +16,7 @@ from typing import Any
 
 import requests
 
-from testsupport.service import LoopbackHttpServer
+from testsupport.service import LoopbackHttpServer, answer_json
 
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 
@@ -66,7 +66,7 @@ class _Relay(BaseHTTPRequestHandler):
         proxy.seen.append(f"{self.command} {self.path}")
         if proxy.failures > 0:
             proxy.failures -= 1
-            self._answer(proxy.failure_status, b'{"errors": [{"code": "UNAVAILABLE", "message": "injected"}]}')
+            answer_json(self, proxy.failure_status, b'{"errors": [{"code": "UNAVAILABLE", "message": "injected"}]}')
             return
         headers = {name: value for name, value in self.headers.items() if name.lower() != "host"}
         with requests.request(self.command, proxy.upstream + self.path, headers=headers, stream=True,
@@ -95,13 +95,6 @@ class _Relay(BaseHTTPRequestHandler):
                     return
                 self.wfile.write(chunk)
                 sent += len(chunk)
-
-    def _answer(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass

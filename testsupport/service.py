@@ -61,6 +61,15 @@ class LoopbackHttpServer(StoppedOnExit):
             thread.join(timeout=5)
 
 
+def answer_json(handler: BaseHTTPRequestHandler, status: int, body: bytes) -> None:
+    """Send a whole JSON answer, with its Content-Length, from a request handler."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def wait_until_answering(answers: Callable[[], bool], process: subprocess.Popen[bytes] | None, timeout: float,
                          interval: float) -> bool:
     """Poll ``answers`` until it is true; False once ``process`` has exited or ``timeout`` s passed."""
