@@ -35,6 +35,7 @@ from prefect.utilities.processutils import sanitize_subprocess_env
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
 from deployments.tlscontexts import share_tls_contexts
+from flows import RUN_TIME_IMPORTS
 from imagegw.processes import die_with_parent
 
 if TYPE_CHECKING:
@@ -42,11 +43,9 @@ if TYPE_CHECKING:
     from prefect.runner._control_channel import ControlChannel
 
 _FLOWS = ["flows.pull", "flows.expire", "flows.refresh"]
-_PRELOAD = ["prefect.engine", "prefect.flow_engine", *_FLOWS, __name__,
-            "prefect.task_engine", "prefect.utilities.visualization", "anyio._backends._asyncio"]
+_PRELOAD = ["prefect.engine", *_FLOWS, __name__, *RUN_TIME_IMPORTS]
 """What the fork server imports once: Prefect's engine and our flows, with the tasks and the domain they import, this
-module (the child's code), and what Prefect imports only once a flow runs: its task engine, anyio's event loop
-backend, and its flow visualization (with graphviz, 0.12 s of the 0.15 s every run spent importing them)."""
+module (the child's code), and what Prefect imports only once a flow runs (each run imported it again)."""
 _FORK_SERVER = multiprocessing.get_context("forkserver")
 
 
