@@ -25,10 +25,9 @@ class DeploymentLauncher:
     (``deployments.doorbell``), and returns at once (a worker runs it)."""
 
     def __init__(self, settings: Settings) -> None:
-        # Prefect imported now, as the API process starts, not by its first pull, which waited seconds for it. Not
-        # at this module's import: Prefect reads its settings (PREFECT_API_URL) as it is imported.
-        import prefect.client.orchestration  # noqa: F401
-
+        # Prefect's client imported now (by tlscontexts), as the API process starts, not by its first pull, which
+        # waited seconds for it. Not at this module's import: Prefect reads its settings (PREFECT_API_URL) as it is
+        # imported.
         from deployments.tlscontexts import share_tls_contexts
 
         share_tls_contexts()
