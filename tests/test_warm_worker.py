@@ -102,8 +102,11 @@ def test_a_pull_runs_in_a_process_forked_from_the_warm_server_and_shows_its_task
         wait_for("task runs of every stage", stages, 30)
         wait_for("completed flow run", lambda: client.read_flow_run(flow_run_id).state_type.value == "COMPLETED", 30)
         ours_logged = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
-        # The run's process ships its logs in batches, which may arrive after its state.
-        logs = wait_for("the run's logs", lambda: (found := client.read_logs(ours_logged)) and any(
-            "Beginning flow run" in log.message for log in found) and found, 30)
+
+        def run_logs() -> list[Any]:  # the run's process ships its logs in batches, which may arrive after its state
+            logs = client.read_logs(ours_logged)
+            return logs if any("Beginning flow run" in log.message for log in logs) else []
+
+        logs = wait_for("the run's logs", run_logs, 30)
         # The flow came from the fork server's modules, not from reading the deployment and running its pull step.
         assert not any("pull step" in log.message for log in logs)
