@@ -148,10 +148,12 @@ def pull_command(args: argparse.Namespace) -> int:
     server = _prefect_server_for_pull(settings)  # before Prefect's import: a server started now starts meanwhile
     from prefect import tags  # Prefect reads its settings at import, so import it late.
 
+    from deployments.tlscontexts import share_tls_contexts
     from flows import import_run_time_modules
     from flows.pull import pull_image
 
     import_run_time_modules()  # while the temporary server, if any, still starts
+    share_tls_contexts()  # the run makes a Prefect client for each task run
     # What is imported lives as long as this one-shot process: frozen, it is left out of the
     # garbage collector's passes, which otherwise walk all of Prefect's objects again and again.
     gc.freeze()
