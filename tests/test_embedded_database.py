@@ -1,4 +1,4 @@
-"""With no MongoDBURI the gateway runs SecantusDB itself, and stops it when it exits."""
+"""With no MongoDBURI the gateway runs SecantusDB itself, and stops it when it exits, with what it wrote kept."""
 
 from __future__ import annotations
 
@@ -26,6 +26,25 @@ def test_gateway_starts_the_embedded_database_and_stops_it_on_exit(tmp_path: Pat
     assert (home / "data").is_dir() and "listening" in (home / "secantus.log").read_text()
     assert not (home / "server.json").exists()
     assert not [command for command in _command_lines() if "secantus" in command and str(home) in command]
+
+
+def test_what_one_command_wrote_is_read_by_the_next_after_the_database_stopped(tmp_path: Path) -> None:
+    config = tmp_path / "imagemanager.json"
+    config.write_text(json.dumps({
+        "StateDirectory": str(tmp_path / "state"),
+        "Platforms": {"c": {"accesstype": "local", "local": {"imageDir": str(tmp_path / "images")}}},
+    }))
+    env = {key: value for key, value in os.environ.items() if key != "IMAGEGW_MONGODB_URI"}
+    imagegw = os.path.join(os.path.dirname(sys.executable), "imagegw")
+
+    added = subprocess.run([imagegw, "watch", "add", "ubuntu:24.04", "-p", "c", "-c", str(config)],
+                           env=env, capture_output=True, text=True, timeout=60)
+    listed = subprocess.run([imagegw, "watch", "list", "-p", "c", "-c", str(config)],
+                            env=env, capture_output=True, text=True, timeout=60)
+
+    assert added.returncode == 0, added.stderr
+    assert listed.returncode == 0, listed.stderr
+    assert "ubuntu:24.04" in listed.stdout
 
 
 def _command_lines() -> list[str]:
