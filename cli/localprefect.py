@@ -1,4 +1,5 @@
-"""The Prefect server an ``imagegw pull`` runs against when it is given none and no ``imagegw serve`` runs.
+"""Which Prefect server a command of this host uses; the one an ``imagegw pull`` starts when it is given none
+and no ``imagegw serve`` runs.
 
 Left to itself, Prefect starts a temporary server when the flow starts: after the command has imported
 Prefect and started the database, one after the other; and on a fresh state directory that server first
@@ -10,6 +11,7 @@ pulls migrated, kept under the user's cache directory. The figures are in bench/
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 import sqlite3
@@ -20,10 +22,15 @@ from contextlib import closing
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from urllib.request import urlopen
 
+from imagegw.config import Settings
 from imagegw.errors import ServiceUnavailable
 from imagegw.processes import dying_with_this_process, log_tail
 
+SERVED_PREFECT_API = "prefect-api-url"
+"""The file under the state directory naming the Prefect API of the ``serve`` running on it, for
+``imagegw pull``: a pull through a running server skips starting a temporary one (bench/README.md)."""
 START_TIMEOUT = 120.0
 """A fresh database without a template runs the migrations first (~10 s here): room for a busy small host."""
 TEMPORARY_SERVER_SPARED = {
@@ -40,6 +47,70 @@ TEMPORARY_SERVER_SPARED = {
 The flow run, its task runs, logs and events are recorded as by any server."""
 DATABASE_SETTINGS = ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL")
 """Where an operator points Prefect at another database, whose schema is not the template's business."""
+
+
+def prepare_prefect_environment(settings: Settings, *, verbose: bool) -> None:
+    """Keep Prefect's state under the gateway's state directory unless the operator chose otherwise."""
+    os.environ.setdefault("PREFECT_HOME", str(settings.state_dir / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    # A gateway host is usually offline; telemetry would only time out (and print a notice).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    # A first ephemeral start runs the database migrations, which take long on a small host.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def prefect_server_for_pull(settings: Settings) -> TemporaryPrefectServer | None:
+    """Where the pull's flow run reports: PREFECT_API_URL; else the Prefect server of an ``imagegw serve`` on this
+    state directory (the run then shows in the gateway's UI); else a temporary server, started here.
+
+    With Prefect already imported (by a program calling ``cli.main.main``), its settings decide, as they were read.
+    """
+    if os.environ.get("PREFECT_API_URL") or "prefect" in sys.modules:
+        return None
+    served = served_prefect_api(settings)
+    if served is not None:
+        os.environ["PREFECT_API_URL"] = served
+        return None
+    server = TemporaryPrefectServer.start(Path(os.environ["PREFECT_HOME"]),
+                                          settings.state_dir / "logs" / "prefect-temporary-server.log")
+    # Registered before Prefect's own exit handlers, so it runs after them: they deliver the run's last logs.
+    atexit.register(server.stop)
+    return server
+
+
+def served_prefect_api(settings: Settings) -> str | None:
+    """The Prefect API of the ``imagegw serve`` running on this state directory, if it answers.
+
+    A serve killed outright leaves its file behind, naming a server that died with it (or, later, whatever
+    took its port): only a server answering Prefect's health check counts.
+    """
+    try:
+        api_url = (settings.state_dir / SERVED_PREFECT_API).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return api_url if api_url and prefect_healthy(api_url) else None
+
+
+def record_served_prefect_api(settings: Settings, api_url: str) -> Path:
+    """Name the Prefect API ``imagegw serve`` uses in a file under the state directory, written whole or not at all
+    (a pull may read it any time); return the file."""
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    recorded = settings.state_dir / SERVED_PREFECT_API
+    partial = recorded.with_name(f"{SERVED_PREFECT_API}.{os.getpid()}")
+    partial.write_text(f"{api_url}\n")
+    partial.replace(recorded)
+    return recorded
+
+
+def prefect_healthy(api_url: str) -> bool:
+    """Whether the Prefect API at ``api_url`` answers its health check."""
+    try:
+        with urlopen(f"{api_url}/health", timeout=2) as answer:
+            return answer.read().strip() == b"true"
+    except OSError:  # refused, an error status, a timeout
+        return False
 
 
 @dataclass
@@ -106,16 +177,8 @@ class TemporaryPrefectServer:
             self.process.terminate()
 
     def _wait_until_healthy(self) -> None:
-        from urllib.request import urlopen
-
         deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                with urlopen(f"{self.api_url}/health", timeout=2) as answer:
-                    if answer.read().strip() == b"true":
-                        return
-            except OSError:  # not listening yet
-                pass
+        while not prefect_healthy(self.api_url):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 problem = (f"exited with status {self.process.returncode}" if self.process.poll() is not None
                            else f"did not answer within {START_TIMEOUT:.0f} s")

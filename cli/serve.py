@@ -28,6 +28,7 @@ from types import FrameType
 from urllib.parse import quote, urlsplit, urlunsplit
 from urllib.request import Request, urlopen
 
+from cli.localprefect import prefect_healthy, record_served_prefect_api
 from deployments import work_pool_name
 from imagegw.config import MONGODB_URI_ENV, Settings
 from imagegw.errors import ServiceUnavailable
@@ -47,9 +48,6 @@ its doorbell for every pull, so the poll finds only scheduled runs and retries. 
 on another host does, cost the Prefect server a fortieth of a core while the gateway stood idle."""
 DEPLOY_TIMEOUT = 120.0
 """Registering the deployments imports Prefect and talks to the server: seconds on a busy small host."""
-SERVED_PREFECT_API = "prefect-api-url"
-"""The file under the state directory naming the Prefect API of the ``serve`` running on it, for
-``imagegw pull``: a pull through a running server skips starting a temporary one (bench/README.md)."""
 
 
 class _Stopped(Exception):
@@ -180,14 +178,14 @@ def serve(settings: Settings, *, host: str, port: int, prefect_port: int) -> int
         print(f"database {_database(settings)}", flush=True)
         api_url = os.environ.get("PREFECT_API_URL")
         if api_url:
-            children.wait_until(lambda: _prefect_healthy(api_url), EXTERNAL_PREFECT_TIMEOUT,
+            children.wait_until(lambda: prefect_healthy(api_url), EXTERNAL_PREFECT_TIMEOUT,
                                 f"the Prefect server at {api_url} (PREFECT_API_URL)")
             print(f"Prefect UI {_ui_url(api_url)} (PREFECT_API_URL)", flush=True)
         else:
             api_url = _start_prefect_server(children, settings, prefect_port)
             print(f"Prefect UI {_ui_url(api_url)}", flush=True)
         os.environ["PREFECT_API_URL"] = api_url
-        recorded = _record_prefect_api(settings, api_url)
+        recorded = record_served_prefect_api(settings, api_url)
         _deploy(children, settings)
         _start_worker(children, settings)
         print(f"worker for platforms {', '.join(settings.platforms)}", flush=True)
@@ -203,30 +201,6 @@ def serve(settings: Settings, *, host: str, port: int, prefect_port: int) -> int
             recorded.unlink(missing_ok=True)
         # The embedded database stops last, when this process exits (imagegw.store.embedded registers that).
         children.stop_all()
-
-
-def served_prefect_api(settings: Settings) -> str | None:
-    """The Prefect API of the ``imagegw serve`` running on this state directory, if it answers.
-
-    A serve killed outright leaves its file behind, naming a server that died with it (or, later, whatever
-    took its port): only a server answering Prefect's health check counts.
-    """
-    try:
-        api_url = (settings.state_dir / SERVED_PREFECT_API).read_text().strip()
-    except FileNotFoundError:
-        return None
-    return api_url if api_url and _prefect_healthy(api_url) else None
-
-
-def _record_prefect_api(settings: Settings, api_url: str) -> Path:
-    """Name the Prefect API in use in a file under the state directory, written whole or not at all (a pull
-    may read it any time); return the file."""
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
-    recorded = settings.state_dir / SERVED_PREFECT_API
-    partial = recorded.with_name(f"{SERVED_PREFECT_API}.{os.getpid()}")
-    partial.write_text(f"{api_url}\n")
-    partial.replace(recorded)
-    return recorded
 
 
 def _stop_requested_by_signals() -> threading.Event:
@@ -266,7 +240,7 @@ def _start_prefect_server(children: Children, settings: Settings, port: int) -> 
     server = children.spawn("the Prefect server", [sys.executable, "-m", "prefect", "server", "start"],
                             _log_dir(settings) / "prefect-server.log", env)
     api_url = f"http://127.0.0.1:{port}/api"
-    children.wait_until(lambda: _prefect_healthy(api_url), PREFECT_START_TIMEOUT, f"{api_url}/health", server)
+    children.wait_until(lambda: prefect_healthy(api_url), PREFECT_START_TIMEOUT, f"{api_url}/health", server)
     return api_url
 
 
@@ -299,10 +273,6 @@ def _start_api(children: Children, settings: Settings, host: str, port: int) -> 
 
 def _imagegw(*arguments: str) -> list[str]:
     return [sys.executable, "-m", "cli", *arguments]
-
-
-def _prefect_healthy(api_url: str) -> bool:
-    return _get(f"{api_url}/health") == b"true"
 
 
 def _pool_ready(api_url: str, platform: str) -> bool:

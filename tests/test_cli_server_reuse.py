@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from cli.serve import SERVED_PREFECT_API
+from cli.localprefect import SERVED_PREFECT_API
 from imagegw.processes import descendants
 from tests.serve_fixtures import PLATFORM, STOP_TIMEOUT, gateway_env, processes_mentioning, serving, write_config
 from testsupport.images import LayerBuilder, push_image
