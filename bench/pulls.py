@@ -44,7 +44,7 @@ import requests  # noqa: E402 (after the sys.path line)
 
 from bench.lookups import PLATFORM, request, start_serve, write_config  # noqa: E402
 from bench.measure import tree_rss  # noqa: E402
-from cli.serve import served_prefect_api  # noqa: E402
+from cli.localprefect import served_prefect_api  # noqa: E402
 from imagegw.build import LayerSource, build_squashfs_streamed, prepare_layer, streamed_build  # noqa: E402
 from imagegw.config import Settings, load_settings  # noqa: E402
 from imagegw.plan import plan_pull, pull_key  # noqa: E402
