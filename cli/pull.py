@@ -18,7 +18,7 @@ from prefect import tags
 
 from cli.localprefect import TemporaryPrefectServer
 from cli.output import print_json
-from deployments.tlscontexts import share_tls_contexts
+from deployments.prefectclients import tune_prefect_clients
 from flows import import_run_time_modules
 from flows.pull import pull_image
 from imagegw.config import Settings
@@ -34,7 +34,7 @@ def pull(args: argparse.Namespace, settings: Settings, server: TemporaryPrefectS
     was started for it; print the record."""
     job = plan_pull(settings, pull_key(args.platform, args.image))
     import_run_time_modules()  # while the temporary server, if any, still starts
-    share_tls_contexts()  # the run makes a Prefect client for each task run
+    tune_prefect_clients()  # the run makes a Prefect client for each task run
     # What is imported lives as long as this one-shot process: frozen, it is left out of the
     # garbage collector's passes, which otherwise walk all of Prefect's objects again and again.
     gc.freeze()

@@ -27,7 +27,7 @@ from prefect.workers.process import ProcessWorker
 
 import flows
 from deployments import doorbell, work_pool_name
-from deployments.tlscontexts import share_tls_contexts
+from deployments.prefectclients import tune_prefect_clients
 from deployments.warmworker import WarmProcessWorker, start_fork_server
 from flows import EXPIRE_FLOW, PULL_FLOW, REFRESH_FLOW
 from flows.expire import expire_images
@@ -116,7 +116,7 @@ def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
             except ObjectNotFound:
                 raise ConfigError(f"the work pool {work_pool_name(name)} does not exist on the Prefect server: "
                                   "run `imagegw deploy` first") from None
-    share_tls_contexts()
+    tune_prefect_clients()
     start_fork_server()  # before any run is taken: the first one must not wait for its imports
 
     async def work() -> None:

@@ -34,7 +34,7 @@ from prefect.settings import get_current_settings
 from prefect.utilities.processutils import sanitize_subprocess_env
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 
-from deployments.tlscontexts import share_tls_contexts
+from deployments.prefectclients import tune_prefect_clients
 from flows import RUN_TIME_IMPORTS
 from imagegw.processes import die_with_parent
 
@@ -158,7 +158,7 @@ def _run_flow_run(environment: dict[str, str], settings_changed: bool) -> None:
     die_with_parent()  # the fork server, which exits when the worker does
     os.environ.clear()
     os.environ.update(environment)
-    share_tls_contexts()
+    tune_prefect_clients()
     from prefect.context import SettingsContext, get_settings_context
     from prefect.settings import Settings
 
