@@ -23,7 +23,8 @@ import os
 import runpy
 import sys
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import anyio
 import anyio.abc
@@ -66,6 +67,12 @@ warnings.filterwarnings("ignore", message="Type 'WarmProcessWorker'", category=U
 class WarmProcessWorker(ProcessWorker):
     """``ProcessWorker`` with each flow run forked from the fork server (``start_fork_server``)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._entrypoints: dict[UUID, str | None] = {}
+        """Each deployment's flow as a preloaded module, read once: the fork server imported the flows once too,
+        so a deployment changed to another flow needs the worker restarted either way."""
+
     async def run(self, flow_run: FlowRun, configuration: ProcessJobConfiguration,
                   task_status: anyio.abc.TaskStatus[int] | None = None) -> ProcessWorkerResult:
         # ProcessWorker.run with our starter in place of its command: the same executor owns the run's life.
@@ -95,10 +102,13 @@ class WarmProcessWorker(ProcessWorker):
         sets the working directory to this code's (0.15–0.35 s of a run's start in the worker's log)."""
         if flow_run.deployment_id is None:
             return None
-        deployment = await self.client.read_deployment(flow_run.deployment_id)
-        path, _, function = (deployment.entrypoint or "").rpartition(":")
-        module = path.removesuffix(".py").replace("/", ".")
-        return f"{module}.{function}" if path.endswith(".py") and module in _FLOWS else None
+        if flow_run.deployment_id not in self._entrypoints:
+            deployment = await self.client.read_deployment(flow_run.deployment_id)
+            path, _, function = (deployment.entrypoint or "").rpartition(":")
+            module = path.removesuffix(".py").replace("/", ".")
+            preloaded = f"{module}.{function}" if path.endswith(".py") and module in _FLOWS else None
+            self._entrypoints[flow_run.deployment_id] = preloaded
+        return self._entrypoints[flow_run.deployment_id]
 
 
 class _ForkedStarter:
