@@ -8,17 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+IMAGEGW = os.path.join(os.path.dirname(sys.executable), "imagegw")
 
-def test_gateway_starts_the_embedded_database_and_stops_it_on_exit(tmp_path: Path) -> None:
+
+def imagegw(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """``imagegw ARGUMENTS -p c`` on a configuration without MongoDBURI, its state under ``tmp_path``."""
     config = tmp_path / "imagemanager.json"
     config.write_text(json.dumps({
         "StateDirectory": str(tmp_path / "state"),
         "Platforms": {"c": {"accesstype": "local", "local": {"imageDir": str(tmp_path / "images")}}},
     }))
     env = {key: value for key, value in os.environ.items() if key != "IMAGEGW_MONGODB_URI"}
-    command = [os.path.join(os.path.dirname(sys.executable), "imagegw"), "images", "-p", "c", "-c", str(config)]
+    return subprocess.run([IMAGEGW, *arguments, "-p", "c", "-c", str(config)], env=env, capture_output=True,
+                          text=True, timeout=60)
 
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+def test_gateway_starts_the_embedded_database_and_stops_it_on_exit(tmp_path: Path) -> None:
+    done = imagegw(tmp_path, "images")
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["TAG", "ID", "SIZE", "PULLED", "EXPIRES"]
@@ -29,18 +35,8 @@ def test_gateway_starts_the_embedded_database_and_stops_it_on_exit(tmp_path: Pat
 
 
 def test_what_one_command_wrote_is_read_by_the_next_after_the_database_stopped(tmp_path: Path) -> None:
-    config = tmp_path / "imagemanager.json"
-    config.write_text(json.dumps({
-        "StateDirectory": str(tmp_path / "state"),
-        "Platforms": {"c": {"accesstype": "local", "local": {"imageDir": str(tmp_path / "images")}}},
-    }))
-    env = {key: value for key, value in os.environ.items() if key != "IMAGEGW_MONGODB_URI"}
-    imagegw = os.path.join(os.path.dirname(sys.executable), "imagegw")
-
-    added = subprocess.run([imagegw, "watch", "add", "ubuntu:24.04", "-p", "c", "-c", str(config)],
-                           env=env, capture_output=True, text=True, timeout=60)
-    listed = subprocess.run([imagegw, "watch", "list", "-p", "c", "-c", str(config)],
-                            env=env, capture_output=True, text=True, timeout=60)
+    added = imagegw(tmp_path, "watch", "add", "ubuntu:24.04")
+    listed = imagegw(tmp_path, "watch", "list")
 
     assert added.returncode == 0, added.stderr
     assert listed.returncode == 0, listed.stderr
