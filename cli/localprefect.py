@@ -20,6 +20,7 @@ import sys
 import time
 from contextlib import closing
 from dataclasses import dataclass
+from http.client import HTTPException
 from importlib.metadata import version
 from pathlib import Path
 from urllib.request import urlopen
@@ -109,7 +110,7 @@ def prefect_healthy(api_url: str) -> bool:
     try:
         with urlopen(f"{api_url}/health", timeout=2) as answer:
             return answer.read().strip() == b"true"
-    except OSError:  # refused, an error status, a timeout
+    except (OSError, HTTPException, ValueError):  # refused, an error status, a timeout, not HTTP, not a URL
         return False
 
 

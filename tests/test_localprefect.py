@@ -1,14 +1,17 @@
-"""Which Prefect database ``imagegw pull``'s temporary server may open without checking Prefect's migrations first."""
+"""Which Prefect server a command uses: whether one answers, and which database a temporary one may open without
+checking Prefect's migrations first."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
+import threading
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from cli.localprefect import _migrated_as_template, template_path
+from cli.localprefect import _migrated_as_template, prefect_healthy, template_path
 
 
 def _database(path: Path, migration: str | None) -> Path:
@@ -43,3 +46,19 @@ def test_a_database_an_other_prefect_migrated_is_checked(cache: Path) -> None:
 
 def test_without_a_template_every_database_is_checked(cache: Path) -> None:
     assert not _migrated_as_template(_database(cache / "made" / "prefect.db", "27d8f4e1a6c9"))
+
+
+def test_a_server_counts_as_healthy_only_when_prefects_health_check_answers_true() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def answer_not_http() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(4096)
+                connection.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+        threading.Thread(target=answer_not_http, daemon=True).start()
+        assert not prefect_healthy(f"http://127.0.0.1:{listener.getsockname()[1]}/api")
+    assert not prefect_healthy("127.0.0.1:4200/api"), "no scheme: not a URL urllib can open"
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        port = closed.getsockname()[1]
+    assert not prefect_healthy(f"http://127.0.0.1:{port}/api")
