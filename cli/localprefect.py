@@ -109,9 +109,10 @@ def prefect_healthy(api_url: str) -> bool:
     """Whether the Prefect API at ``api_url`` answers its health check."""
     try:
         with urlopen(f"{api_url}/health", timeout=2) as answer:
-            return answer.read().strip() == b"true"
+            body: bytes = answer.read()
     except (OSError, HTTPException, ValueError):  # refused, an error status, a timeout, not HTTP, not a URL
         return False
+    return body.strip() == b"true"
 
 
 @dataclass

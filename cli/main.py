@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        handler = args.command
-        if isinstance(handler, str):
-            handler = getattr(importlib.import_module("cli.commands"), handler)
+        command: Handler = args.command
+        handler: Callable[[argparse.Namespace], int] = (
+            getattr(importlib.import_module("cli.commands"), command) if isinstance(command, str) else command)
         return handler(args)
     except ImagegwError as exc:
         print(f"imagegw: {exc}", file=sys.stderr)

@@ -38,8 +38,8 @@ def tune_prefect_clients() -> None:
     """From now on, this process's Prefect clients share their TLS context and try a 503 again at once (idempotent)."""
     if not isinstance(_clients.ssl, _SharingSSL):  # type: ignore[attr-defined]
         _clients.ssl = _SharingSSL()  # type: ignore[attr-defined,assignment]
-    _clients.PrefectHttpxAsyncClient = _QuickRetryAsyncClient  # type: ignore[misc]
-    _clients.PrefectHttpxSyncClient = _QuickRetrySyncClient  # type: ignore[misc]
+    _clients.PrefectHttpxAsyncClient = _QuickRetryAsyncClient  # type: ignore[attr-defined]
+    _clients.PrefectHttpxSyncClient = _QuickRetrySyncClient  # type: ignore[attr-defined]
 
 
 class _SharingSSL(types.SimpleNamespace):
