@@ -7,12 +7,10 @@ where the gateway's clients look for it, with the records it held.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 from imagegw.processes import free_port, listening
-from imagegw.store.embedded import secantus_exited
 from testsupport.service import ChildService
 
 START_TIMEOUT = 30.0
@@ -59,12 +57,3 @@ class RunningSecantus(ChildService):
             state = failure.state(f"did not listen within {START_TIMEOUT:.0f} s")
             raise SecantusStartError(f"SecantusDB on port {self.port} {state}; last lines of {self.log_path}:\n"
                                      f"{failure.log_tail}")
-
-    def _terminate(self, process: subprocess.Popen[bytes]) -> None:
-        """SIGTERM, SIGKILL after :attr:`stop_timeout` s, and reap: knocking while it stops (``secantus_exited``)."""
-        if process.poll() is not None:
-            return
-        process.terminate()
-        if not secantus_exited(self.port, lambda: process.poll() is not None, self.stop_timeout):
-            process.kill()
-            process.wait()

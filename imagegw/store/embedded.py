@@ -120,29 +120,27 @@ def _start_server(home: Path) -> EmbeddedServer:
 
 
 def _wait_for_exit(server: EmbeddedServer, timeout: float) -> None:
-    def reaped() -> bool:
-        try:
-            return os.waitpid(server.pid, os.WNOHANG)[0] == server.pid
-        except ChildProcessError:  # not this process's child
-            return not alive(server.pid)
-
-    if not secantus_exited(server.port, reaped, timeout):
-        os.kill(server.pid, signal.SIGKILL)
-
-
-def secantus_exited(port: int, exited: Callable[[], bool], timeout: float) -> bool:
-    """Wait at most ``timeout`` s until a SecantusDB on ``port``, sent SIGTERM, has ``exited``; whether it has.
+    """Wait until the server, sent SIGTERM, has exited; kill it after ``timeout``.
 
     SecantusDB's stop closes its listening socket, then waits up to 2 s for its accept thread, which a closed
-    socket does not wake on Linux. A connection does: the wait knocks at the port (2.05 -> 0.1 s per stop).
+    socket does not wake on Linux. A connection does: the wait knocks at the port (each stop 2.05 -> 0.1 s). The
+    server stops when its owner exits, once this process's own client is closed (``before_stop``) and any other
+    part of the gateway it served has stopped.
     """
     deadline = time.monotonic() + timeout
-    while not exited():
+    while not _reaped(server.pid):
         if time.monotonic() > deadline:
-            return False
-        listening("127.0.0.1", port)
+            os.kill(server.pid, signal.SIGKILL)
+            return
+        listening("127.0.0.1", server.port)
         time.sleep(0.02)
-    return True
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:  # not this process's child
+        return not alive(pid)
 
 
 def before_stop(uri: str, close: Callable[[], None]) -> None:
