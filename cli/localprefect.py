@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from importlib.metadata import version
 from pathlib import Path
-from urllib.request import urlopen
+from urllib.request import Request, urlopen
 
 from imagegw.config import Settings
 from imagegw.errors import ServiceUnavailable
@@ -107,12 +107,18 @@ def record_served_prefect_api(settings: Settings, api_url: str) -> Path:
 
 def prefect_healthy(api_url: str) -> bool:
     """Whether the Prefect API at ``api_url`` answers its health check."""
+    return prefect_answer(f"{api_url}/health") == b"true"
+
+
+def prefect_answer(url: str, query: bytes | None = None) -> bytes | None:
+    """The body of a 200 answer to a GET (a POST of a JSON ``query``) to a Prefect API, or None for anything else."""
+    request = Request(url, data=query, headers={"Content-Type": "application/json"} if query else {})
     try:
-        with urlopen(f"{api_url}/health", timeout=2) as answer:
+        with urlopen(request, timeout=2) as answer:
             body: bytes = answer.read()
     except (OSError, HTTPException, ValueError):  # refused, an error status, a timeout, not HTTP, not a URL
-        return False
-    return body.strip() == b"true"
+        return None
+    return body.strip()
 
 
 @dataclass

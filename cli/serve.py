@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from urllib.parse import quote, urlsplit, urlunsplit
-from urllib.request import Request, urlopen
 
-from cli.localprefect import prefect_healthy, record_served_prefect_api
+from cli.localprefect import prefect_answer, prefect_healthy, record_served_prefect_api
 from deployments import work_pool_name
 from imagegw.config import MONGODB_URI_ENV, Settings
 from imagegw.errors import ServiceUnavailable
@@ -277,19 +276,8 @@ def _imagegw(*arguments: str) -> list[str]:
 
 def _pool_ready(api_url: str, platform: str) -> bool:
     """Whether the Prefect server counts a worker of ``platform``'s pool as online."""
-    answer = _get(f"{api_url}/work_pools/{quote(work_pool_name(platform), safe='')}/workers/filter", b"{}")
+    answer = prefect_answer(f"{api_url}/work_pools/{quote(work_pool_name(platform), safe='')}/workers/filter", b"{}")
     return answer is not None and any(worker.get("status") == "ONLINE" for worker in json.loads(answer))
-
-
-def _get(url: str, query: bytes | None = None) -> bytes | None:
-    """The body of a 200 answer to a GET (a POST of a JSON ``query``), or None for anything else
-    (refused, error status, timeout)."""
-    request = Request(url, data=query, headers={"Content-Type": "application/json"} if query else {})
-    try:
-        with urlopen(request, timeout=2) as response:
-            return response.read().strip()
-    except (OSError, ValueError):  # URLError and HTTPError are OSErrors
-        return None
 
 
 def _check_free(host: str, port: int, what: str) -> None:

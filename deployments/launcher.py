@@ -55,4 +55,3 @@ class DeploymentLauncher:
             # Not forced: Prefect's rules then refuse to turn a run that ended meanwhile (FAILED, say, its
             # last state reaching the server late) into a crash, and keep what it really did.
             client.set_flow_run_state(flow_run_id, Crashed(message=reason))
-
