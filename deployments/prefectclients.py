@@ -25,9 +25,11 @@ import types
 import weakref
 from typing import Any
 
+import certifi
 import httpx
 import prefect.client.orchestration as _clients
 from prefect.client.base import PrefectHttpxAsyncClient, PrefectHttpxSyncClient
+from prefect.settings import PREFECT_API_SSL_CERT_FILE
 
 SERVER_BUSY = 503
 QUICK_RETRY_DELAYS = (0.05, 0.2, 0.8)
@@ -40,6 +42,12 @@ def tune_prefect_clients() -> None:
         _clients.ssl = _SharingSSL()  # type: ignore[attr-defined,assignment]
     _clients.PrefectHttpxAsyncClient = _QuickRetryAsyncClient  # type: ignore[attr-defined]
     _clients.PrefectHttpxSyncClient = _QuickRetrySyncClient  # type: ignore[attr-defined]
+
+
+def make_tls_context() -> ssl.SSLContext:
+    """Make now the TLS context this process's Prefect clients will use (50–70 ms): in a process that is forked from
+    (the warm worker's fork server), each child then finds it made."""
+    return _verifying_context(ssl.Purpose.SERVER_AUTH, PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
 
 
 class _SharingSSL(types.SimpleNamespace):

@@ -8,6 +8,9 @@ import subprocess
 import sys
 import time
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+
+import certifi
 
 from deployments.prefectclients import QUICK_RETRY_DELAYS, tune_prefect_clients
 from testsupport.service import LoopbackHttpServer, answer_json
@@ -40,6 +43,27 @@ def test_clients_share_one_context_once_asked_to() -> None:
 
 def test_a_context_that_skips_verification_is_never_shared() -> None:
     assert sharing_seen(PREFECT_API_TLS_INSECURE_SKIP_VERIFY="true") == ["False", "False"]
+
+
+MADE_BEFOREHAND = """
+from prefect.client.orchestration import get_client
+from deployments.prefectclients import make_tls_context, tune_prefect_clients
+
+tune_prefect_clients()
+made = make_tls_context()
+print(get_client(sync_client=True)._client._transport._pool._ssl_context is made)
+"""
+
+
+def test_the_context_made_beforehand_is_the_one_clients_use(tmp_path: Path) -> None:
+    # A fork server makes it once for all the processes it forks.
+    bundle = tmp_path / "site-ca.pem"
+    bundle.write_text(Path(certifi.where()).read_text())
+    for environment in ({}, {"PREFECT_API_SSL_CERT_FILE": str(bundle)}):
+        result = subprocess.run([sys.executable, "-c", MADE_BEFOREHAND], capture_output=True, text=True, timeout=120,
+                                env={"PREFECT_API_URL": "http://127.0.0.1:9/api", "PATH": "/usr/bin:/bin",
+                                     **environment})
+        assert result.stdout.split() == ["True"], result.stderr
 
 
 class BusyServer(LoopbackHttpServer):

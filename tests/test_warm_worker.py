@@ -4,8 +4,11 @@ whole Prefect run, its task runs and logs recorded."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,10 +18,11 @@ import pytest
 import requests
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, Settings, get_current_settings, temporary_settings
 
 from deployments.launcher import DeploymentLauncher
 from deployments.platforms import deploy_platforms
+from deployments.warmworker import _SettingsEnvironment, entered_beside
 from imagegw.access import AclRequest
 from imagegw.service import Caller, Gateway
 from imagegw.store import PullKey
@@ -110,3 +114,42 @@ def test_a_pull_runs_in_a_process_forked_from_the_warm_server_and_shows_its_task
         logs = wait_for("the run's logs", run_logs, 30)
         # The flow came from the fork server's modules, not from reading the deployment and running its pull step.
         assert not any("pull step" in log.message for log in logs)
+
+
+def test_a_watch_entered_beside_a_block_does_not_hold_it_up_and_is_left_after_it() -> None:
+    # What the run's process does with Prefect's watch for a suspension: entering it waits for the server.
+    subscribed = threading.Event()
+    seen: list[str] = []
+    caller = contextvars.ContextVar("caller", default="none")
+
+    @contextlib.contextmanager
+    def watch(flow_run: str) -> Iterator[None]:
+        subscribed.wait(10)
+        seen.append(f"watching {flow_run} for {caller.get()}")
+        yield
+        seen.append("stopped watching")
+
+    caller.set("the run")
+    with entered_beside(watch)("run 1"):
+        seen.append("run started")
+        subscribed.set()
+    assert seen == ["run started", "watching run 1 for the run", "stopped watching"]
+
+
+def test_each_run_gets_prefects_settings_as_its_environment_made_once_per_settings(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = get_current_settings().to_environment_variables(exclude_unset=True)
+    made: list[Settings] = []
+    make = Settings.to_environment_variables
+
+    def counted(settings: Settings, **options: Any) -> dict[str, str]:
+        made.append(settings)
+        return make(settings, **options)
+
+    monkeypatch.setattr(Settings, "to_environment_variables", counted)
+    environment = _SettingsEnvironment()
+    environment()["PREFECT_API_URL"] = "changed by one run"
+    assert environment() == expected
+    assert len(made) == 1
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert environment()["PREFECT_API_URL"] == "http://127.0.0.1:9/api"
