@@ -18,6 +18,7 @@ import pytest
 import requests
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+from prefect.states import Suspended
 from prefect.settings import PREFECT_API_URL, Settings, get_current_settings, temporary_settings
 
 from deployments.launcher import DeploymentLauncher
@@ -114,6 +115,28 @@ def test_a_pull_runs_in_a_process_forked_from_the_warm_server_and_shows_its_task
         logs = wait_for("the run's logs", run_logs, 30)
         # The flow came from the fork server's modules, not from reading the deployment and running its pull step.
         assert not any("pull step" in log.message for log in logs)
+
+
+def test_a_pull_suspended_from_the_api_stops_like_a_cancelled_one(
+        gateway: GatewayFixture, slow_registry: ThrottlingProxy, worker: subprocess.Popen[bytes]) -> None:
+    # The run watches for a suspension beside the pull, not before it starts (deployments.warmworker): it still sees it.
+    push_image(gateway.registry, "warm/suspended", "1", [LayerBuilder().file("noise", os.urandom(LAYER_SIZE))])
+    tag = f"{slow_registry.host}/warm/suspended:1"
+    key = PullKey("mycluster", "docker", tag)
+    store = gateway.store()
+    Gateway(gateway.settings, DeploymentLauncher(gateway.settings)).pull(ROOT, "mycluster", "docker", tag, AclRequest())
+    flow_run_id = wait_for("flow run", lambda: (store.pull_record(key) or {}).get("flow_run_id"), 30)
+    wait_for("download", lambda: "layers" in (store.pull_record(key) or {}).get("status_message", ""), 60)
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Suspended(timeout_seconds=300), force=True)
+        slow_registry.rate = None  # left to itself, the pull would now be READY in a moment
+        record = wait_for("end of the pull", lambda: (r := store.pull_record(key) or {}).get("status") in (
+            "READY", "FAILURE") and r, 60)
+        assert record["status"] == "FAILURE"
+        assert "cancelled by an operator" in record["status_message"]
+        assert client.read_flow_run(flow_run_id).state_name == "Suspended"
+    assert not list(gateway.settings.platform("mycluster").image_dir.glob("*.squashfs"))
 
 
 def test_a_watch_entered_beside_a_block_does_not_hold_it_up_and_is_left_after_it() -> None:
