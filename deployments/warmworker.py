@@ -206,7 +206,7 @@ def _run_flow_run(environment: dict[str, str], settings_changed: bool) -> None:
     # Before it starts a deployment's flow run, Prefect's engine waits until a thread of its own watches for the run
     # being suspended (from the UI or the API): a subscription to the server's events, then a read of the run's
     # state, 0.1 s of each pull's start. Beside the run, nothing is missed: the watch's first read finds a
-    # suspension made before it subscribed, and the engine looks for one at each task's start.
+    # suspension made before it subscribed, and the engine looks for one as each task starts and ends.
     watch = prefect.flow_engine.observe_flow_run_suspension  # type: ignore[attr-defined]
     prefect.flow_engine.observe_flow_run_suspension = entered_beside(watch)  # type: ignore[attr-defined,assignment]
     from prefect.context import SettingsContext, get_settings_context

@@ -18,8 +18,8 @@ import pytest
 import requests
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
-from prefect.states import Suspended
 from prefect.settings import PREFECT_API_URL, Settings, get_current_settings, temporary_settings
+from prefect.states import Suspended
 
 from deployments.launcher import DeploymentLauncher
 from deployments.platforms import deploy_platforms
