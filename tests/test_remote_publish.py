@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import paramiko
 import pytest
 
 from imagegw.errors import TRANSIENT_ERRORS, RemoteAccessRefused, StorageError, TransferError
@@ -170,6 +171,33 @@ def test_a_connection_cut_mid_transfer_leaves_no_file_under_a_final_name_and_a_r
         publisher.publish(squashfs, "FORMAT: squashfs\n", IMAGE_ID)
 
     assert (image_dir / f"{IMAGE_ID}.squashfs").stat().st_size == squashfs.stat().st_size
+    assert leftovers(image_dir) == []
+
+
+def test_a_temporary_file_whose_removal_failed_is_removed_by_the_next_connection(
+        sshd: SshServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    squashfs = built(tmp_path)
+    image_dir = tmp_path / "remote-images"
+    image_dir.mkdir()
+    publisher = RemotePublisher(access(sshd), image_dir)
+
+    def corrupted(*args: object) -> None:
+        raise TransferError("the copy arrived corrupted")
+
+    def broke_while_removing(*args: object) -> None:
+        raise EOFError  # the connection still looked alive, as one cut a moment ago can (seen in CI)
+
+    with monkeypatch.context() as breaking:
+        breaking.setattr(RemotePublisher, "_verify", corrupted)
+        breaking.setattr(paramiko.SFTPClient, "remove", broke_while_removing)
+        with pytest.raises(TransferError, match="corrupted"):
+            publisher.publish(squashfs, "FORMAT: squashfs\n", IMAGE_ID)
+    assert len(leftovers(image_dir)) == 1
+    publisher.close()
+
+    with publisher:
+        publisher.publish(squashfs, "FORMAT: squashfs\n", IMAGE_ID)
+
     assert leftovers(image_dir) == []
 
 

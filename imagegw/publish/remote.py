@@ -146,8 +146,9 @@ class RemotePublisher:
             self._verify(sftp, temporary, digest, size)
             sftp.posix_rename(temporary, target)
         except BaseException:
-            if self._connected():
-                _remove_quietly(sftp, temporary)
+            # Forgotten only once surely gone: a connection that broke a moment ago can still look
+            # alive, and its removal then fails, which leaves the file to the next connection.
+            if _removed(sftp, temporary):
                 self._partials.discard(temporary)
             raise
         self._partials.discard(temporary)
@@ -318,9 +319,7 @@ class RemotePublisher:
     def _remove_partials(self) -> None:
         """A new connection first removes what an earlier, broken one left under temporary names."""
         assert self._session is not None
-        for partial in sorted(self._partials):
-            _remove_quietly(self._session.sftp, partial)
-        self._partials.clear()
+        self._partials = {partial for partial in self._partials if not _removed(self._session.sftp, partial)}
 
 
 def _transport(sock: socket.socket, disabled_algorithms: Mapping[str, Iterable[str]] | None = None
@@ -382,9 +381,13 @@ def _reason(error: BaseException, timeout: float | None = None) -> str:
     return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
-def _remove_quietly(sftp: paramiko.SFTPClient, path: str) -> None:
+def _removed(sftp: paramiko.SFTPClient, path: str) -> bool:
+    """Remove ``path`` if it is there: whether it is gone now (not when the connection broke first)."""
     try:
         sftp.remove(path)
+    except FileNotFoundError:
+        return True
     except (OSError, EOFError, paramiko.SSHException):
-        pass  # already gone, or the connection is: a later connection removes it
+        return False
+    return True
 
