@@ -13,13 +13,20 @@
   the worker's submission or the run's own calls. Each answer 503 is given a ``Retry-After`` of
   :data:`QUICK_RETRY_DELAYS`; past those tries, Prefect's own back-off takes over (16 s, then 32 s).
 
-Both replace names in Prefect's client module (private details: the ``ssl`` module and the two httpx client
+- **The server's version checked once per fork server, not once per run.** Prefect checks the API's version the first
+  time a process uses a client, and remembers it for the process. The warm worker's fork server checks before it
+  forks (:func:`check_prefect_server_version`), so that each run's process, forked from it, remembers it too: two
+  requests fewer as each run starts.
+
+The first two replace names in Prefect's client module (private details: the ``ssl`` module and the two httpx client
 classes), checked against the pinned Prefect (``pyproject.toml``) by ``tests/test_prefectclients.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import ssl
 import types
 import weakref
@@ -28,8 +35,10 @@ from typing import Any
 import certifi
 import httpx
 import prefect.client.orchestration as _clients
+from prefect._internal.version_checking import check_server_version
 from prefect.client.base import PrefectHttpxAsyncClient, PrefectHttpxSyncClient
-from prefect.settings import PREFECT_API_SSL_CERT_FILE
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_SSL_CERT_FILE, get_current_settings
 
 SERVER_BUSY = 503
 QUICK_RETRY_DELAYS = (0.05, 0.2, 0.8)
@@ -48,6 +57,19 @@ def make_tls_context() -> ssl.SSLContext:
     """Make now the TLS context this process's Prefect clients will use (50–70 ms): in a process that is forked from
     (the warm worker's fork server), each child then finds it made."""
     return _verifying_context(ssl.Purpose.SERVER_AUTH, PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
+
+
+def check_prefect_server_version() -> None:
+    """Check, as Prefect's clients do once per process, that the Prefect API named in the settings is of a version
+    this Prefect can use (:class:`RuntimeError` if not, or if it does not answer); no request without an API URL."""
+    api_url = get_current_settings().api.url
+    if not api_url:
+        return
+    with get_client(sync_client=True) as client:
+        client.raise_for_api_version_mismatch_once()
+    # Prefect's event and log clients check it too, but remember it under the API's address as configured (the HTTP
+    # clients, under the address with a final slash).
+    asyncio.run(check_server_version(api_url, logging.getLogger(__name__)))
 
 
 class _SharingSSL(types.SimpleNamespace):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
 from flows import PULL_FLOW
 from imagegw.build import SquashResult, streamed_build
@@ -27,7 +28,10 @@ from tasks.unpack import unpack
 
 # Async, though every stage blocks: Prefect ends a sync flow run by joining a thread that
 # sleeps in 1 s steps, a large part of a small pull.
-@flow(name=PULL_FLOW, flow_run_name="pull {image} for {platform}")
+# No result is kept (the record is in the image index). A storage is named all the same: for a flow that names
+# none, Prefect asks the server for its default storage three times while the run starts (bench/README.md).
+@flow(name=PULL_FLOW, flow_run_name="pull {image} for {platform}", persist_result=False,
+      result_storage=PREFECT_LOCAL_STORAGE_PATH.value())
 async def pull_image(image: str, platform: str, config: str | None = None,
                      pull_id: str | None = None) -> dict[str, Any]:
     """Pull an image from its registry and publish it as a squashfs on one platform, writing its record as the

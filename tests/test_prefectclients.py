@@ -4,15 +4,18 @@ Prefect: its client module must still build its TLS context and its httpx client
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import certifi
+import pytest
 
-from deployments.prefectclients import QUICK_RETRY_DELAYS, tune_prefect_clients
+from deployments.prefectclients import QUICK_RETRY_DELAYS, check_prefect_server_version, tune_prefect_clients
 from testsupport.service import LoopbackHttpServer, answer_json
 
 SCRIPT = """
@@ -105,3 +108,96 @@ def test_sync_and_async_clients_try_a_503_again_within_a_moment_not_after_second
             # Prefect's own back-off waits 2 s, 4 s and 8 s after three 503s.
             assert time.monotonic() - started < 2 * sum(QUICK_RETRY_DELAYS) + 1
             assert server.answers == [503] * refusals + [200]
+
+
+class AdminServer(LoopbackHttpServer):
+    """Answers Prefect's ``GET /api/admin/version`` with ``version`` and ``GET /api/admin/storage`` with no default
+    storage, counting the requests of each since the last ``GET /count-from-now``."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+        self.asked: Counter[str] = Counter()
+        super().__init__(_Admin)
+
+
+class _Admin(BaseHTTPRequestHandler):
+    ANSWERS = {"/api/admin/storage": b'{"default_result_storage_block_id": null}'}
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        server: AdminServer = self.server.owner  # type: ignore[attr-defined]
+        if self.path == "/count-from-now":
+            server.asked.clear()
+            answer_json(self, 200, b"0")
+        elif self.path == "/api/admin/version":
+            server.asked[self.path] += 1
+            answer_json(self, 200, json.dumps(server.version).encode())
+        elif self.path in self.ANSWERS:
+            server.asked[self.path] += 1
+            answer_json(self, 200, self.ANSWERS[self.path])
+        else:
+            answer_json(self, 404, b'{"detail": "Not Found"}')
+
+
+FORKED_AFTER_THE_CHECK = """
+import asyncio, logging, os, sys, urllib.request
+from prefect._internal.version_checking import check_server_version
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+from deployments.prefectclients import check_prefect_server_version
+
+if sys.argv[1] == "checked":
+    check_prefect_server_version()
+urllib.request.urlopen(PREFECT_API_URL.value().removesuffix("/api") + "/count-from-now").read()
+child = os.fork()
+if child == 0:  # a run's process, as the fork server forks it: its HTTP and its event clients check, once checked
+    with get_client(sync_client=True) as client:
+        client.raise_for_api_version_mismatch_once()
+    asyncio.run(check_server_version(PREFECT_API_URL.value(), logging.getLogger()))
+    os._exit(0)
+os.waitpid(child, 0)
+"""
+
+
+def asked_for_the_version_after_the_fork(server: AdminServer, how: str) -> int:
+    result = subprocess.run([sys.executable, "-c", FORKED_AFTER_THE_CHECK, how], capture_output=True, text=True,
+                            timeout=120, env={"PREFECT_API_URL": f"{server.url}/api", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    return server.asked["/api/admin/version"]
+
+
+def test_a_process_forked_after_the_check_does_not_ask_the_server_its_version_again() -> None:
+    from prefect import __version__
+
+    with AdminServer(__version__) as server:
+        assert asked_for_the_version_after_the_fork(server, "unchecked") == 2  # by the HTTP and the event clients
+        assert asked_for_the_version_after_the_fork(server, "checked") == 0
+
+
+def test_a_server_of_another_major_version_is_refused_by_the_check() -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with AdminServer("2.20.0") as server, temporary_settings({PREFECT_API_URL: f"{server.url}/api"}):
+        with pytest.raises(RuntimeError, match="Found incompatible versions: client: 3.+, server: 2.20.0"):
+            check_prefect_server_version()
+
+
+def test_the_pull_flow_starts_without_asking_the_server_for_a_result_storage() -> None:
+    from prefect import __version__, flow
+    from prefect.results import get_result_store
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.pull import pull_image
+
+    @flow
+    def naming_no_storage() -> None:
+        pass
+
+    with AdminServer(__version__) as server, temporary_settings({PREFECT_API_URL: f"{server.url}/api"}):
+        get_result_store().update_for_flow(naming_no_storage)
+        assert server.asked["/api/admin/storage"] == 1  # what Prefect does for a flow naming none
+        server.asked.clear()
+        get_result_store().update_for_flow(pull_image)
+        assert server.asked["/api/admin/storage"] == 0
