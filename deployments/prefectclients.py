@@ -19,7 +19,8 @@
   requests fewer as each run starts.
 
 The first two replace names in Prefect's client module (private details: the ``ssl`` module and the two httpx client
-classes), checked against the pinned Prefect (``pyproject.toml``) by ``tests/test_prefectclients.py``.
+classes); the third calls the private check of Prefect's event clients. All are checked against the pinned Prefect
+(``pyproject.toml``) by ``tests/test_prefectclients.py``.
 """
 
 from __future__ import annotations
