@@ -4,8 +4,11 @@ by workers on any host.
 
 ``imagegw deploy`` registers them from the configuration; ``imagegw worker --platform P`` runs a
 process worker on P's pool (any number of them, on any hosts that have this package, the
-configuration, and reach the Prefect API and MongoDB). The pool's concurrency limit is the
-platform's ``maxConcurrentPulls``: Prefect holds every worker of the pool to it together.
+configuration, and reach the Prefect API and MongoDB). The pulls, in the pool's default queue, are held to the
+platform's ``maxConcurrentPulls`` by every worker of the pool together. The scheduled expire and refresh runs have a
+queue of their own with one slot more in the pool, so that a long refresh (hundreds of tags, a registry timing out)
+never keeps a user's pull waiting, and two of them never run at once (Prefect starts every schedule missed while the
+server was down as soon as it is back).
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ _CODE_ROOT = Path(flows.__file__).resolve().parent.parent
 _PULL_ENTRYPOINT = "flows/pull.py:pull_image"
 _EXPIRE_ENTRYPOINT = "flows/expire.py:expire_images"
 _REFRESH_ENTRYPOINT = "flows/refresh.py:refresh_images"
+PULL_QUEUE = "default"
+"""The queue of a platform's pulls: the one Prefect makes with every pool."""
+MAINTENANCE_QUEUE = "maintenance"
+"""The queue of a platform's scheduled expire and refresh runs."""
+MAINTENANCE_RUNS = 1
+"""Scheduled runs of a platform at once, beside its pulls."""
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,9 @@ def deploy_platforms(settings: Settings) -> Deployed:
                       "build": False, "push": False, "print_next_steps": False, "ignore_warnings": True}
             pull.deploy(description=f"Pull an image and publish it into {platform.image_location}", **common)
             expire.deploy(description=f"Remove the images of {name} past their expiration",
-                          cron=settings.expire_schedule, **common)
+                          cron=settings.expire_schedule, work_queue_name=MAINTENANCE_QUEUE, **common)
             refresh.deploy(description=f"Pull again the tags in use or watched on {name} whose digest moved",
-                           cron=settings.refresh_schedule, **common)
+                           cron=settings.refresh_schedule, work_queue_name=MAINTENANCE_QUEUE, **common)
         removed = []
         ours = FlowFilter(name=FlowFilterName(any_=[PULL_FLOW, EXPIRE_FLOW, REFRESH_FLOW]))
         for deployment in client.read_deployments(flow_filter=ours):
@@ -82,17 +91,34 @@ def deploy_platforms(settings: Settings) -> Deployed:
     return Deployed(deployed=list(settings.platforms), removed=sorted(set(removed)))
 
 
+def pool_concurrency(platform: Platform) -> int:
+    """Runs of ``platform`` at once, of its pool and of each of its workers: its pulls and its scheduled runs."""
+    return platform.max_concurrent_pulls + MAINTENANCE_RUNS
+
+
 def _ensure_pool(client: SyncPrefectClient, platform: Platform) -> None:
     name = work_pool_name(platform.name)
     try:
         client.read_work_pool(name)
     except ObjectNotFound:
         client.create_work_pool(WorkPoolCreate(
-            name=name, type=ProcessWorker.type, concurrency_limit=platform.max_concurrent_pulls,
+            name=name, type=ProcessWorker.type, concurrency_limit=pool_concurrency(platform),
             description=f"Pulls of the platform {platform.name}",
             base_job_template=ProcessWorker.get_default_base_job_template()))
     else:
-        client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=platform.max_concurrent_pulls))
+        client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=pool_concurrency(platform)))
+    _ensure_queue(client, name, PULL_QUEUE, platform.max_concurrent_pulls, f"Pulls of {platform.name}")
+    _ensure_queue(client, name, MAINTENANCE_QUEUE, MAINTENANCE_RUNS,
+                  f"The scheduled expire and refresh runs of {platform.name}, beside its pulls")
+
+
+def _ensure_queue(client: SyncPrefectClient, pool: str, queue: str, limit: int, description: str) -> None:
+    try:
+        existing = client.read_work_queue_by_name(queue, work_pool_name=pool)
+    except ObjectNotFound:
+        client.create_work_queue(queue, description=description, concurrency_limit=limit, work_pool_name=pool)
+    else:
+        client.update_work_queue(existing.id, concurrency_limit=limit, description=description)
 
 
 def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
@@ -125,7 +151,7 @@ def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
                 worker = WarmProcessWorker(
                     # Named by host and process: two workers of one pool on one host are two workers.
                     work_pool_name=work_pool_name(name), name=f"{socket.gethostname()}-{os.getpid()}-{name}",
-                    create_pool_if_not_found=False, limit=settings.platform(name).max_concurrent_pulls)
+                    create_pool_if_not_found=False, limit=pool_concurrency(settings.platform(name)))
                 workers.start_soon(_serve, worker, settings.state_dir, name)
 
     anyio.run(work)

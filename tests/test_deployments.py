@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect.client.orchestration import get_client
 
 from deployments import deployment_name, work_pool_name
-from deployments.platforms import deploy_platforms
+from deployments.platforms import MAINTENANCE_QUEUE, PULL_QUEUE, deploy_platforms
 from flows import EXPIRE_FLOW, REFRESH_FLOW
 from tests.gateway_fixtures import Gateway
 
@@ -24,13 +24,18 @@ def test_every_platform_gets_a_limited_pool_and_a_deployment_bound_to_it(gateway
         arm = client.read_deployment_by_name(deployment_name("armcluster"))
         assert arm.parameters == {"platform": "armcluster", "config": str(gateway.config_path)}
         assert arm.work_pool_name == work_pool_name("armcluster") and arm.tags == ["platform:armcluster"]
-        assert client.read_work_pool(work_pool_name("armcluster")).concurrency_limit == 3
-        assert client.read_work_pool(work_pool_name("mycluster")).concurrency_limit == 2
+        # Each platform's pulls at most maxConcurrentPulls at once (2 by default), its scheduled runs one beside them.
+        for platform, pulls in (("armcluster", 3), ("mycluster", 2)):
+            pool = work_pool_name(platform)
+            assert client.read_work_queue_by_name(PULL_QUEUE, work_pool_name=pool).concurrency_limit == pulls
+            assert client.read_work_queue_by_name(MAINTENANCE_QUEUE, work_pool_name=pool).concurrency_limit == 1
+            assert client.read_work_pool(pool).concurrency_limit == pulls + 1
+        assert arm.work_queue_name == PULL_QUEUE
         expire = client.read_deployment_by_name(deployment_name("mycluster", EXPIRE_FLOW))
-        assert expire.work_pool_name == work_pool_name("mycluster")
+        assert (expire.work_pool_name, expire.work_queue_name) == (work_pool_name("mycluster"), MAINTENANCE_QUEUE)
         assert [schedule.schedule.cron for schedule in expire.schedules] == ["0 * * * *"]  # hourly by default
         refresh = client.read_deployment_by_name(deployment_name("mycluster", REFRESH_FLOW))
-        assert refresh.work_pool_name == work_pool_name("mycluster")
+        assert (refresh.work_pool_name, refresh.work_queue_name) == (work_pool_name("mycluster"), MAINTENANCE_QUEUE)
         assert [schedule.schedule.cron for schedule in refresh.schedules] == ["*/15 * * * *"]
 
 

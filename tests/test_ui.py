@@ -60,7 +60,7 @@ def test_the_ui_shows_the_pull_run_its_report_and_the_platform_limit(
     assert f"pull {image} for mycluster" in runs and "Completed" in runs
     assert built.manifest_digest in artifact
     assert "layers fetched 1" in artifact and str(gateway.image_dir / f"{record['id']}.squashfs") in artifact
-    assert "Concurrency Limit 3" in pool
+    assert "Concurrency Limit 4" in pool  # its 3 pulls and one scheduled run
 
 
 def the_run_artifact(api_url: str, flow_run_id: object) -> str:

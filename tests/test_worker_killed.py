@@ -28,7 +28,7 @@ from prefect.settings import PREFECT_API_URL
 
 from deployments import work_pool_name
 from deployments.launcher import DeploymentLauncher
-from deployments.platforms import deploy_platforms
+from deployments.platforms import PULL_QUEUE, deploy_platforms
 from imagegw.access import AclRequest
 from imagegw.errors import ImageNotFound
 from imagegw.processes import descendants
@@ -111,11 +111,14 @@ def flow_run_state(flow_run_id: str) -> tuple[str, str]:
 
 
 def pool_slots_taken(platform: str) -> int:
-    """How many of the platform's maxConcurrentPulls its pool's PENDING and RUNNING runs hold."""
-    response = requests.get(f"{PREFECT_API_URL.value()}/work_pools/{work_pool_name(platform)}", timeout=10)
-    pool = response.json()
-    assert pool["concurrency_limit"] == MAX_CONCURRENT_PULLS
-    return int(pool["active_slots"])
+    """How many of the platform's maxConcurrentPulls its pulls' PENDING and RUNNING runs hold."""
+    api = PREFECT_API_URL.value()
+    pool = work_pool_name(platform)
+    queue = requests.get(f"{api}/work_pools/{pool}/queues/{PULL_QUEUE}", timeout=10).json()
+    assert queue["concurrency_limit"] == MAX_CONCURRENT_PULLS
+    holding = {"work_pools": {"name": {"any_": [pool]}}, "work_pool_queues": {"name": {"any_": [PULL_QUEUE]}},
+               "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}}}
+    return int(requests.post(f"{api}/flow_runs/count", json=holding, timeout=10).json())
 
 
 def files_under(directory: Path) -> list[str]:

@@ -11,10 +11,13 @@ from datetime import datetime
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.objects import StateType
+from prefect.states import Cancelled, Completed, Running
 
 from deployments import deployment_name, doorbell
 from deployments.launcher import DeploymentLauncher
 from deployments.platforms import deploy_platforms
+from flows import REFRESH_FLOW
 from imagegw.access import AclRequest
 from imagegw.service import Caller, Gateway
 from imagegw.store import PullKey
@@ -130,3 +133,32 @@ def test_a_pull_reaches_a_worker_on_the_gateways_host_at_once_not_at_its_next_po
     # Killed outright, the worker left its doorbell: the next ring finds it dead and removes it.
     assert doorbell.ring(gateway.settings.state_dir, "mycluster") == 0
     assert list(doorbells.glob("mycluster@*")) == []
+
+
+def test_a_pull_does_not_wait_for_a_scheduled_run_that_holds_the_platforms_maintenance_slot(
+        gateway: GatewayFixture) -> None:
+    gateway.write_config(Platforms={"mycluster": {"accesstype": "local", "local": {"imageDir": str(gateway.image_dir)},
+                                                  "admins": ["root"], "maxConcurrentPulls": 1}})
+    deploy_platforms(gateway.settings)
+    push_image(gateway.registry, "workers/beside", "1", [LayerBuilder().file("b", b"beside a refresh")])
+    tag = gateway.image("workers/beside:1")
+    service = Gateway(gateway.settings, DeploymentLauncher(gateway.settings))
+    with get_client(sync_client=True) as client:
+        # A refresh working through hundreds of tags, as far as Prefect's limits see it: running, for minutes.
+        refresh = client.read_deployment_by_name(deployment_name("mycluster", REFRESH_FLOW))
+        long_refresh = client.create_flow_run_from_deployment(refresh.id, state=Running())
+        try:
+            with running_workers(gateway, "mycluster", 1, same_host=True):
+                service.pull(ROOT, "mycluster", "docker", tag, AclRequest())
+                record = record_once(lambda: gateway.store().pull_record(PullKey("mycluster", "docker", tag)) or {},
+                                     lambda record: record.get("status") in ("READY", "FAILURE"), "end of the pull",
+                                     60)
+                assert record["status"] == "READY", record.get("status_message")
+                # Nor does a second scheduled run (a schedule missed while the server was down) join the first.
+                second = client.create_flow_run_from_deployment(refresh.id)
+                time.sleep(5)
+                assert client.read_flow_run(second.id).state_type == StateType.SCHEDULED
+                client.set_flow_run_state(second.id, Cancelled(), force=True)
+        finally:
+            client.set_flow_run_state(long_refresh.id, Completed(), force=True)  # the server is the session's
+
