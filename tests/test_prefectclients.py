@@ -121,22 +121,19 @@ class AdminServer(LoopbackHttpServer):
 
 
 class _Admin(BaseHTTPRequestHandler):
-    ANSWERS = {"/api/admin/storage": b'{"default_result_storage_block_id": null}'}
-
     def log_message(self, *_: object) -> None:
         pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server naming
         server: AdminServer = self.server.owner  # type: ignore[attr-defined]
+        answers = {"/api/admin/version": json.dumps(server.version).encode(),
+                   "/api/admin/storage": b'{"default_result_storage_block_id": null}'}
         if self.path == "/count-from-now":
             server.asked.clear()
             answer_json(self, 200, b"0")
-        elif self.path == "/api/admin/version":
+        elif self.path in answers:
             server.asked[self.path] += 1
-            answer_json(self, 200, json.dumps(server.version).encode())
-        elif self.path in self.ANSWERS:
-            server.asked[self.path] += 1
-            answer_json(self, 200, self.ANSWERS[self.path])
+            answer_json(self, 200, answers[self.path])
         else:
             answer_json(self, 404, b'{"detail": "Not Found"}')
 

@@ -12,7 +12,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterId
 from prefect.client.schemas.objects import StateType
-from prefect.states import Cancelled, Completed, Running
+from prefect.states import Cancelled, Running
 
 from deployments import deployment_name, doorbell
 from deployments.launcher import DeploymentLauncher
@@ -147,6 +147,7 @@ def test_a_pull_does_not_wait_for_a_scheduled_run_that_holds_the_platforms_maint
         # A refresh working through hundreds of tags, as far as Prefect's limits see it: running, for minutes.
         refresh = client.read_deployment_by_name(deployment_name("mycluster", REFRESH_FLOW))
         long_refresh = client.create_flow_run_from_deployment(refresh.id, state=Running())
+        ended_by_this_test = [long_refresh.id]  # the server is the session's: no run of ours may hold its slots
         try:
             with running_workers(gateway, "mycluster", 1, same_host=True):
                 service.pull(ROOT, "mycluster", "docker", tag, AclRequest())
@@ -156,9 +157,10 @@ def test_a_pull_does_not_wait_for_a_scheduled_run_that_holds_the_platforms_maint
                 assert record["status"] == "READY", record.get("status_message")
                 # Nor does a second scheduled run (a schedule missed while the server was down) join the first.
                 second = client.create_flow_run_from_deployment(refresh.id)
+                ended_by_this_test.append(second.id)
                 time.sleep(5)
                 assert client.read_flow_run(second.id).state_type == StateType.SCHEDULED
-                client.set_flow_run_state(second.id, Cancelled(), force=True)
         finally:
-            client.set_flow_run_state(long_refresh.id, Completed(), force=True)  # the server is the session's
+            for run_id in ended_by_this_test:
+                client.set_flow_run_state(run_id, Cancelled(), force=True)
 
