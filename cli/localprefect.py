@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from importlib.metadata import version
 from pathlib import Path
+from urllib.error import HTTPError
 from urllib.request import Request, urlopen
 
 from imagegw.config import Settings
@@ -108,6 +109,19 @@ def record_served_prefect_api(settings: Settings, api_url: str) -> Path:
 def prefect_healthy(api_url: str) -> bool:
     """Whether the Prefect API at ``api_url`` answers its health check."""
     return prefect_answer(f"{api_url}/health") == b"true"
+
+
+def prefect_wants_csrf_tokens(api_url: str) -> bool:
+    """Whether the Prefect server at ``api_url`` wants a CSRF token with every change (its
+    ``PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED``): one that does not answers a request for a token with 422.
+    Unless that answer comes, it is taken to want them, as Prefect's clients take it."""
+    try:
+        with urlopen(f"{api_url}/csrf-token?client=imagegw", timeout=2):
+            return True
+    except HTTPError as refused:
+        return refused.code != 422
+    except (OSError, HTTPException, ValueError):
+        return True
 
 
 def prefect_answer(url: str, query: bytes | None = None) -> bytes | None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from cli.localprefect import prefect_answer, prefect_healthy, record_served_prefect_api
+from cli.localprefect import prefect_answer, prefect_healthy, prefect_wants_csrf_tokens, record_served_prefect_api
 from deployments import work_pool_name
 from imagegw.config import MONGODB_URI_ENV, Settings
 from imagegw.errors import ServiceUnavailable
@@ -183,6 +183,10 @@ def serve(settings: Settings, *, host: str, port: int, prefect_port: int) -> int
         else:
             api_url = _start_prefect_server(children, settings, prefect_port)
             print(f"Prefect UI {_ui_url(api_url)}", flush=True)
+            if not prefect_wants_csrf_tokens(api_url):
+                # Each new Prefect client asks for a token before its first change unless told not to: one request
+                # more in every pull's API call and in every run's start, each refused by this server.
+                os.environ.setdefault("PREFECT_CLIENT_CSRF_SUPPORT_ENABLED", "false")
         os.environ["PREFECT_API_URL"] = api_url
         recorded = record_served_prefect_api(settings, api_url)
         _deploy(children, settings)

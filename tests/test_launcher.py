@@ -116,3 +116,24 @@ def test_an_error_other_than_503_is_not_tried_again(gateway: Gateway, proxy_for:
     with prefect_through(proxy), pytest.raises(PrefectHTTPStatusError, match="500"):
         launch(PullKey("mycluster", "docker", "broken/app:1"), "pull-id-2")
     assert proxy.creation_keys == ["pull-id-2"]
+
+
+def test_a_deployment_made_again_after_the_first_pull_still_gets_the_next_pulls(gateway: Gateway,
+                                                                              prefect_api: None) -> None:
+    from prefect.client.orchestration import get_client
+
+    deploy_platforms(gateway.settings)
+    launch = DeploymentLauncher(gateway.settings)
+    launch(PullKey("mycluster", "docker", "first/app:1"), "pull-id-3")
+    with get_client(sync_client=True) as client:
+        removed = client.read_deployment_by_name("pull-image/mycluster").id
+        client.delete_deployment(removed)
+    deploy_platforms(gateway.settings)
+
+    run_id = launch(PullKey("mycluster", "docker", "second/app:1"), "pull-id-4")
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(UUID(run_id))
+        remade = client.read_deployment_by_name("pull-image/mycluster").id
+    assert remade != removed
+    assert run.deployment_id == remade and run.parameters["image"] == "second/app:1"

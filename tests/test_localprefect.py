@@ -7,11 +7,13 @@ import socket
 import sqlite3
 import threading
 from contextlib import closing
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 
-from cli.localprefect import _migrated_as_template, prefect_healthy, template_path
+from cli.localprefect import _migrated_as_template, prefect_healthy, prefect_wants_csrf_tokens, template_path
+from testsupport.service import LoopbackHttpServer, answer_json
 
 
 def _database(path: Path, migration: str | None) -> Path:
@@ -62,3 +64,32 @@ def test_a_server_counts_as_healthy_only_when_prefects_health_check_answers_true
     with socket.create_server(("127.0.0.1", 0)) as closed:
         port = closed.getsockname()[1]
     assert not prefect_healthy(f"http://127.0.0.1:{port}/api")
+
+
+def test_prefects_own_server_wants_no_csrf_tokens(prefect_api: None) -> None:
+    from prefect.settings import PREFECT_API_URL
+
+    assert not prefect_wants_csrf_tokens(str(PREFECT_API_URL.value()))
+
+
+class _CsrfAnswer(BaseHTTPRequestHandler):
+    def log_message(self, *_: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server naming
+        server: _CsrfServer = self.server.owner  # type: ignore[attr-defined]
+        answer_json(self, server.status, b'{"token": "t", "expiration": "2099-01-01T00:00:00Z"}')
+
+
+class _CsrfServer(LoopbackHttpServer):
+    def __init__(self, status: int) -> None:
+        self.status = status
+        super().__init__(_CsrfAnswer)
+
+
+@pytest.mark.parametrize("status", [200, 500, 404])
+def test_a_server_wants_csrf_tokens_unless_it_refuses_them_with_422(status: int) -> None:
+    with _CsrfServer(status) as server:
+        assert prefect_wants_csrf_tokens(f"{server.url}/api")
+    with _CsrfServer(422) as server:
+        assert not prefect_wants_csrf_tokens(f"{server.url}/api")
