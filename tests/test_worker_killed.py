@@ -145,7 +145,7 @@ def test_a_pull_whose_worker_is_killed_is_taken_over_by_a_later_request_and_leav
     def pull_record() -> dict[str, Any]:
         return store.pull_record(key) or {}
 
-    with running_workers(gateway, "mycluster", 1) as workers:
+    with running_workers(gateway, "mycluster", 1, leave_runs=True) as workers:
         assert request()["status"] in ("INIT", "PENDING")
         first = record_once(pull_record, lambda record: record.get("status_message", "").startswith(
             "Pulling layers: 0/1"), "downloading", 120)
