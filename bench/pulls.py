@@ -3,11 +3,11 @@
 ``.venv/bin/python bench/pulls.py [--small-mb 30] [--medium-mb 250] [--large-mb 800] [--repeat 2]
 [--sequential N] [--no-cli]`` starts a registry, a munged and ``imagegw serve`` on loopback (bench/lookups.py's
 helpers), pulls a warm-up image, then for each size pushes a new image (files of 1 MB, half random, so the
-squashfs is about half the tree) and measures:
+squashfs is about half the tree), lets the machine settle (its writes flushed, then 2 s) and measures:
 
 * through the gateway: POST ``/api/pull`` with a fresh MUNGE credential, then again every 0.1 s until READY;
-  POST to READY, and from Prefect's record of the run (the pull record's ``flow_run_id``) created to started
-  and the run's own run time;
+  POST to READY, and from Prefect's record of the run (the pull record's ``flow_run_id``) the first POST to the
+  run's start, created to started, and the run's own run time;
 * for the large image, the domain code alone converting the same image (resolve, download into a fresh layer
   cache, flatten, tar2sqfs, publish: what the pull flow's stages call, without Prefect), and the ratio;
 * ``--sequential N``: N pulls of distinct small images one after another; the worker's RSS and peak RSS
@@ -59,12 +59,17 @@ from testsupport.registry import RunningRegistry  # noqa: E402
 POLL_SECONDS = 0.1
 PULL_TIMEOUT = 600.0
 SIZES = ("small", "medium", "large")
+SETTLE_SECONDS = 2.0
+"""Before each timed conversion: the previous one's writes flushed, then this long for the processes it kept busy
+(the Prefect server recording its runs' last events and logs, the registry) to go idle."""
 
 
 @dataclass(frozen=True)
 class GatewayPull:
     squashfs_mb: float
     request_to_ready: float
+    request_to_started: float
+    """From the first POST to the flow run's start (RUNNING) as Prefect recorded it, on the same clock."""
     created_to_started: float
     run_time: float
     """The flow run's own time, start to end, as Prefect recorded it."""
@@ -167,6 +172,7 @@ def pull_through(gateway: Gateway, image: str) -> GatewayPull:
     """POST the pull with a fresh credential, re-POST every 0.1 s until READY; Prefect's times of its run."""
     path = f"/api/pull/{PLATFORM}/docker/{image}/"
     credential = gateway.munged.mint()
+    requested_at = time.time()
     started = time.monotonic()
     while True:
         record = request(gateway.api, "POST", path, credential)[1]
@@ -180,7 +186,9 @@ def pull_through(gateway: Gateway, image: str) -> GatewayPull:
     pulled = open_store(gateway.settings).pull_record(pull_key(PLATFORM, image)) or {}
     run = finished_run(gateway.prefect_api, pulled["flow_run_id"])
     squashfs = gateway.settings.platform(PLATFORM).image_dir / f"{record['id']}.squashfs"
-    return GatewayPull(squashfs.stat().st_size / 1e6, waited, _seconds(run["created"], run["start_time"]),
+    return GatewayPull(squashfs.stat().st_size / 1e6, waited,
+                       datetime.fromisoformat(run["start_time"]).timestamp() - requested_at,
+                       _seconds(run["created"], run["start_time"]),
                        _seconds(run["start_time"], run["end_time"]))
 
 
@@ -208,11 +216,21 @@ def gateway_sizes(gateway: Gateway, args: argparse.Namespace) -> dict[str, list[
             image = gateway.push(megabytes[size])
             alone_first = size == "large" and round_ % 2 == 1
             if alone_first:
+                settle()
                 results["domain alone"].append(domain_alone(gateway.settings, image))
+            settle()
             results[size].append(pull_through(gateway, image))
             if size == "large" and not alone_first:
+                settle()
                 results["domain alone"].append(domain_alone(gateway.settings, image))
     return results
+
+
+def settle() -> None:
+    """Let what ran before a timed conversion finish its work: the push of its image, the conversion before it
+    (hundreds of MB of dirty pages being written back, on the disk and the two cores the next one uses)."""
+    os.sync()
+    time.sleep(SETTLE_SECONDS)
 
 
 def domain_alone(settings: Settings, image: str) -> float:
@@ -246,12 +264,14 @@ def domain_alone(settings: Settings, image: str) -> float:
 
 def sizes_table(pulls: dict[str, list[GatewayPull | float]], args: argparse.Namespace) -> str:
     lines = [f"Through imagegw serve (after a warm-up pull; load average {_load()})", "",
-             "| image | squashfs MB | POST to READY s | run created to started s | run's own time s |",
-             "|---|---|---|---|---|"]
+             "| image | squashfs MB | POST to READY s | POST to run started s | run created to started s "
+             "| run's own time s |",
+             "|---|---|---|---|---|---|"]
     for size in SIZES:
         runs = [pull for pull in pulls[size] if isinstance(pull, GatewayPull)]
         lines.append(f"| {size} | {runs[0].squashfs_mb:.0f} | {_each(r.request_to_ready for r in runs)} | "
-                     f"{_each(r.created_to_started for r in runs)} | {_each(r.run_time for r in runs)} |")
+                     f"{_each(r.request_to_started for r in runs)} | {_each(r.created_to_started for r in runs)} | "
+                     f"{_each(r.run_time for r in runs)} |")
     alone = [float(value) for value in pulls["domain alone"] if isinstance(value, float)]
     large = [pull.request_to_ready for pull in pulls["large"] if isinstance(pull, GatewayPull)]
     lines += ["", f"Large image ({args.large_mb} MB tree), domain code alone: {_each(alone)} s; through the gateway "
