@@ -129,18 +129,6 @@ class WarmProcessWorker(ProcessWorker):
             raise RuntimeError("Failed to start flow run process.")
         return ProcessWorkerResult(status_code=execution.status_code, identifier=str(execution.handle.pid))
 
-    async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None:
-        # Prefect waits for this update between the run's PENDING and SUBMITTING states, 20–30 ms of each run's start.
-        # The labels only name the worker and its pool on the run: they are written beside the run's start instead.
-        async def label() -> None:
-            try:
-                await ProcessWorker._give_worker_labels_to_flow_run(self, flow_run_id)
-            except Exception as exc:  # the run goes on: it lacks only the worker's name in the UI
-                self._logger.warning("could not label flow run %s with this worker's name: %s", flow_run_id, exc)
-
-        assert self._runs_task_group is not None  # set up as the worker starts, before it takes a run
-        self._runs_task_group.start_soon(label)
-
     async def _preloaded_entrypoint(self, flow_run: FlowRun) -> str | None:
         """The flow of ``flow_run``'s deployment as a module the fork server imported (``flows.pull.pull_image``),
         if it is one. The run's process then takes the flow from its modules, as Prefect does given

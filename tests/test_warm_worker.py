@@ -108,7 +108,7 @@ def test_a_pull_runs_in_a_process_forked_from_the_warm_server_and_shows_its_task
 
         wait_for("task runs of every stage", stages, 30)
         wait_for("completed flow run", lambda: client.read_flow_run(flow_run_id).state_type.value == "COMPLETED", 30)
-        # Labelled beside the run's start, not before it: the UI still names the worker that ran it.
+        # The UI names the worker that ran it (and tests.worker_fixtures finds the runs of a killed worker by it).
         labels = client.read_flow_run(flow_run_id).labels
         assert labels["prefect.worker.name"] == f"{socket.gethostname()}-{worker.pid}-mycluster"
         assert labels["prefect.work-pool.name"] == work_pool_name("mycluster")
