@@ -107,6 +107,25 @@ def test_a_finished_or_failed_pull_can_be_claimed_again(store: ImageStore) -> No
     assert store.claim_pull(KEY)[1] is True
 
 
+def test_a_pull_that_went_ready_after_the_callers_lookup_is_not_started_again(store: ImageStore, database) -> None:
+    pull_id = new_claim(store)
+    looked_up_at = time.time()  # the caller found no image: the pull was running
+    store.publish(KEY, facts("a" * 64), pull_id=pull_id)
+
+    late = store.claim(KEY, looked_up_at=looked_up_at)
+    assert not late.claimed
+    assert (late.record["status"], late.record["id"]) == ("READY", "a" * 64)
+    # A caller that looked the image up after it was READY, and still wants it pulled (not fresh, or not theirs), may.
+    assert store.claim(KEY, looked_up_at=time.time()).claimed
+
+
+def test_a_ready_pull_recorded_without_a_heartbeat_can_be_pulled_again(store: ImageStore, database) -> None:
+    store.publish(KEY, facts("b" * 64), pull_id=new_claim(store))
+    database["pulls"].update_one(KEY.query(), {"$unset": {"heartbeat": ""}})  # as an older gateway left it
+
+    assert store.claim(KEY, looked_up_at=time.time()).claimed
+
+
 def test_a_pull_whose_run_went_silent_is_stale_and_can_be_claimed(store: ImageStore, database) -> None:
     store.set_stage(KEY, new_claim(store), Status.PULLING, "Pulling layers")
     database["pulls"].update_one(KEY.query(), {"$set": {"heartbeat": time.time() - DEFAULT_STALE_PULL_TIMEOUT - 1}})

@@ -21,7 +21,7 @@ from imagegw.registry import Credential, normalize_tag, parse_image_reference
 from imagegw.registry.keychain import REQUEST, HandedCredential
 from imagegw.service.identity import Caller
 from imagegw.service.launch import PullLauncher, start_pull
-from imagegw.store import ImageFacts, ImageStore, PullKey, open_store, to_response
+from imagegw.store import ImageFacts, ImageStore, PullKey, Status, open_store, to_response
 
 LOOKUP_TYPES = ("docker", "custom")
 MAX_METRICS = 1000
@@ -67,12 +67,22 @@ class Gateway:
                        password=login.password), REQUEST)
         access = acl.access_for(caller.uid, caller.gid) if login else PUBLIC
         store = self.store()
+        looked_up_at = time.time()
         ready = store.lookup(job.key)
-        if ready is not None and self._still_fresh(ready, access) and caller.may_read(Access.of(ready), platform):
+        if ready is not None and self._answers(ready, access, caller, platform):
             return to_response(ready)
         started = start_pull(store, self._launch, job.key, access=access, login=handed,
-                             retry_failures_after=self.settings.pull_update_timeout)
+                             retry_failures_after=self.settings.pull_update_timeout, looked_up_at=looked_up_at)
+        if not started.started and started.record.get("status") == Status.READY.value:
+            # The tag's running pull went READY after the lookup: its image may be the answer.
+            ready = store.lookup(job.key)
+            if ready is not None and self._answers(ready, access, caller, platform):
+                return to_response(ready)
         return to_response(started.record)
+
+    def _answers(self, ready: dict[str, Any], access: Access, caller: Caller, platform: Platform) -> bool:
+        """Whether the READY image ``ready`` answers a pull asking for ``access``: fresh, and the caller's to read."""
+        return self._still_fresh(ready, access) and caller.may_read(Access.of(ready), platform)
 
     def import_image(self, caller: Caller, system: str, itype: str, tag: str, body: dict[str, Any]) -> dict[str, Any]:
         """Publish a squashfs file the caller has on the gateway host (users listed in ImportUsers only)."""

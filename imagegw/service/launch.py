@@ -41,10 +41,11 @@ class StartedPull:
 
 def start_pull(store: ImageStore, launch: PullLauncher, key: PullKey, *, access: Access = PUBLIC,
                login: HandedCredential | None = None, retry_failures_after: float = 0,
-               refresh: bool = False) -> StartedPull:
-    """Start a pull of ``key`` unless one is under way (see ``ImageStore.claim``); end the run of one whose
-    heartbeat stopped, which this pull takes over."""
-    claim = store.claim(key, access, retry_failures_after, refresh=refresh)
+               refresh: bool = False, looked_up_at: float | None = None) -> StartedPull:
+    """Start a pull of ``key`` unless one is under way or, if the caller looked the tag up at ``looked_up_at``,
+    went READY since (see ``ImageStore.claim``); end the run of one whose heartbeat stopped, which this pull
+    takes over."""
+    claim = store.claim(key, access, retry_failures_after, refresh=refresh, looked_up_at=looked_up_at)
     if not claim.claimed:
         return StartedPull(claim.record, started=False)
     pull_id = str(claim.record["pull_id"])

@@ -209,19 +209,20 @@ class ImageStore:
         return claim.record, claim.claimed
 
     def claim(self, key: PullKey, access: Access = PUBLIC, retry_failures_after: float = 0,
-              refresh: bool = False) -> Claim:
+              refresh: bool = False, looked_up_at: float | None = None) -> Claim:
         """File a new pull as INIT, under a new ``pull_id``, unless one is already running.
 
         Any number of concurrent callers: exactly one claims. A pull whose run died (its record
         silent past the stale limits) can be claimed again, and the claim names the dead run; a
         FAILURE only after ``retry_failures_after`` seconds, so that clients polling a failed pull
         see the failure. ``refresh``: the refresh flow asks, not a user (see the module's note on
-        ``last_used``).
+        ``last_used``). ``looked_up_at``: when the caller looked the tag's image up and found none it
+        could answer with; a pull that went READY since is not claimed (its READY is the answer).
         """
         now = time.time()
         running = [state.value for state in RUNNING_STATES]
         claimable = {**key.query(), "$or": [
-            {"status": {"$nin": [state.value for state in ACTIVE_STATES] + [Status.FAILURE.value]}},
+            *_ended_pulls(looked_up_at),
             {"status": Status.FAILURE.value, "heartbeat": {"$lt": now - retry_failures_after}},
             {"status": {"$in": [state.value for state in QUEUED_STATES]}, "heartbeat": {"$lt": now - STALE_QUEUED}},
             {"status": {"$in": running}, "heartbeat": {"$lt": now - self._stale_pull_timeout}},
@@ -538,6 +539,20 @@ def _names(record: dict[str, Any], key: PullKey) -> bool:
     tags = record.get("tag")
     return (record.get("system") == key.system and record.get("itype") == key.itype
             and (key.tag == tags if isinstance(tags, str) else key.tag in (tags or ())))
+
+
+def _ended_pulls(looked_up_at: float | None) -> list[dict[str, Any]]:
+    """The query for a tag's pull that ended other than in FAILURE, READY only if it was READY by ``looked_up_at``.
+
+    A lookup that found no image, then the publish of the tag's running pull (the image, then the pull's record
+    READY), then the claim: without that bound the claim found a READY pull and started the pull again.
+    """
+    ended = [state.value for state in ACTIVE_STATES] + [Status.FAILURE.value]
+    if looked_up_at is None:
+        return [{"status": {"$nin": ended}}]
+    return [{"status": {"$nin": [*ended, Status.READY.value]}},
+            {"status": Status.READY.value, "heartbeat": {"$lt": looked_up_at}},
+            {"status": Status.READY.value, "heartbeat": {"$exists": False}}]
 
 
 def _upserted(record: dict[str, Any] | None) -> dict[str, Any]:
