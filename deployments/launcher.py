@@ -44,12 +44,13 @@ class DeploymentLauncher:
 
         with get_client(sync_client=True) as client:
             known = self._deployment_ids.get(key.system)
-            try:
-                return self._create_run_of(client, known or self._read_deployment_id(client, key.system), key, pull_id)
-            except PrefectHTTPStatusError as exc:
-                if known is None or exc.response.status_code != 404:
-                    raise
-            # The deployment was removed since it was read, and may have been made again (`imagegw deploy`).
+            if known is not None:
+                try:
+                    return self._create_run_of(client, known, key, pull_id)
+                except PrefectHTTPStatusError as exc:
+                    if exc.response.status_code != 404:
+                        raise
+                    # The deployment was removed since it was read, and may have been made again (`imagegw deploy`).
             return self._create_run_of(client, self._read_deployment_id(client, key.system), key, pull_id)
 
     def _read_deployment_id(self, client: SyncPrefectClient, platform: str) -> UUID:
