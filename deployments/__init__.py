@@ -4,6 +4,8 @@ The names are here, apart from deployments/platforms.py, so that processes which
 deployment (the supervisor, the API's launcher) need not import Prefect.
 """
 
+import socket
+
 from flows import PULL_FLOW
 
 
@@ -15,3 +17,9 @@ def deployment_name(platform: str, flow: str = PULL_FLOW) -> str:
 def work_pool_name(platform: str) -> str:
     """The work pool whose workers run ``platform``'s pulls."""
     return f"imagegw-{platform}"
+
+
+def worker_name(platform: str, pid: int) -> str:
+    """The name of the worker of ``platform`` in process ``pid`` on this host: two workers of one pool on one host
+    are two workers. Prefect labels each run with its worker's name."""
+    return f"{socket.gethostname()}-{pid}-{platform}"

@@ -14,7 +14,6 @@ server was down as soon as it is back).
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.workers.process import ProcessWorker
 
 import flows
-from deployments import doorbell, work_pool_name
+from deployments import doorbell, work_pool_name, worker_name
 from deployments.prefectclients import tune_prefect_clients
 from deployments.warmworker import WarmProcessWorker, start_fork_server
 from flows import EXPIRE_FLOW, PULL_FLOW, REFRESH_FLOW
@@ -149,8 +148,7 @@ def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
         async with anyio.create_task_group() as workers:
             for name in names:
                 worker = WarmProcessWorker(
-                    # Named by host and process: two workers of one pool on one host are two workers.
-                    work_pool_name=work_pool_name(name), name=f"{socket.gethostname()}-{os.getpid()}-{name}",
+                    work_pool_name=work_pool_name(name), name=worker_name(name, os.getpid()),
                     create_pool_if_not_found=False, limit=pool_concurrency(settings.platform(name)))
                 workers.start_soon(_serve, worker, settings.state_dir, name)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -22,7 +21,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFi
 from prefect.settings import PREFECT_API_URL, Settings, get_current_settings, temporary_settings
 from prefect.states import Suspended
 
-from deployments import work_pool_name
+from deployments import work_pool_name, worker_name
 from deployments.launcher import DeploymentLauncher
 from deployments.platforms import deploy_platforms
 from deployments.warmworker import _SettingsEnvironment, entered_beside
@@ -110,7 +109,7 @@ def test_a_pull_runs_in_a_process_forked_from_the_warm_server_and_shows_its_task
         wait_for("completed flow run", lambda: client.read_flow_run(flow_run_id).state_type.value == "COMPLETED", 30)
         # The UI names the worker that ran it (and tests.worker_fixtures finds the runs of a killed worker by it).
         labels = client.read_flow_run(flow_run_id).labels
-        assert labels["prefect.worker.name"] == f"{socket.gethostname()}-{worker.pid}-mycluster"
+        assert labels["prefect.worker.name"] == worker_name("mycluster", worker.pid)
         assert labels["prefect.work-pool.name"] == work_pool_name("mycluster")
         ours_logged = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ import pytest
 import requests
 from prefect.settings import PREFECT_API_URL
 
-from deployments import work_pool_name
+from deployments import work_pool_name, worker_name
 from deployments.launcher import DeploymentLauncher
 from deployments.platforms import PULL_QUEUE, deploy_platforms
 from imagegw.access import AclRequest
@@ -97,7 +96,7 @@ def kill_with_its_runs(worker: subprocess.Popen[bytes]) -> set[int]:
 
 def worker_online(pid: int, platform: str) -> bool:
     """Whether the Prefect server counts the worker of process ``pid`` online (named as run_workers names it)."""
-    name = f"{socket.gethostname()}-{pid}-{platform}"
+    name = worker_name(platform, pid)
     response = requests.post(f"{PREFECT_API_URL.value()}/work_pools/{work_pool_name(platform)}/workers/filter",
                              json={}, timeout=10)
     return any(worker["name"] == name and worker["status"] == "ONLINE" for worker in response.json())

@@ -163,4 +163,3 @@ def test_a_pull_does_not_wait_for_a_scheduled_run_that_holds_the_platforms_maint
         finally:
             for run_id in ended_by_this_test:
                 client.set_flow_run_state(run_id, Cancelled(), force=True)
-

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import requests
 from prefect.settings import PREFECT_API_URL
 
-from deployments import work_pool_name
+from deployments import work_pool_name, worker_name
 from imagegw.processes import log_tail
 from tests.gateway_fixtures import Gateway
 
@@ -66,30 +66,37 @@ def running_workers(gateway: Gateway, platform: str, count: int, *, same_host: b
             crash_runs_left_by(workers, platform)
 
 
+def pool_runs(platform: str, *states: str) -> list[dict[str, Any]]:
+    """The runs of the platform's pool in any of the state types ``states``, as Prefect's API gives them."""
+    wanted = {"work_pools": {"name": {"any_": [work_pool_name(platform)]}},
+              "flow_runs": {"state": {"type": {"any_": list(states)}}}}
+    runs: list[dict[str, Any]] = requests.post(f"{PREFECT_API_URL.value()}/flow_runs/filter", json=wanted,
+                                               timeout=10).json()
+    return runs
+
+
 def unfinished_runs(platform: str) -> list[str]:
     """The runs of the platform's pool not yet ended: each its state, queue, name and worker."""
-    unfinished = {"work_pools": {"name": {"any_": [work_pool_name(platform)]}},
-                  "flow_runs": {"state": {"type": {"any_": ["SCHEDULED", "PENDING", "RUNNING", "PAUSED"]}}}}
-    runs = requests.post(f"{PREFECT_API_URL.value()}/flow_runs/filter", json=unfinished, timeout=10).json()
-    return [f"{run['state_name']} in {run['work_queue_name']}: {run['name']} "
-            f"(worker {run.get('labels', {}).get('prefect.worker.name')})" for run in runs]
+    return [f"{run['state_name']} in {run['work_queue_name']}: {run['name']} (worker {_worker_of(run)})"
+            for run in pool_runs(platform, "SCHEDULED", "PENDING", "RUNNING", "PAUSED")]
 
 
 def crash_runs_left_by(workers: list[subprocess.Popen[bytes]], platform: str) -> None:
     """Set CRASHED the runs the killed ``workers`` left PENDING or RUNNING, as the gateway does for a run whose
     heartbeat stopped. Nothing reports a killed worker's runs to Prefect: they would hold their pool's slots for
     the rest of the session, and a later test allowing one pull at a time would wait for a worker for ever."""
-    api_url = PREFECT_API_URL.value()
-    # Named as `imagegw worker` names them, by host and process (deployments.platforms).
-    names = {f"{socket.gethostname()}-{worker.pid}-{platform}" for worker in workers}
-    holding = {"work_pools": {"name": {"any_": [work_pool_name(platform)]}},
-               "flow_runs": {"state": {"type": {"any_": ["PENDING", "RUNNING"]}}}}
-    runs = requests.post(f"{api_url}/flow_runs/filter", json=holding, timeout=10).json()
-    for run in runs:
-        if run.get("labels", {}).get("prefect.worker.name") in names:
-            requests.post(f"{api_url}/flow_runs/{run['id']}/set_state", timeout=10, json={
+    names = {worker_name(platform, worker.pid) for worker in workers}
+    for run in pool_runs(platform, "PENDING", "RUNNING"):
+        if _worker_of(run) in names:
+            requests.post(f"{PREFECT_API_URL.value()}/flow_runs/{run['id']}/set_state", timeout=10, json={
                 "state": {"type": "CRASHED", "message": "its worker was killed at the end of a test"},
                 "force": True}).raise_for_status()
+
+
+def _worker_of(run: dict[str, Any]) -> str | None:
+    """The name of the worker that took ``run`` (Prefect's label), if one did."""
+    name: str | None = run.get("labels", {}).get("prefect.worker.name")
+    return name
 
 
 def with_group_killed(process: subprocess.Popen[bytes]) -> None:

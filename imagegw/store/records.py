@@ -547,10 +547,10 @@ def _ended_pulls(looked_up_at: float | None) -> list[dict[str, Any]]:
     A lookup that found no image, then the publish of the tag's running pull (the image, then the pull's record
     READY), then the claim: without that bound the claim found a READY pull and started the pull again.
     """
-    ended = [state.value for state in ACTIVE_STATES] + [Status.FAILURE.value]
+    unfinished_or_failed = [state.value for state in ACTIVE_STATES] + [Status.FAILURE.value]
     if looked_up_at is None:
-        return [{"status": {"$nin": ended}}]
-    return [{"status": {"$nin": [*ended, Status.READY.value]}},
+        return [{"status": {"$nin": unfinished_or_failed}}]
+    return [{"status": {"$nin": [*unfinished_or_failed, Status.READY.value]}},
             {"status": Status.READY.value, "heartbeat": {"$lt": looked_up_at}},
             {"status": Status.READY.value, "heartbeat": {"$exists": False}}]
 
