@@ -84,10 +84,13 @@ def unfinished_runs(platform: str) -> list[str]:
 def crash_runs_left_by(workers: list[subprocess.Popen[bytes]], platform: str) -> None:
     """Set CRASHED the runs the killed ``workers`` left PENDING or RUNNING, as the gateway does for a run whose
     heartbeat stopped. Nothing reports a killed worker's runs to Prefect: they would hold their pool's slots for
-    the rest of the session, and a later test allowing one pull at a time would wait for a worker for ever."""
+    the rest of the session, and a later test allowing one pull at a time would wait for a worker for ever.
+
+    A run PENDING that no worker has named yet was being submitted when its worker was killed (a worker names a run
+    just after making it PENDING), and no other test's worker runs meanwhile: it is one of theirs too."""
     names = {worker_name(platform, worker.pid) for worker in workers}
     for run in pool_runs(platform, "PENDING", "RUNNING"):
-        if _worker_of(run) in names:
+        if _worker_of(run) in names or (run["state_type"] == "PENDING" and _worker_of(run) is None):
             requests.post(f"{PREFECT_API_URL.value()}/flow_runs/{run['id']}/set_state", timeout=10, json={
                 "state": {"type": "CRASHED", "message": "its worker was killed at the end of a test"},
                 "force": True}).raise_for_status()
