@@ -23,3 +23,9 @@ def worker_name(platform: str, pid: int) -> str:
     """The name of the worker of ``platform`` in process ``pid`` on this host: two workers of one pool on one host
     are two workers. Prefect labels each run with its worker's name."""
     return f"{socket.gethostname()}-{pid}-{platform}"
+
+
+def worker_pid_on_this_host(name: str, platform: str) -> int | None:
+    """The process of the worker of ``platform`` named ``name``, if ``worker_name`` named it on this host."""
+    pid = name.removeprefix(f"{socket.gethostname()}-").removesuffix(f"-{platform}")
+    return int(pid) if pid.isdigit() and name == worker_name(platform, int(pid)) else None

@@ -29,6 +29,7 @@ from prefect.workers.process import ProcessWorker
 
 import flows
 from deployments import doorbell, work_pool_name, worker_name
+from deployments.orphans import SWEEP_INTERVAL, hand_on_orphaned_runs
 from deployments.prefectclients import tune_prefect_clients
 from deployments.warmworker import WarmProcessWorker, start_fork_server
 from flows import EXPIRE_FLOW, PULL_FLOW, REFRESH_FLOW
@@ -156,13 +157,33 @@ def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
 
 
 async def _serve(worker: WarmProcessWorker, state_dir: Path, platform: str) -> None:
-    """Run ``worker``, polling at its interval and whenever its doorbell rings (``deployments.doorbell``)."""
+    """Run ``worker``, polling at its interval and whenever its doorbell rings (``deployments.doorbell``), and handing
+    on the runs dead workers of its pool left (``deployments.orphans``)."""
     async with worker, await anyio.create_udp_socket(local_host="127.0.0.1") as bell:
         with doorbell.hung(state_dir, platform, bell.extra(anyio.abc.SocketAttribute.local_port)):
             async with anyio.create_task_group() as group:
                 group.start_soon(_answer, bell, worker)
+                group.start_soon(_sweep_orphaned_runs, worker, platform)
                 await worker.start()
                 group.cancel_scope.cancel()
+
+
+async def _sweep_orphaned_runs(worker: WarmProcessWorker, platform: str) -> None:
+    """As the worker starts and every SWEEP_INTERVAL after: schedule again the runs dead workers took and never
+    started, and poll at once if there were any; crash those they left running on this host."""
+    while True:
+        try:
+            orphans = await hand_on_orphaned_runs(worker.client, platform, worker.name)
+        except Exception as exc:  # the server busy or restarting: the next sweep tries again
+            print(f"imagegw worker: cannot look for runs dead workers of {platform} left: {exc}",
+                  file=sys.stderr, flush=True)
+        else:
+            for orphan in orphans:
+                print(f"imagegw worker: flow run {orphan.run_name} ({orphan.run_id}): {orphan.reason(worker.name)}",
+                      file=sys.stderr, flush=True)
+            if any(not orphan.started for orphan in orphans):
+                await worker.get_and_submit_flow_runs()
+        await anyio.sleep(SWEEP_INTERVAL)
 
 
 async def _answer(bell: anyio.abc.UDPSocket, worker: WarmProcessWorker) -> None:
