@@ -8,13 +8,15 @@ ends none of its runs. Each such run holds one of the platform's ``maxConcurrent
   worker of the pool starts it, and the pull completes with nobody asking again.
 - **RUNNING** on this host: its process died with the worker (``deployments.warmworker``). It is set **CRASHED**:
   its slot is free at once, and its pull's record, silent, is taken over by the next request after
-  ``StalePullTimeout``, as for any pull whose heartbeat stopped. A RUNNING run of another host's worker is left to
-  that rule alone: a worker Prefect counts offline may only have lost the server, its runs alive.
+  ``StalePullTimeout``, as for any pull whose heartbeat stopped. It is not run again here: that request brings
+  the user's registry login again, which the dead run had taken (a login handed to a pull is read once). A RUNNING
+  run of another host's worker is left to that rule alone: a worker Prefect counts offline may only have lost the
+  server, its runs alive.
 
 Whether a worker lives: one of this host by its process; one of another host by Prefect's count of it as online
-(it misses three heartbeats, 90 s, before it is counted offline). A PENDING run that names no worker was being
-submitted when its worker died (a worker names a run just after making it PENDING, ``_give_worker_labels_to_flow_run``
-in Prefect's worker), once that took longer than ``SUBMISSION_GRACE``.
+(it misses three heartbeats, 90 s, before it is counted offline). A PENDING run that names no worker
+``SUBMISSION_GRACE`` after it became PENDING was being submitted when its worker died: a worker names a run just after
+making it PENDING (``_give_worker_labels_to_flow_run`` in Prefect's worker).
 """
 
 from __future__ import annotations

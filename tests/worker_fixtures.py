@@ -83,8 +83,8 @@ def unfinished_runs(platform: str) -> list[str]:
 
 def crash_runs_left_by(workers: list[subprocess.Popen[bytes]], platform: str) -> None:
     """Set CRASHED the runs the killed ``workers`` left PENDING or RUNNING, as the gateway does for a run whose
-    heartbeat stopped. Nothing reports a killed worker's runs to Prefect: they would hold their pool's slots for
-    the rest of the session, and a later test allowing one pull at a time would wait for a worker for ever.
+    heartbeat stopped. Nothing reports a killed worker's runs to Prefect: they would hold their pool's slots until a
+    later test's worker handed them on (``deployments.orphans``), and that test would wait for them, or run them.
 
     A run PENDING that no worker has named yet was being submitted when its worker was killed (a worker names a run
     just after making it PENDING), and no other test's worker runs meanwhile: it is one of theirs too."""
