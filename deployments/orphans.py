@@ -6,12 +6,12 @@ ends none of its runs. Each such run holds one of the platform's ``maxConcurrent
 - **PENDING**: taken, but never started (the worker died while submitting it). Its pull's record waits as queued,
   which a request takes over only after an hour (``STALE_QUEUED``). Such a run is **scheduled again**: any live
   worker of the pool starts it, and the pull completes with nobody asking again.
-- **RUNNING** on this host: its process died with the worker (``deployments.warmworker``). It is set **CRASHED**:
-  its slot is free at once, and its pull's record, silent, is taken over by the next request after
-  ``StalePullTimeout``, as for any pull whose heartbeat stopped. It is not run again here: that request brings
-  the user's registry login again, which the dead run had taken (a login handed to a pull is read once). A RUNNING
-  run of another host's worker is left to that rule alone: a worker Prefect counts offline may only have lost the
-  server, its runs alive.
+- **RUNNING**: its process died with the worker (``deployments.warmworker``). It is set **CRASHED**, so its slot is
+  free even if nobody asks for its tag again, once it is surely dead: its worker was of this host and its process is
+  gone, or its pull's record has gone ``StalePullTimeout`` without its heartbeat (the rule by which a request takes
+  a pull over; a worker Prefect counts offline may only have lost the server, its runs alive). Its pull's record is
+  taken over by the next request, as for any pull whose heartbeat stopped. It is not run again here: that request
+  brings the user's registry login again, which the dead run had taken (a login handed to a pull is read once).
 
 Whether a worker lives: one of this host by its process; one of another host by Prefect's count of it as online
 (it misses three heartbeats, 90 s, before it is counted offline). A PENDING run that names no worker
@@ -21,12 +21,13 @@ making it PENDING (``_give_worker_labels_to_flow_run`` in Prefect's worker).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 from uuid import UUID
 
+import anyio
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterState,
@@ -38,7 +39,10 @@ from prefect.client.schemas.objects import StateType, WorkerStatus
 from prefect.states import Crashed, Scheduled
 
 from deployments import work_pool_name, worker_pid_on_this_host
+from imagegw.errors import ImagegwError
+from imagegw.plan import pull_key
 from imagegw.processes import alive
+from imagegw.store import ImageStore
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -63,18 +67,26 @@ class OrphanedRun:
     """The worker named on the run, if it got that far."""
     started: bool
     """RUNNING (its process died with the worker) rather than PENDING (never started)."""
+    silent_for: float | None = None
+    """Seconds its pull's record had gone without its heartbeat, if that is how it was found dead."""
 
     def reason(self, finder: str) -> str:
         """What the run's new state says, for an operator reading it in the Prefect UI."""
         whose = f"its worker {self.worker}" if self.worker else "the worker that took it"
-        if self.started:
-            return (f"{whose} died, and its run's process with it (found by worker {finder}); the pull's record is "
-                    "taken over by the next request once its heartbeat has been silent for StalePullTimeout")
-        return f"{whose} died before starting it: scheduled again by worker {finder}"
+        if not self.started:
+            return f"{whose} died before starting it: scheduled again by worker {finder}"
+        how = (f"its pull's record went {self.silent_for:.0f} s without its heartbeat (StalePullTimeout): it died"
+               if self.silent_for is not None else f"{whose} died, and its run's process with it")
+        return (f"{how} (found by worker {finder}); the pull's record is taken over by the next request once its "
+                "heartbeat has been silent for StalePullTimeout")
+
+
+PullSilence = Callable[["FlowRun"], "float | None"]
+"""Seconds a RUNNING run's pull record has gone past StalePullTimeout without its heartbeat; None while it lives."""
 
 
 def orphaned_runs(runs: Iterable[FlowRun], platform: str, online_workers: Collection[str], now: datetime,
-                  ) -> list[OrphanedRun]:
+                  pull_silence: PullSilence) -> list[OrphanedRun]:
     """Those of the pool's PENDING and RUNNING ``runs`` whose worker is dead (see the module's note)."""
     found = []
     for run in runs:
@@ -84,19 +96,37 @@ def orphaned_runs(runs: Iterable[FlowRun], platform: str, online_workers: Collec
         name = str(worker) if worker else None
         pid = worker_pid_on_this_host(name, platform) if name else None
         if run.state.type is StateType.RUNNING:
-            orphaned = pid is not None and not alive(pid)
+            worker_gone = pid is not None and not alive(pid)
+            silent_for = None if worker_gone else pull_silence(run)
+            if worker_gone or silent_for is not None:
+                found.append(OrphanedRun(run.id, run.name, name, started=True, silent_for=silent_for))
         elif run.state.type is StateType.PENDING and now - run.state.timestamp > SUBMISSION_GRACE:
-            orphaned = name is None or (not alive(pid) if pid is not None else name not in online_workers)
-        else:
-            orphaned = False
-        if orphaned:
-            found.append(OrphanedRun(run.id, run.name, name, started=run.state.type is StateType.RUNNING))
+            if name is None or (not alive(pid) if pid is not None else name not in online_workers):
+                found.append(OrphanedRun(run.id, run.name, name, started=False))
     return found
 
 
-async def hand_on_orphaned_runs(client: PrefectClient, platform: str, finder: str) -> list[OrphanedRun]:
-    """Schedule again the pool's runs a dead worker took and never started, and crash those it left running on this
-    host (see the module's note); the runs handed on. ``finder``: the worker doing it, named in the runs' states."""
+def pull_silence_in(store: ImageStore) -> PullSilence:
+    """How long a pull run's record has been silent (``ImageStore.silence_of_dead_pull``), from the parameters its
+    launcher gave it; None for a run of another flow, or a pull started from the UI (its claim is not named)."""
+
+    def silence(run: FlowRun) -> float | None:
+        image, platform, pull_id = (run.parameters.get(name) for name in ("image", "platform", "pull_id"))
+        if not (isinstance(image, str) and isinstance(platform, str) and isinstance(pull_id, str)):
+            return None
+        try:
+            key = pull_key(platform, image)
+        except ImagegwError:  # a run started from the UI with a name no pull could have
+            return None
+        return store.silence_of_dead_pull(key, pull_id)
+
+    return silence
+
+
+async def hand_on_orphaned_runs(client: PrefectClient, platform: str, finder: str, pull_silence: PullSilence,
+                                ) -> list[OrphanedRun]:
+    """Schedule again the pool's runs a dead worker took and never started, and crash those it left running (see the
+    module's note); the runs handed on. ``finder``: the worker doing it, named in the runs' states."""
     pool = work_pool_name(platform)
     runs = await client.read_flow_runs(
         work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
@@ -106,7 +136,9 @@ async def hand_on_orphaned_runs(client: PrefectClient, platform: str, finder: st
         return []
     online = {worker.name for worker in await client.read_workers_for_work_pool(pool)
               if worker.status is WorkerStatus.ONLINE}
-    orphans = orphaned_runs(runs, platform, online, datetime.now(timezone.utc))
+    # In a thread: the pull records are read from the database, which this worker's event loop must not wait for.
+    orphans = await anyio.to_thread.run_sync(orphaned_runs, runs, platform, online, datetime.now(timezone.utc),
+                                             pull_silence)
     for orphan in orphans:
         # Not forced: Prefect's rules keep a run that moved on meanwhile (ended, or started after all) as it is.
         new_state = Crashed if orphan.started else Scheduled

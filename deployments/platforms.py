@@ -29,7 +29,7 @@ from prefect.workers.process import ProcessWorker
 
 import flows
 from deployments import doorbell, work_pool_name, worker_name
-from deployments.orphans import SWEEP_INTERVAL, hand_on_orphaned_runs
+from deployments.orphans import SWEEP_INTERVAL, hand_on_orphaned_runs, pull_silence_in
 from deployments.prefectclients import tune_prefect_clients
 from deployments.warmworker import WarmProcessWorker, start_fork_server
 from flows import EXPIRE_FLOW, PULL_FLOW, REFRESH_FLOW
@@ -40,6 +40,7 @@ from imagegw.config import Platform, Settings
 from imagegw.errors import ConfigError
 from imagegw.housekeeping import remove_dead_pulls_leftovers
 from imagegw.registry import LayerCache
+from imagegw.store import open_store
 
 _CODE_ROOT = Path(flows.__file__).resolve().parent.parent
 """Where the flow's code is on this host; a worker's host must have it at the same path."""
@@ -151,31 +152,32 @@ def run_workers(settings: Settings, platforms: Collection[str] = ()) -> None:
                 worker = WarmProcessWorker(
                     work_pool_name=work_pool_name(name), name=worker_name(name, os.getpid()),
                     create_pool_if_not_found=False, limit=pool_concurrency(settings.platform(name)))
-                workers.start_soon(_serve, worker, settings.state_dir, name)
+                workers.start_soon(_serve, worker, settings, name)
 
     anyio.run(work)
 
 
-async def _serve(worker: WarmProcessWorker, state_dir: Path, platform: str) -> None:
+async def _serve(worker: WarmProcessWorker, settings: Settings, platform: str) -> None:
     """Run ``worker``, polling at its interval and whenever its doorbell rings (``deployments.doorbell``), and handing
     on the runs dead workers of its pool left (``deployments.orphans``)."""
     async with worker, await anyio.create_udp_socket(local_host="127.0.0.1") as bell:
-        with doorbell.hung(state_dir, platform, bell.extra(anyio.abc.SocketAttribute.local_port)):
+        with doorbell.hung(settings.state_dir, platform, bell.extra(anyio.abc.SocketAttribute.local_port)):
             async with anyio.create_task_group() as group:
                 group.start_soon(_answer, bell, worker)
-                group.start_soon(_sweep_orphaned_runs, worker, platform)
+                group.start_soon(_sweep_orphaned_runs, worker, settings, platform)
                 await worker.start()
                 group.cancel_scope.cancel()
 
 
-async def _sweep_orphaned_runs(worker: WarmProcessWorker, platform: str) -> None:
+async def _sweep_orphaned_runs(worker: WarmProcessWorker, settings: Settings, platform: str) -> None:
     """As the worker starts and every SWEEP_INTERVAL after: schedule again the runs dead workers took and never
-    started, and poll at once if there were any; crash those they left running on this host."""
+    started, and poll at once if there were any; crash those they left running (``deployments.orphans``)."""
     while True:
         try:
-            orphans = await hand_on_orphaned_runs(worker.client, platform, worker.name)
-        except Exception as exc:  # the server busy or restarting: the next sweep tries again
-            print(f"imagegw worker: cannot look for runs dead workers of {platform} left: {exc}",
+            store = await anyio.to_thread.run_sync(open_store, settings)
+            orphans = await hand_on_orphaned_runs(worker.client, platform, worker.name, pull_silence_in(store))
+        except Exception as exc:  # a server or the database busy or restarting: the next sweep tries again
+            print(f"imagegw worker: cannot look for the runs dead workers of {platform} left: {exc}",
                   file=sys.stderr, flush=True)
         else:
             for orphan in orphans:

@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import pymongo
 import requests
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL
@@ -18,7 +20,7 @@ from prefect.states import Pending, Running, Scheduled, State
 
 from deployments import worker_name, worker_pid_on_this_host
 from deployments.launcher import DeploymentLauncher
-from deployments.orphans import SUBMISSION_GRACE, SWEEP_INTERVAL, WORKER_LABEL, orphaned_runs
+from deployments.orphans import SUBMISSION_GRACE, SWEEP_INTERVAL, WORKER_LABEL, PullSilence, orphaned_runs
 from deployments.platforms import deploy_platforms
 from imagegw.access import AclRequest
 from imagegw.service import Caller, Gateway
@@ -46,8 +48,12 @@ def flow_run(state: State[Any], worker: str | None = None) -> FlowRun:
                    labels={WORKER_LABEL: worker} if worker else {})
 
 
-def orphans_of(*runs: FlowRun, online: tuple[str, ...] = ()) -> list[FlowRun]:
-    found = {orphan.run_id for orphan in orphaned_runs(runs, PLATFORM, online, NOW)}
+def no_silence(run: FlowRun) -> float | None:
+    return None
+
+
+def orphans_of(*runs: FlowRun, online: tuple[str, ...] = (), pull_silence: PullSilence = no_silence) -> list[FlowRun]:
+    found = {orphan.run_id for orphan in orphaned_runs(runs, PLATFORM, online, NOW, pull_silence)}
     return [run for run in runs if run.id in found]
 
 
@@ -68,8 +74,8 @@ def test_runs_taken_by_a_dead_worker_of_this_host_are_orphans_and_those_of_a_liv
     running_live = flow_run(Running(timestamp=LONG_AGO), live)
     assert orphans_of(never_started, submitting, died_running, running_just_now, pending_live, running_live) == [
         never_started, submitting, died_running, running_just_now]
-    [orphan] = orphaned_runs([died_running], PLATFORM, (), NOW)
-    assert orphan.started and orphan.worker == dead
+    [orphan] = orphaned_runs([died_running], PLATFORM, (), NOW, no_silence)
+    assert orphan.started and orphan.worker == dead and orphan.silent_for is None
 
 
 def test_a_pending_run_naming_no_worker_is_an_orphan_only_once_a_submission_would_have_named_one() -> None:
@@ -84,6 +90,16 @@ def test_another_hosts_worker_is_dead_once_prefect_counts_it_offline_and_its_run
     running = flow_run(Running(timestamp=LONG_AGO), elsewhere)
     assert orphans_of(pending, running, online=(elsewhere,)) == []
     assert orphans_of(pending, running) == [pending]
+
+
+def test_a_running_run_whose_pull_record_went_silent_is_an_orphan_wherever_its_worker_was() -> None:
+    elsewhere = f"elsewhere-4242-{PLATFORM}"
+    silent, beating = flow_run(Running(timestamp=LONG_AGO), elsewhere), flow_run(Running(timestamp=LONG_AGO))
+    assert orphans_of(silent, beating, online=(elsewhere,),
+                      pull_silence=lambda run: 200.0 if run is silent else None) == [silent]
+    [orphan] = orphaned_runs([silent], PLATFORM, (elsewhere,), NOW, lambda run: 200.0)
+    assert orphan.reason("vm-1-mycluster").startswith("its pull's record went 200 s without its heartbeat "
+                                                      "(StalePullTimeout): it died (found by worker vm-1-mycluster)")
 
 
 def test_a_scheduled_run_is_no_orphan() -> None:
@@ -117,11 +133,12 @@ def test_runs_a_killed_worker_left_are_handed_on_by_the_next_worker_and_their_pu
     service = Gateway(gateway.settings, launcher)
     store = gateway.store()
     keys = []
-    for name in ("unnamed", "named"):
+    for name in ("unnamed", "named", "silent"):
         push_image(gateway.registry, f"orphan/{name}", "1", [LayerBuilder().file(name, name.encode())])
         keys.append(PullKey(PLATFORM, "docker", gateway.image(f"orphan/{name}:1")))
         assert service.pull(ROOT, PLATFORM, "docker", keys[-1].tag, AclRequest())["status"] == "PENDING"
-    unnamed_run, named_run = (str(store.pull_record(key)["flow_run_id"]) for key in keys)
+    unnamed_run, named_run, silent_run = (str(store.pull_record(key)["flow_run_id"]) for key in keys)
+    silent_key = keys.pop()
     # A run the dead worker had started: its process died with it.
     died_running = launcher(PullKey(PLATFORM, "docker", gateway.image("orphan/gone:1")), uuid.uuid4().hex)
     # What a worker killed mid-submission leaves: PENDING before it named itself on the run, or after; and RUNNING.
@@ -129,6 +146,12 @@ def test_runs_a_killed_worker_left_are_handed_on_by_the_next_worker_and_their_pu
     set_state(unnamed_run, "PENDING")
     set_state(named_run, "PENDING", {WORKER_LABEL: killed})
     set_state(died_running, "RUNNING", {WORKER_LABEL: killed})
+    # A run another host's worker left RUNNING (Prefect still counts that worker online), its record silent.
+    elsewhere = f"elsewhere-4242-{PLATFORM}"
+    set_state(silent_run, "RUNNING", {WORKER_LABEL: elsewhere})
+    silent_for = gateway.settings.stale_pull_timeout + 10
+    pymongo.MongoClient(gateway.mongo_uri)[gateway.database]["pulls"].update_one(
+        silent_key.query(), {"$set": {"status": "PULLING", "heartbeat": time.time() - silent_for}})
 
     with running_workers(gateway, PLATFORM, 1) as workers:
         finder = worker_name(PLATFORM, workers[0].pid)
@@ -149,3 +172,7 @@ def test_runs_a_killed_worker_left_are_handed_on_by_the_next_worker_and_their_pu
     assert state_history(died_running)[-1] == (
         "CRASHED", f"its worker {killed} died, and its run's process with it (found by worker {finder}); the pull's "
                    "record is taken over by the next request once its heartbeat has been silent for StalePullTimeout")
+    state, message = state_history(silent_run)[-1]
+    assert state == "CRASHED" and message.startswith("its pull's record went "), message
+    assert f"s without its heartbeat (StalePullTimeout): it died (found by worker {finder})" in message
+    assert silent_for <= float(message.split(" went ")[1].split(" s ")[0]) < silent_for + 120, message

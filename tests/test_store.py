@@ -133,6 +133,21 @@ def test_a_pull_whose_run_went_silent_is_stale_and_can_be_claimed(store: ImageSt
     assert store.claim_pull(KEY)[1] is True
 
 
+def test_only_a_running_pull_silent_past_the_stale_timeout_is_told_dead_to_its_own_run(store: ImageStore,
+                                                                                        database) -> None:
+    pull_id = new_claim(store)
+    silent = {"heartbeat": time.time() - DEFAULT_STALE_PULL_TIMEOUT - 5}
+    database["pulls"].update_one(KEY.query(), {"$set": silent})
+    assert store.silence_of_dead_pull(KEY, pull_id) is None  # queued: waiting for a worker is no death
+    store.set_stage(KEY, pull_id, Status.PULLING, "Pulling layers")
+    assert store.silence_of_dead_pull(KEY, pull_id) is None  # beating
+    database["pulls"].update_one(KEY.query(), {"$set": silent})
+    assert DEFAULT_STALE_PULL_TIMEOUT + 5 <= (store.silence_of_dead_pull(KEY, pull_id) or 0) < \
+        DEFAULT_STALE_PULL_TIMEOUT + 60
+    assert store.silence_of_dead_pull(KEY, "another-claim") is None
+    assert store.silence_of_dead_pull(PullKey("mycluster", "docker", "team/never:1"), pull_id) is None
+
+
 def test_the_stale_timeout_is_the_stores_and_sets_the_heartbeat(database) -> None:
     store = ImageStore(database, expiration_timeout=3600, stale_pull_timeout=12)
     store.ensure_indexes()

@@ -327,6 +327,17 @@ class ImageStore:
         """The latest pull record of a tag, if it was ever pulled."""
         return self._first(self._pulls, key.query())
 
+    def silence_of_dead_pull(self, key: PullKey, pull_id: str) -> float | None:
+        """Seconds the running pull ``pull_id`` of ``key`` has gone without its run's heartbeat, if that is past
+        StalePullTimeout (its run died: the rule by which a request takes a pull over); None while it lives, or
+        once it ended or was taken over."""
+        record = self.pull_record(key)
+        if record is None or record.get("pull_id") != pull_id \
+                or record.get("status") not in [state.value for state in RUNNING_STATES]:
+            return None
+        silent = time.time() - float(record.get("heartbeat", 0))
+        return silent if silent >= self._stale_pull_timeout else None
+
     def pulls_in_progress(self, system: str) -> list[dict[str, Any]]:
         """Pulls of a system that are queued, running or failed."""
         with mongo_errors():
