@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from cli.localprefect import prepare_prefect_environment
+from cli.localprefect import prepare_prefect_environment, prepare_template, template_path
 from cli.output import print_json, print_table, when
 from cli.serve import serve
 from deployments import deployment_name, work_pool_name
@@ -20,6 +20,17 @@ from imagegw.service.userlogin import save_login
 from imagegw.store import ensure_embedded_server, open_store, to_response
 from imagegw.store.watchlist import open_watch_list
 from imagegw.watch import parse_watched
+
+
+def prepare_command(args: argparse.Namespace) -> int:
+    made = prepare_template()
+    if made is not None:
+        print(f"kept a migrated Prefect database as {made}")
+    elif template_path().exists():
+        print(f"nothing to do: {template_path()} is there")
+    else:
+        print("nothing to do: Prefect is set to a database of its own (PREFECT_API_DATABASE_CONNECTION_URL)")
+    return 0
 
 
 def lookup_command(args: argparse.Namespace) -> int:

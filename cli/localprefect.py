@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -186,7 +187,7 @@ class TemporaryPrefectServer:
         if get_current_settings().api.url:
             self.stop()
             return
-        self._wait_until_healthy()
+        self.wait_until_healthy()
         if self.database is not None:
             _keep_as_template(self.database)
         os.environ["PREFECT_API_URL"] = self.api_url
@@ -197,7 +198,7 @@ class TemporaryPrefectServer:
         if self.process.poll() is None:
             self.process.terminate()
 
-    def _wait_until_healthy(self) -> None:
+    def wait_until_healthy(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
         while not prefect_healthy(self.api_url):
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -207,6 +208,24 @@ class TemporaryPrefectServer:
                                          f"to a running one, or run `imagegw serve`); the end of {self.log}:\n"
                                          f"{log_tail(self.log, 15) or '(no log)'}")
             time.sleep(0.05)
+
+
+def prepare_template() -> Path | None:
+    """Make the template (``template_path``) if this user has none, as a pull on a fresh state directory would, with
+    a temporary server of its own: what the first pull of a new host or user would otherwise spend on Prefect's
+    migrations (~6 s here). The template made, or None: there was one, or Prefect is set to another database."""
+    if template_path().exists() or any(os.environ.get(name) for name in DATABASE_SETTINGS):
+        return None
+    with tempfile.TemporaryDirectory(prefix="imagegw-prepare-") as home:
+        server = TemporaryPrefectServer.start(Path(home), Path(home) / "prefect-server.log")
+        try:
+            server.wait_until_healthy()
+            assert server.database is not None, "no template, so the server migrated a new database"
+            _copy_database(server.database, template_path())
+        finally:
+            server.stop()
+            server.process.wait(timeout=START_TIMEOUT)
+    return template_path()
 
 
 def template_path() -> Path:

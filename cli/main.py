@@ -137,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
                      "PREFECT_API_URL names the Prefect server.", listens=False)
     worker.add_argument("--platform", "-p", action="extend", nargs="+", default=[], metavar="P",
                         help="serve only these platforms (default: all in the configuration)")
+    commands.add_parser(
+        "prepare", help="Prepare this user's first pull: keep a migrated Prefect database for fresh state directories.",
+        description="Migrate a Prefect database once and keep it (~/.cache/imagegw) for the temporary Prefect "
+                    "server of `imagegw pull` on a fresh state directory, which otherwise runs Prefect's migrations "
+                    "itself (seconds). `./run setup` runs it; run it as each user who pulls without a running "
+                    "`imagegw serve`, after installing or upgrading Prefect.").set_defaults(command="prepare_command")
     return parser
 
 

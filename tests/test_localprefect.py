@@ -3,8 +3,11 @@ checking Prefect's migrations first."""
 
 from __future__ import annotations
 
+import os
 import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 from contextlib import closing
 from http.server import BaseHTTPRequestHandler
@@ -91,3 +94,28 @@ class _CsrfServer(LoopbackHttpServer):
 def test_a_server_wants_csrf_tokens_unless_it_refuses_them_with_422(status: int, wanted: bool) -> None:
     with _CsrfServer(status) as server:
         assert prefect_wants_csrf_tokens(f"{server.url}/api") is wanted
+
+
+def prepare(cache: Path, **environment: str) -> str:
+    """``imagegw prepare`` as a user runs it, with ``cache`` as the user's cache directory; what it printed."""
+    ran = subprocess.run([sys.executable, "-m", "cli", "prepare"], capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "XDG_CACHE_HOME": str(cache / "cache"), **environment})
+    assert ran.returncode == 0, ran.stderr
+    return ran.stdout.strip()
+
+
+def test_prepare_keeps_a_migrated_database_once_and_its_copies_skip_the_check(cache: Path) -> None:
+    assert prepare(cache) == f"kept a migrated Prefect database as {template_path()}"
+
+    with closing(sqlite3.connect(template_path())) as database:
+        assert database.execute("SELECT count(*) FROM flow_run").fetchone() == (0,)
+        [(migration,)] = database.execute("SELECT version_num FROM alembic_version").fetchall()
+    assert os.listdir(template_path().parent) == [template_path().name], "one file, and no partial copy"
+    assert _migrated_as_template(_database(cache / "made" / "prefect.db", migration))
+    assert prepare(cache) == f"nothing to do: {template_path()} is there"
+
+
+def test_prepare_does_nothing_for_prefect_on_a_database_of_its_own(cache: Path) -> None:
+    assert prepare(cache, PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://nobody@127.0.0.1/none") == (
+        "nothing to do: Prefect is set to a database of its own (PREFECT_API_DATABASE_CONNECTION_URL)")
+    assert not template_path().exists()
