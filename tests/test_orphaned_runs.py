@@ -9,14 +9,16 @@ import os
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
+from uuid import UUID
 
 import pymongo
-import requests
+import pytest
+from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
-from prefect.settings import PREFECT_API_URL
-from prefect.states import Pending, Running, Scheduled, State
+from prefect.states import Crashed, Pending, Running, Scheduled, State
 
 from deployments import worker_name, worker_pid_on_this_host
 from deployments.launcher import DeploymentLauncher
@@ -106,25 +108,35 @@ def test_a_scheduled_run_is_no_orphan() -> None:
     assert orphans_of(flow_run(Scheduled(timestamp=LONG_AGO))) == []
 
 
-def set_state(run_id: str, state_type: str, labels: dict[str, str] | None = None) -> None:
+# Through Prefect's client, which tries again a request the session's busy SQLite server answers 503.
+def set_state(run_id: str, state: State[Any], labels: dict[str, str] | None = None) -> None:
     """What a worker killed at that point leaves on the run."""
-    api = PREFECT_API_URL.value()
-    requests.post(f"{api}/flow_runs/{run_id}/set_state", timeout=10,
-                  json={"state": {"type": state_type}, "force": True}).raise_for_status()
-    if labels:
-        requests.patch(f"{api}/flow_runs/{run_id}/labels", json=labels, timeout=10).raise_for_status()
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, state, force=True)
+        if labels:
+            client.update_flow_run_labels(UUID(run_id), labels)
 
 
 def state_history(run_id: str) -> list[tuple[str, str]]:
     """The run's states, oldest first, as the Prefect UI lists them: each its type and message."""
-    states = requests.get(f"{PREFECT_API_URL.value()}/flow_run_states/", params={"flow_run_id": run_id},
-                          timeout=10).json()
-    return [(state["type"], state.get("message") or "")
-            for state in sorted(states, key=lambda state: str(state["timestamp"]))]
+    with get_client(sync_client=True) as client:
+        states = client.read_flow_run_states(UUID(run_id))
+    return [(state.type.value, state.message or "") for state in sorted(states, key=lambda state: state.timestamp)]
+
+
+@pytest.fixture
+def runs() -> Iterator[list[str]]:
+    """The flow runs the test makes, set CRASHED at its end unless they ended: left PENDING or RUNNING by a failed
+    test, each would hold a slot of the session's pool from the tests after it."""
+    made: list[str] = []
+    yield made
+    for run_id in made:
+        if state_history(run_id)[-1][0] in ("SCHEDULED", "PENDING", "RUNNING"):
+            set_state(run_id, Crashed(message="left by a failed test"))
 
 
 def test_runs_a_killed_worker_left_are_handed_on_by_the_next_worker_and_their_pulls_complete(
-        gateway: GatewayFixture) -> None:
+        gateway: GatewayFixture, runs: list[str]) -> None:
     platforms = json.loads(gateway.config_path.read_text())["Platforms"]
     platforms[PLATFORM]["maxConcurrentPulls"] = 2
     gateway.write_config(Platforms=platforms)
@@ -137,18 +149,20 @@ def test_runs_a_killed_worker_left_are_handed_on_by_the_next_worker_and_their_pu
         push_image(gateway.registry, f"orphan/{name}", "1", [LayerBuilder().file(name, name.encode())])
         keys.append(PullKey(PLATFORM, "docker", gateway.image(f"orphan/{name}:1")))
         assert service.pull(ROOT, PLATFORM, "docker", keys[-1].tag, AclRequest())["status"] == "PENDING"
-    unnamed_run, named_run, silent_run = (str(store.pull_record(key)["flow_run_id"]) for key in keys)
+        runs.append(str(store.pull_record(keys[-1])["flow_run_id"]))
+    unnamed_run, named_run, silent_run = runs
     silent_key = keys.pop()
     # A run the dead worker had started: its process died with it.
     died_running = launcher(PullKey(PLATFORM, "docker", gateway.image("orphan/gone:1")), uuid.uuid4().hex)
+    runs.append(died_running)
     # What a worker killed mid-submission leaves: PENDING before it named itself on the run, or after; and RUNNING.
     killed = worker_name(PLATFORM, dead_pid())
-    set_state(unnamed_run, "PENDING")
-    set_state(named_run, "PENDING", {WORKER_LABEL: killed})
-    set_state(died_running, "RUNNING", {WORKER_LABEL: killed})
+    set_state(unnamed_run, Pending())
+    set_state(named_run, Pending(), {WORKER_LABEL: killed})
+    set_state(died_running, Running(), {WORKER_LABEL: killed})
     # A run another host's worker left RUNNING (Prefect still counts that worker online), its record silent.
     elsewhere = f"elsewhere-4242-{PLATFORM}"
-    set_state(silent_run, "RUNNING", {WORKER_LABEL: elsewhere})
+    set_state(silent_run, Running(), {WORKER_LABEL: elsewhere})
     silent_for = gateway.settings.stale_pull_timeout + 10
     pymongo.MongoClient(gateway.mongo_uri)[gateway.database]["pulls"].update_one(
         silent_key.query(), {"$set": {"status": "PULLING", "heartbeat": time.time() - silent_for}})
