@@ -145,6 +145,8 @@ def test_only_a_running_pull_silent_past_the_stale_timeout_is_told_dead_to_its_o
     assert DEFAULT_STALE_PULL_TIMEOUT + 5 <= (store.silence_of_dead_pull(KEY, pull_id) or 0) < \
         DEFAULT_STALE_PULL_TIMEOUT + 60
     assert store.silence_of_dead_pull(KEY, "another-claim") is None
+    database["pulls"].update_one(KEY.query(), {"$unset": {"heartbeat": ""}})
+    assert store.silence_of_dead_pull(KEY, pull_id) is None, "no heartbeat: not claimable, so not dead either"
     assert store.silence_of_dead_pull(PullKey("mycluster", "docker", "team/never:1"), pull_id) is None
 
 

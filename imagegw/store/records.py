@@ -332,11 +332,11 @@ class ImageStore:
         StalePullTimeout (its run died: the rule by which a request takes a pull over); None while it lives, or
         once it ended or was taken over."""
         record = self.pull_record(key)
-        if record is None or record.get("pull_id") != pull_id \
+        if record is None or record.get("pull_id") != pull_id or record.get("heartbeat") is None \
                 or record.get("status") not in [state.value for state in RUNNING_STATES]:
-            return None
-        silent = time.time() - float(record.get("heartbeat", 0))
-        return silent if silent >= self._stale_pull_timeout else None
+            return None  # without a heartbeat, as for ``claim``: no silence to judge by
+        silent = time.time() - float(record["heartbeat"])
+        return silent if silent > self._stale_pull_timeout else None
 
     def pulls_in_progress(self, system: str) -> list[dict[str, Any]]:
         """Pulls of a system that are queued, running or failed."""
